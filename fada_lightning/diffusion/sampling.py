@@ -1,0 +1,93 @@
+"""Sampling: one loop for any diffusers scheduler, Eq 9 guidance, NFE counting,
+and clip-by-clip generation that carries motion frames from one clip to the next."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .guidance import Conditions, cfg_conditions, multi_cfg
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t, t) -> prediction
+
+
+class NFECounter:
+    """Counts network evaluations per clip window: a call on a batch of k x B windows
+    (k CFG passes of B clips) adds k. `nfe` is evaluations per clip window so far."""
+
+    def __init__(self, net, clips: int):
+        self.net, self.clips, self.evaluations = net, clips, 0
+
+    def __call__(self, sample: torch.Tensor, *args, **kwargs):
+        self.evaluations += sample.shape[0]
+        return self.net(sample, *args, **kwargs)
+
+    @property
+    def nfe(self) -> float:
+        return self.evaluations / self.clips
+
+
+def guided_denoiser(net, cond: Conditions, ref_scale: float, audio_scale: float) -> DenoiseFn:
+    """Eq 9 with the three passes as one (3B) batch; the reference bank is computed once here
+    and reused at every step (it depends only on r and m, never on z_t or t)."""
+    cond3 = cfg_conditions(cond)
+    bank = _reference_bank(net, cond3)
+
+    def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        pred = net(z.repeat(3, *([1] * (z.ndim - 1))), t, cond3, reference=bank)
+        return multi_cfg(pred, ref_scale, audio_scale)
+
+    return denoise
+
+
+def conditional_denoiser(net, cond: Conditions) -> DenoiseFn:
+    """One pass a step, no guidance (students that learnt the guided output)."""
+    bank = _reference_bank(net, cond)
+    return lambda z, t: net(z, t, cond, reference=bank)
+
+
+def _reference_bank(net, cond: Conditions):
+    inner = net.net if isinstance(net, NFECounter) else net
+    return inner.encode_reference(cond)
+
+
+@torch.no_grad()
+def sample_loop(denoise: DenoiseFn, noise: torch.Tensor, scheduler, num_steps: int,
+                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """z_T = noise; for t in scheduler.timesteps: z <- scheduler.step(denoise(z, t), t, z)."""
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    z = noise * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress):
+        z = scheduler.step(denoise(z, t), t, z, generator=generator).prev_sample
+    return z
+
+
+@torch.no_grad()
+def generate_clips(net, scheduler, ref: torch.Tensor, audio: torch.Tensor, clip_frames: int, motion_frames: int,
+                   num_steps: int, ref_scale: float | None = 2.5, audio_scale: float | None = 6.5,
+                   generator: torch.Generator | None = None, progress: bool = False):
+    """Latent video for audio of any length, one clip window at a time.
+
+    ref (B, C, h, w) reference latents; audio (B, T, W, L, D) feature windows for all T frames.
+    The first clip's motion frames are the reference repeated; each later clip takes the last
+    M frames generated. Scales None -> one conditional pass a step.
+    Returns (latents (B, T, C, h, w), NFE per clip window).
+    """
+    b, total = audio.shape[:2]
+    counter = NFECounter(net, clips=b)
+    motion = ref[:, None].expand(-1, motion_frames, -1, -1, -1)
+    clips, windows = [], range(0, total, clip_frames)
+    for start in tqdm(windows, desc="clips", disable=not progress or len(windows) == 1):
+        window = audio[:, start:start + clip_frames]
+        if window.shape[1] < clip_frames:  # pad the last window with null (zero) audio
+            window = torch.cat([window, window.new_zeros(b, clip_frames - window.shape[1], *window.shape[2:])], 1)
+        cond = Conditions(ref=ref, motion=motion, audio=window)
+        denoise = (conditional_denoiser(counter, cond) if ref_scale is None
+                   else guided_denoiser(counter, cond, ref_scale, audio_scale))
+        noise = torch.randn((b, clip_frames, *ref.shape[1:]), generator=generator, device=ref.device, dtype=ref.dtype)
+        clip = sample_loop(denoise, noise, scheduler, num_steps, generator, progress)
+        clips.append(clip)
+        motion = clip[:, -motion_frames:]
+    latents = torch.cat(clips, dim=1)[:, :total]
+    return latents, counter.nfe / len(windows)

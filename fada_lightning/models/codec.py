@@ -1,0 +1,67 @@
+"""Latent codecs: pixels (N, 3, H, W) in [-1, 1] <-> latents (N, C, h, w).
+
+`micro` uses an exact, invertible space-to-depth codec (no VAE at this scale);
+`sd15` uses diffusers' AutoencoderKL loaded from a local diffusers folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SpaceToDepthCodec(nn.Module):
+    """z = scale * pixel_unshuffle(x, factor): (N, 3, H, W) -> (N, 3 f^2, H/f, W/f), exact inverse."""
+
+    def __init__(self, factor: int = 4, scale: float = 1.0):
+        super().__init__()
+        self.factor, self.scale = factor, scale
+        self.latent_channels = 3 * factor**2
+        self.downsample = factor
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(pixels, self.factor) * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(latents / self.scale, self.factor)
+
+
+class VAECodec(nn.Module):
+    """SD1.5's AutoencoderKL: z = scaling_factor * E(x) (posterior mean), x = D(z / scaling_factor).
+
+    `path` is a local diffusers folder (with a `vae/` subfolder, or the VAE folder itself);
+    nothing is downloaded. `config` builds the architecture without weights: for tests and
+    shape checks on the meta device only.
+    """
+
+    def __init__(self, path: str | None = None, subfolder: str | None = "vae", config: dict | None = None):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        if path is not None:
+            folder = Path(path).expanduser()
+            if not folder.is_dir():
+                raise FileNotFoundError(f"VAE folder {folder} does not exist (set model.codec.init_args.path to a local diffusers folder)")
+            sub = subfolder if subfolder and (folder / subfolder).is_dir() else None
+            self.vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, local_files_only=True)
+        elif config is not None:
+            self.vae = AutoencoderKL(**config)
+        else:
+            raise ValueError("VAECodec needs a local `path` to pretrained weights (or an architecture `config` for tests)")
+        self.vae.requires_grad_(False).eval()
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.latent_channels = self.vae.config.latent_channels
+        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always eval
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels).latent_dist.mean * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample

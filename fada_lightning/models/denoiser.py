@@ -1,0 +1,220 @@
+"""The dual-UNet avatar denoiser of SPEC section 4 (after Loopy / Hallo).
+
+One call contract for every network, teacher or student:
+
+    pred = net(z_t, t, cond)        z_t (B, F, C, h, w), t (B,), cond: Conditions -> (B, F, C, h, w)
+
+Reference net: a diffusers UNet2DConditionModel run at t = 0 on the reference latent and the
+M motion latents, (B (1+M), C, h, w). Its self-attention inputs and transformer outputs are
+kept in a bank, keyed by the layer's name.
+Denoising net: a UNet2DConditionModel of the same shape over the B F frames, where each
+transformer block does
+    spatial self-attention, K/V = [own tokens ; reference-image tokens of the same layer]
+ -> audio cross-attention (encoder_hidden_states = the frame's audio tokens)
+ -> temporal self-attention over frames, K/V = [motion-frame features ; the F frames].
+The bank depends only on (r, m), so a sampler computes it once per clip (`encode_reference`)
+and reuses it at every step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+from torch import nn
+
+from ..diffusion.guidance import Conditions
+
+Bank = dict[str, torch.Tensor]
+
+
+class _Context:
+    """Per-forward state the hooked layers share: the reference bank and the frame count."""
+
+    def __init__(self):
+        self.bank: Bank = {}
+        self.num_frames = 1
+
+
+class RecordingAttnProcessor(AttnProcessor2_0):
+    """Reference net attn1: store the (normed) tokens (N, hw, C), then attend as usual."""
+
+    def __init__(self, ctx: _Context, name: str):
+        super().__init__()
+        self.ctx, self.name = ctx, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        self.ctx.bank[self.name] = hidden_states
+        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+class ReferenceAttnProcessor(AttnProcessor2_0):
+    """Denoising net attn1: K/V = [own tokens ; reference-image tokens of the same layer]."""
+
+    def __init__(self, ctx: _Context, name: str):
+        super().__init__()
+        self.ctx, self.name = ctx, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        frames = self.ctx.num_frames
+        ref = self.ctx.bank[self.name]  # (B (1+M), hw, C)
+        b = hidden_states.shape[0] // frames
+        ref = ref.unflatten(0, (b, -1))[:, 0]  # the reference image: (B, hw, C)
+        kv = torch.cat([hidden_states, ref.repeat_interleave(frames, dim=0)], dim=1)
+        return super().__call__(attn, hidden_states, kv, *args, **kwargs)
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over time at each spatial position, motion frames prepended as K/V.
+
+    x (B F, C, H, W), motion (B, M, C, H, W) -> (B F, C, H, W). Zero-initialised output,
+    so a fresh layer is the identity (and a pretrained image UNet is unchanged by it).
+    """
+
+    def __init__(self, channels: int, heads: int, max_frames: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.pos = SinusoidalPositionalEmbedding(channels, max_frames)
+        self.attn = Attention(query_dim=channels, heads=heads, dim_head=channels // heads, out_bias=True)
+        nn.init.zeros_(self.attn.to_out[0].weight)
+        nn.init.zeros_(self.attn.to_out[0].bias)
+
+    def forward(self, x: torch.Tensor, motion: torch.Tensor, num_frames: int) -> torch.Tensor:
+        bf, c, h, w = x.shape
+        b, m = bf // num_frames, motion.shape[1]
+        frames = x.reshape(b, num_frames, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, num_frames, c)
+        past = motion.reshape(b, m, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, m, c)
+        seq = self.pos(self.norm(torch.cat([past, frames], dim=1)))  # (B hw, M+F, C)
+        frames = frames + self.attn(seq[:, m:], encoder_hidden_states=seq)
+        return frames.reshape(b, h * w, num_frames, c).permute(0, 2, 3, 1).reshape(bf, c, h, w)
+
+
+class RecordingTransformer(nn.Module):
+    """Reference net: a Transformer2DModel whose output (N, C, H, W) is stored in the bank."""
+
+    def __init__(self, transformer: nn.Module, ctx: _Context, name: str):
+        super().__init__()
+        self.transformer, self.ctx, self.name = transformer, ctx, name
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.transformer(hidden_states, *args, **kwargs)[0]
+        self.ctx.bank[self.name] = out
+        return (out,)
+
+
+class MotionTransformer(nn.Module):
+    """Denoising net: a Transformer2DModel followed by temporal attention with motion frames."""
+
+    def __init__(self, transformer: nn.Module, ctx: _Context, name: str, heads: int, max_frames: int):
+        super().__init__()
+        self.transformer, self.ctx, self.name = transformer, ctx, name
+        self.temporal = TemporalAttention(transformer.config.in_channels, heads, max_frames)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.transformer(hidden_states, *args, **kwargs)[0]
+        feats = self.ctx.bank[self.name]  # (B (1+M), C, H, W): [reference, motion frames]
+        b = out.shape[0] // self.ctx.num_frames
+        motion = feats.unflatten(0, (b, -1))[:, 1:]
+        return (self.temporal(out, motion, self.ctx.num_frames),)
+
+
+def _transformer_slots(unet: UNet2DConditionModel):
+    """(name, ModuleList, index) of every Transformer2DModel in the UNet's blocks, in order."""
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    blocks += [("mid_block", unet.mid_block)] + [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    for prefix, block in blocks:
+        for j, _ in enumerate(getattr(block, "attentions", None) or []):
+            yield f"{prefix}.attentions.{j}", block.attentions, j
+
+
+def _self_attentions(unet: UNet2DConditionModel):
+    return [(n, m) for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn1")]
+
+
+class AudioProjection(nn.Module):
+    """Audio feature windows (B, F, W, L, D) -> audio tokens (B F, W, cross_dim): all L layers
+    of each window position are projected to one token, plus a learned position per token."""
+
+    def __init__(self, layers: int, dim: int, window: int, cross_dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(layers * dim, hidden), nn.SiLU(), nn.Linear(hidden, cross_dim))
+        self.position = nn.Parameter(torch.zeros(window, cross_dim))
+        self.norm = nn.LayerNorm(cross_dim)
+        self.window, self.in_dim = window, layers * dim
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        b, f, w = audio.shape[:3]
+        if w != self.window or audio[0, 0, 0].numel() != self.in_dim:
+            raise ValueError(
+                f"audio features {tuple(audio.shape[2:])} do not match the model's audio config "
+                f"(window {self.window}, layers x dim = {self.in_dim}); check data.audio_features against model.net.audio"
+            )
+        tokens = self.proj(audio.reshape(b * f, w, self.in_dim)) + self.position
+        return self.norm(tokens)
+
+
+class AvatarDenoiser(nn.Module):
+    """Reference net + denoising net + audio projection; see the module docstring.
+
+    unet:  UNet2DConditionModel config (both nets share it; `cross_attention_dim` = audio token size)
+    audio: {"layers": L, "dim": D, "window": W, "hidden": projection width}
+    pretrained: a local diffusers folder whose `unet/` initialises both nets (SD1.5 for `sd15`).
+    """
+
+    def __init__(self, unet: dict, audio: dict, temporal_heads: int = 8, max_frames: int = 32,
+                 pretrained: str | None = None):
+        super().__init__()
+        self.reference_net = self._load_unet(unet, pretrained)
+        self.denoising_net = self._load_unet(unet, pretrained)
+        cross_dim = self.denoising_net.config.cross_attention_dim
+        self.audio_projection = AudioProjection(audio["layers"], audio["dim"], audio["window"], cross_dim,
+                                                audio.get("hidden", cross_dim))
+        self.latent_channels = self.denoising_net.config.in_channels
+        self.max_frames = max_frames
+        # The reference net's output head is never used: only its bank is (so DDP sees no unused weights).
+        self.reference_net.conv_norm_out, self.reference_net.conv_out = None, nn.Identity()
+        self._ref_ctx, self._ctx = _Context(), _Context()
+        for name, attn in _self_attentions(self.reference_net):
+            attn.set_processor(RecordingAttnProcessor(self._ref_ctx, name))
+        for name, attn in _self_attentions(self.denoising_net):
+            attn.set_processor(ReferenceAttnProcessor(self._ctx, name))
+        for name, slots, j in _transformer_slots(self.reference_net):
+            slots[j] = RecordingTransformer(slots[j], self._ref_ctx, name)
+        for name, slots, j in _transformer_slots(self.denoising_net):
+            slots[j] = MotionTransformer(slots[j], self._ctx, name, temporal_heads, max_frames)
+
+    @staticmethod
+    def _load_unet(config: dict, pretrained: str | None) -> UNet2DConditionModel:
+        if pretrained is None:
+            return UNet2DConditionModel(**config)
+        folder = Path(pretrained).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"pretrained UNet folder {folder} does not exist (a local diffusers folder)")
+        sub = "unet" if (folder / "unet").is_dir() else None
+        return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, local_files_only=True)
+
+    def encode_reference(self, cond: Conditions) -> Bank:
+        """Run the reference net on [r ; m] at t = 0 -> the bank for `forward(reference=...)`."""
+        images = torch.cat([cond.ref[:, None], cond.motion], dim=1).flatten(0, 1)  # (B (1+M), C, h, w)
+        null_text = images.new_zeros(images.shape[0], 1, self.reference_net.config.cross_attention_dim)
+        self._ref_ctx.bank = {}
+        self.reference_net(images, 0, encoder_hidden_states=null_text)
+        bank, self._ref_ctx.bank = self._ref_ctx.bank, {}
+        return bank
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditions,
+                reference: Bank | None = None) -> torch.Tensor:
+        b, f, c, h, w = sample.shape
+        if f + cond.motion.shape[1] > self.max_frames:
+            raise ValueError(f"{f} frames + {cond.motion.shape[1]} motion frames exceed max_frames={self.max_frames}")
+        bank = self.encode_reference(cond) if reference is None else reference
+        timestep = torch.as_tensor(timestep, device=sample.device).expand(b).repeat_interleave(f)
+        self._ctx.bank, self._ctx.num_frames = bank, f
+        try:
+            out = self.denoising_net(sample.flatten(0, 1), timestep,
+                                     encoder_hidden_states=self.audio_projection(cond.audio)).sample
+        finally:
+            self._ctx.bank = {}
+        return out.unflatten(0, (b, f))

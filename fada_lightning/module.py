@@ -1,0 +1,181 @@
+"""LightningModules: the shared avatar base and the teacher (Eq 1)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import instantiate_class
+from torch.optim.swa_utils import AveragedModel
+
+from .diffusion import schedule as S
+from .diffusion.guidance import Conditions, condition_dropout
+from .diffusion.sampling import generate_clips
+from .models.denoiser import AvatarDenoiser
+from .presets import load_preset
+
+
+def ema_with_warmup(decay: float):
+    """EMA update for AveragedModel: decay_n = min(decay, (1 + n) / (10 + n)), so a short run's
+    average is not dominated by its random initialisation."""
+
+    def update(ema_params, params, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return update
+
+
+def _instantiate(spec: dict):
+    return instantiate_class((), spec)
+
+
+class AvatarModule(L.LightningModule):
+    """What every avatar model shares: preset -> (codec, audio features, net), batch encoding,
+    the sampler, and a sample video at validation. Subclasses define `training_step`."""
+
+    def __init__(self, preset: str | dict = "micro", prediction_type: str = "v_prediction",
+                 schedule: dict | None = None, ema_decay: float | None = 0.999, clip_frames: int = 8,
+                 motion_frames: int = 2, sample_steps: int = 25, ref_scale: float = 2.5, audio_scale: float = 6.5):
+        super().__init__()
+        S.check_prediction_type(prediction_type)
+        self.preset = load_preset(preset)
+        self.schedule = dict(schedule or S.SD15_SCHEDULE)
+        self.save_hyperparameters()
+        self.hparams.preset, self.hparams.schedule = self.preset, self.schedule  # checkpoints carry the resolved dicts
+        self.codec = _instantiate(self.preset["codec"])
+        self.audio_features = _instantiate(self.preset["audio_features"])
+        self.net = AvatarDenoiser(**self.preset["net"])
+        self.ema = None
+        if ema_decay:
+            self.ema = AveragedModel(self.net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+        self.register_buffer("alphas_cumprod", S.alphas_cumprod(self.schedule).float(), persistent=False)
+
+    # ---- data -> latents --------------------------------------------------------------------
+    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, Conditions]:
+        """Pixels in [-1, 1] -> z0 (B, F, C, h, w) and Conditions in latent space."""
+        frames, motion, ref = batch["frames"], batch["motion"], batch["ref"]
+        b, f, m = frames.shape[0], frames.shape[1], motion.shape[1]
+        latents = self.codec.encode(torch.cat([frames, motion, ref[:, None]], 1).flatten(0, 1)).unflatten(0, (b, f + m + 1))
+        return latents[:, :f], Conditions(ref=latents[:, -1], motion=latents[:, f:f + m], audio=batch["audio"])
+
+    def abar(self, n: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return S.expand_like(self.alphas_cumprod[n], like)
+
+    # ---- sampling -------------------------------------------------------------------------
+    @property
+    def sampling_net(self) -> AvatarDenoiser:
+        return self.ema.module if self.ema is not None else self.net
+
+    def scheduler(self):
+        return S.ddim_scheduler(self.hparams.prediction_type, self.schedule)
+
+    @torch.no_grad()
+    def generate(self, ref: torch.Tensor, audio: torch.Tensor, steps: int | None = None, ref_scale: float | None = None, audio_scale: float | None = None,
+                 generator: torch.Generator | None = None, progress: bool = False):
+        """ref (B, 3, H, W) pixels, audio (B, T, W, L, D) -> (video (B, T, 3, H, W) in [-1, 1], NFE per window)."""
+        net = self.sampling_net
+        was_training = net.training
+        net.eval()
+        ref_latent = self.codec.encode(ref)
+        latents, nfe = generate_clips(
+            net, self.scheduler(), ref_latent, audio, self.hparams.clip_frames, self.hparams.motion_frames,
+            steps or self.hparams.sample_steps,
+            self.hparams.ref_scale if ref_scale is None else ref_scale,
+            self.hparams.audio_scale if audio_scale is None else audio_scale,
+            generator=generator, progress=progress)
+        net.train(was_training)
+        video = self.codec.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
+        return video.clamp(-1, 1), nfe
+
+    # ---- Lightning hooks ------------------------------------------------------------------
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    def log_data_health(self, batch: dict):
+        """Corrupt samples skipped so far, summed over the workers of this rank."""
+        if "skipped" in batch:
+            seen = getattr(self, "_skipped_by_worker", {})
+            for w, s in zip(batch["worker"].tolist(), batch["skipped"].tolist()):
+                seen[w] = max(seen.get(w, 0), s)
+            self._skipped_by_worker = seen
+            self.log("data/skipped_samples", float(sum(seen.values())), reduce_fx="sum", sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict):
+        checkpoint["fada_module"] = f"{type(self).__module__}.{type(self).__qualname__}"  # for `fada sample`
+
+    def on_load_checkpoint(self, checkpoint: dict):
+        theirs = checkpoint.get("hyper_parameters", {}).get("preset")
+        if isinstance(theirs, dict) and theirs.get("net") != self.preset.get("net"):
+            raise ValueError(
+                f"checkpoint was trained with preset {theirs.get('name', '?')!r}, this model is "
+                f"{self.preset.get('name', '?')!r}: their network shapes differ")
+
+    def validation_step(self, batch, batch_idx):
+        z0, cond = self.encode_batch(batch)
+        g = torch.Generator(device=z0.device).manual_seed(batch_idx)
+        n = torch.linspace(50, 950, z0.shape[0], device=z0.device).long()  # fixed t, fixed noise: comparable
+        eps = torch.randn(z0.shape, generator=g, device=z0.device)
+        self.log("val/loss", self.diffusion_loss(self.net, z0, cond, n, eps).mean(), sync_dist=True)
+        if batch_idx == 0:
+            self._log_sample_video(batch)
+
+    def _log_sample_video(self, batch):
+        """Sample the first val clip from its reference and audio; log GT over sample as a filmstrip."""
+        logger = self.logger
+        if logger is None or not hasattr(logger.experiment, "add_image") or self.trainer.sanity_checking:
+            return
+        g = torch.Generator(device=self.device).manual_seed(0)
+        video, nfe = self.generate(batch["ref"][:1], batch["audio"][:1], generator=g)
+        strip = torch.cat([batch["frames"][0], video[0]], dim=-2)  # (F, 3, 2H, W): truth above sample
+        strip = torch.cat(list(strip), dim=-1)  # (3, 2H, F W)
+        logger.experiment.add_image("val/truth_over_sample", (strip + 1) / 2, self.global_step)
+        self.log("val/nfe", float(nfe))
+        out = Path(self.trainer.log_dir or ".") / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        from .video_io import write_mp4
+
+        frames = ((video[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+        write_mp4(out / f"step{self.global_step:07d}.mp4", frames, None)
+
+    def diffusion_loss(self, net, z0, cond, n, eps) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TeacherModule(AvatarModule):
+    """eps_phi trained with Eq 1, in the network's own parameterisation (eps or v), with
+    SPEC's condition dropout and optional min-SNR-gamma weighting. Per-sample loss (B,)."""
+
+    def __init__(self, preset: str | dict = "micro", prediction_type: str = "v_prediction",
+                 min_snr_gamma: float | None = 5.0, p_drop_audio: float = 0.05, p_drop_ref_audio: float = 0.05,
+                 p_drop_motion: float = 0.05, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 100,
+                 schedule: dict | None = None, ema_decay: float | None = 0.999, clip_frames: int = 8,
+                 motion_frames: int = 2, sample_steps: int = 25, ref_scale: float = 2.5, audio_scale: float = 6.5):
+        super().__init__(preset, prediction_type, schedule, ema_decay, clip_frames, motion_frames,
+                         sample_steps, ref_scale, audio_scale)
+
+    def diffusion_loss(self, net, z0, cond, n, eps) -> torch.Tensor:
+        abar = self.abar(n, z0)
+        z_n = S.add_noise(z0, eps, abar)  # Eq 1
+        target = S.from_eps(eps, z_n, abar, self.hparams.prediction_type)
+        pred = net(z_n, n, cond)
+        weight = S.min_snr_weight(self.alphas_cumprod[n], self.hparams.min_snr_gamma, self.hparams.prediction_type)
+        return weight * (pred.float() - target).pow(2).flatten(1).mean(1)
+
+    def training_step(self, batch, batch_idx):
+        z0, cond = self.encode_batch(batch)
+        cond = condition_dropout(cond, self.hparams.p_drop_audio, self.hparams.p_drop_ref_audio, self.hparams.p_drop_motion)
+        n = torch.randint(0, len(self.alphas_cumprod), (z0.shape[0],), device=z0.device)
+        loss = self.diffusion_loss(self.net, z0, cond, n, torch.randn_like(z0)).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_data_health(batch)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, self.hparams.warmup_steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
