@@ -173,8 +173,7 @@ class AvatarDenoiser(nn.Module):
                                                 audio.get("hidden", cross_dim))
         self.latent_channels = self.denoising_net.config.in_channels
         self.max_frames = max_frames
-        # The reference net's output head is never used: only its bank is (so DDP sees no unused weights).
-        self.reference_net.conv_norm_out, self.reference_net.conv_out = None, nn.Identity()
+        self._drop_unused_reference_layers()
         self._ref_ctx, self._ctx = _Context(), _Context()
         for name, attn in _self_attentions(self.reference_net):
             attn.set_processor(RecordingAttnProcessor(self._ref_ctx, name))
@@ -184,6 +183,15 @@ class AvatarDenoiser(nn.Module):
             slots[j] = RecordingTransformer(slots[j], self._ref_ctx, name)
         for name, slots, j in _transformer_slots(self.denoising_net):
             slots[j] = MotionTransformer(slots[j], self._ctx, name, temporal_heads, max_frames)
+
+    def _drop_unused_reference_layers(self):
+        """Only the reference net's bank is used: drop what runs after its last transformer
+        (later up blocks, that block's upsampler, the output head), so DDP sees no unused weights."""
+        ref = self.reference_net
+        last = max(i for i, block in enumerate(ref.up_blocks) if getattr(block, "attentions", None))
+        ref.up_blocks = ref.up_blocks[: last + 1]
+        ref.up_blocks[-1].upsamplers = None
+        ref.conv_norm_out, ref.conv_out = None, nn.Identity()
 
     @staticmethod
     def _load_unet(config: dict, pretrained: str | None) -> UNet2DConditionModel:
