@@ -1,0 +1,423 @@
+"""WebDataset streaming of talking-head clips (SPEC 5).
+
+    shards (tar) --split_shards(rank, worker)--> this worker's shards, shuffled each pass, cycled
+      --wds.tarfile_to_samples--> raw samples {__key__, __url__, mp4, wav, json}
+      --ClipDecoder (decord, from bytes)--> items (shapes in `ClipDecoder.__call__`)
+
+Every (rank, worker) streams its own disjoint shards and yields exactly `samples_per_worker`
+items an epoch, so every rank sees the same number of batches. Bad data never stops training:
+an undecodable, short or incomplete sample, or an unreadable tar, is skipped with a
+`BadSampleWarning` naming shard URL and key, and counted in each item's `skipped` field.
+Nothing is unpickled: json via json.loads, media via decord.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import decord
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from .audio_features import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioFeatures, LogMelFeatures, audio_windows
+
+REQUIRED_FIELDS = ("mp4", "wav", "json")
+
+
+class BadSampleWarning(UserWarning):
+    """A sample or shard was skipped because it could not be read."""
+
+
+class SkipSample(Exception):
+    """Raised by the decoder for data that is readable but unusable (too short, missing fields)."""
+
+
+# ---- shard lists ------------------------------------------------------------------------------
+def is_remote(url: str) -> bool:
+    """True for anything webdataset opens that is not a local path (http://, s3://, pipe:, ...)."""
+    return "://" in url or url.startswith("pipe:")
+
+
+def resolve_shards(spec: str | list[str] | None) -> list[str]:
+    """A directory (its *.tar, sorted), a glob, brace notation ("x-{00000..00007}.tar"), a URL,
+    or a list of any of these -> a flat list of shard URLs. Whether listed files exist is
+    checked by `check_local_shards`; an empty directory or a glob matching nothing fails here."""
+    if not spec:
+        return []
+    if not isinstance(spec, str):
+        return [url for item in spec for url in resolve_shards(item)]
+    if is_remote(spec) or "{" in spec:
+        return wds.shardlists.expand_urls(spec)
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in directory {path}")
+        return found
+    if glob.has_magic(path):
+        found = sorted(glob.glob(path))
+        if not found:
+            raise FileNotFoundError(f"no shards match {path}")
+        return found
+    return [path]
+
+
+def check_local_shards(urls: list[str], name: str) -> None:
+    """One clear error, before training starts, for local shards that are missing or unreadable."""
+    if not urls:
+        raise FileNotFoundError(f"{name}: no shards found (give a directory of .tar files, a glob, "
+                                f"brace notation like 'data/strict/strict-{{00000..00007}}.tar', or a list)")
+    local = [u[len("file:"):] if u.startswith("file:") else u for u in urls if not is_remote(u)]
+    missing = [p for p in local if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise FileNotFoundError(f"{name}: shard {', '.join(missing[:3])}{more} does not exist")
+    unreadable = [p for p in local if not os.access(p, os.R_OK)]
+    if unreadable:
+        raise PermissionError(f"{name}: shard {unreadable[0]} is not readable")
+
+
+def split_shards(urls: list, rank: int, world_size: int, worker: int, num_workers: int) -> list:
+    """This (rank, worker)'s shards: by rank, then by worker. Disjoint and covering over all pairs."""
+    needed = world_size * num_workers
+    if len(urls) < needed:
+        raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks x {num_workers} data workers: "
+                         f"need at least {needed} shards (write smaller shards, or use fewer workers)")
+    return list(urls)[rank::world_size][worker::num_workers]
+
+
+# ---- one sample -> one training item --------------------------------------------------------
+@dataclass
+class ClipDecoder:
+    """Raw webdataset sample -> training item; see `__call__` for the shapes.
+
+    A training clip starts at a random s in [M, n - F] with a random reference frame; with
+    rng=None (validation) the clip starts at s = M and the reference is the last frame, so the
+    item is a pure function of the sample."""
+
+    audio_features: object  # a datamodules.audio_features class: (wav, T) -> (T, L, D)
+    clip_frames: int = 8  # F
+    motion_frames: int = 2  # M
+    audio_radius: int = 2  # r: windows of 2r + 1 frames
+    frame_size: int | None = None  # resize on decode (decord); None keeps the shard's size
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
+        """-> {"frames": (F, 3, H, W) in [-1, 1], "motion": (M, 3, H, W), "ref": (3, H, W),
+               "audio": (F, 2r + 1, L, D), "mouth_open": (F,) (NaN if the json has none),
+               "key": str, "tier": str, "start": int}"""
+        missing = [k for k in REQUIRED_FIELDS if k not in sample]
+        if missing:
+            raise SkipSample(f"missing {', '.join(missing)}")
+        f, m = self.clip_frames, self.motion_frames
+        meta = json.loads(sample["json"])
+        size = self.frame_size or -1
+        video = decord.VideoReader(io.BytesIO(sample["mp4"]), width=size, height=size, num_threads=1)
+        n = len(video)
+        if n < m + f:
+            raise SkipSample(f"{n} frames, fewer than motion + clip = {m + f}")
+        start = int(rng.integers(m, n - f + 1)) if rng is not None else m
+        ref = int(rng.integers(0, n)) if rng is not None else n - 1
+
+        # motion frames [s - M, s), clip [s, s + F), reference: decoded in order, once each
+        wanted = np.concatenate([np.arange(start - m, start + f), [ref]])
+        unique, inverse = np.unique(wanted, return_inverse=True)
+        pixels = torch.as_tensor(_numpy(video.get_batch(unique.tolist())))[torch.from_numpy(inverse)]
+        pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (M + F + 1, 3, H, W) in [-1, 1]
+
+        wav = _read_wav(sample["wav"])  # (samples,) float32 at 16 kHz
+        if abs(len(wav) - n * SAMPLES_PER_FRAME) > SAMPLES_PER_FRAME:
+            raise SkipSample(f"wav has {len(wav)} samples, {n} frames need {n * SAMPLES_PER_FRAME}")
+        features = self.audio_features(torch.from_numpy(wav), n)  # (n, L, D), whole clip as in sampling
+
+        mouth = meta.get("mouth_open")
+        mouth_open = (torch.tensor(mouth[start:start + f], dtype=torch.float32) if mouth is not None
+                      else torch.full((f,), float("nan")))
+        if mouth_open.shape != (f,):
+            raise SkipSample(f"json mouth_open has {len(mouth)} entries for {n} frames")
+        key = sample["__key__"]
+        return {
+            "frames": pixels[m:m + f],
+            "motion": pixels[:m],
+            "ref": pixels[-1],
+            "audio": audio_windows(features, start, f, self.audio_radius),  # (F, 2r + 1, L, D)
+            "mouth_open": mouth_open,
+            "key": key,
+            "tier": str(meta.get("tier", key.split("-")[0])),
+            "start": start,
+        }
+
+
+def _numpy(array) -> np.ndarray:
+    """decord hands back its NDArray, or a tensor if someone set decord.bridge to torch."""
+    return array.asnumpy() if hasattr(array, "asnumpy") else np.asarray(array)
+
+
+def _read_wav(data: bytes) -> np.ndarray:
+    """Any audio bytes -> (samples,) float32 mono at 16 kHz, via decord. decord 0.6 decodes into
+    `_array` (channels, samples) on construction; `reader[:]` would copy it again through a Python
+    list of indices (3 ms for 2 s of audio), so read the array when it is there."""
+    reader = decord.AudioReader(io.BytesIO(data), sample_rate=SAMPLE_RATE, mono=True)
+    array = getattr(reader, "_array", None)
+    return (array if isinstance(array, np.ndarray) else _numpy(reader[:]))[0]
+
+
+def _describe(exn: Exception, limit: int = 200) -> str:
+    """decord puts the whole input into its messages; keep warnings short."""
+    text = f"{type(exn).__name__}: {exn}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---- the training stream -----------------------------------------------------------------------
+class _WorkerStream:
+    """State one data worker keeps across epochs: its endless raw-sample stream and skip count."""
+
+    def __init__(self, data: "ClipStream", worker: int, num_workers: int):
+        self.data, self.worker = data, worker
+        self.shards = split_shards(data.urls, data.rank, data.world_size, worker, num_workers)
+        self.global_worker = data.rank * num_workers + worker
+        self.first_epoch = data.epoch
+        self.skipped = 0
+        self.good = 0  # items decoded so far
+        self.url = None  # the shard being read
+        self.visit = 0  # shards opened so far; unreadable data is counted once per visit
+        self.failed_visit = -1
+        self.epochs = 0
+        pipeline = wds.DataPipeline(self.shard_cycle, wds.tarfile_to_samples(handler=self.on_tar_error))
+        self.raw = iter(pipeline)
+
+    def shard_cycle(self):
+        """{"url": ...} over this worker's shards, endlessly; a new seeded order each pass."""
+        for n_pass in itertools.count():
+            good_before = self.good
+            order = np.random.default_rng([self.data.seed, self.first_epoch, self.data.rank, self.worker, n_pass])
+            for i in order.permutation(len(self.shards)):
+                self.url = self.shards[i]
+                self.visit += 1
+                yield {"url": self.url}
+            if self.good == good_before:  # a whole pass without one usable clip: stop, do not spin
+                raise RuntimeError(f"data worker {self.global_worker}: no usable clip in a full pass over its "
+                                   f"shards {self.shards} ({self.skipped} skipped; see the warnings above)")
+
+    def on_tar_error(self, exn: Exception) -> bool:
+        """webdataset handler: warn, count, and go on with the next member or shard. A truncated
+        tar raises at several levels of webdataset; it is reported once per visit."""
+        if self.failed_visit == self.visit:
+            return True
+        self.failed_visit = self.visit
+        self.skipped += 1
+        warnings.warn(f"skipping unreadable data in shard {self.url}: {_describe(exn)}", BadSampleWarning)
+        return True
+
+    def next_items(self, count: int, rng: np.random.Generator):
+        produced = 0
+        while produced < count:
+            raw = next(self.raw)
+            try:
+                item = self.data.decoder(raw, rng)
+            except Exception as exn:  # corrupt media, bad json, short clip, missing fields
+                self.skipped += 1
+                warnings.warn(f"skipping sample {raw.get('__key__')!r} in shard {raw.get('__url__')}: "
+                              f"{_describe(exn)}", BadSampleWarning)
+                continue
+            self.good += 1
+            produced += 1
+            item["skipped"] = self.skipped  # this worker's skips so far
+            item["worker"] = self.global_worker  # rank * num_workers + worker
+            yield item
+
+
+class ClipStream(IterableDataset):
+    """The training stream of one rank: `samples_per_worker` items per DataLoader worker per epoch.
+
+    Rank and world size are given, never read from globals; the DataLoader worker comes from
+    `get_worker_info()` and `num_workers` must match the DataLoader's (0 counts as 1). Each
+    worker keeps its stream position across epochs (persistent workers, or num_workers=0); clip
+    starts are drawn from a generator seeded by (seed, epoch, rank, worker). Without persistent
+    workers call `set_epoch` every epoch, or every epoch replays the first."""
+
+    def __init__(self, urls: list[str], decoder: ClipDecoder, samples_per_worker: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 1, seed: int = 0):
+        super().__init__()
+        self.urls, self.decoder = list(urls), decoder
+        self.samples_per_worker = samples_per_worker
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        self.seed = seed
+        self.epoch = 0
+        split_shards(self.urls, rank, world_size, 0, self.num_workers)  # fail now if too few shards
+        self._streams: dict[int, _WorkerStream] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples_per_worker * self.num_workers
+
+    def __getstate__(self):  # worker streams are per process
+        return {**self.__dict__, "_streams": {}}
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.num_workers:
+            raise RuntimeError(f"ClipStream was built for {self.num_workers} workers but the DataLoader has "
+                               f"{num_workers}; pass the same num_workers to both")
+        return self.iter_worker(worker)
+
+    def iter_worker(self, worker: int):
+        """This process's items as DataLoader worker `worker` for the next epoch."""
+        if worker not in self._streams:
+            self._streams[worker] = _WorkerStream(self, worker, self.num_workers)
+        stream = self._streams[worker]
+        epoch = self.epoch + stream.epochs
+        stream.epochs += 1
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+        return stream.next_items(self.samples_per_worker, rng)
+
+
+# ---- validation ----------------------------------------------------------------------------------
+class FixedClips(Dataset):
+    """The first `count` usable samples of `urls` (in order), each decoded with the fixed clip
+    (rng=None), so validation loss is comparable across epochs. Raw bytes are kept in memory."""
+
+    def __init__(self, urls: list[str], decoder: ClipDecoder, count: int):
+        self.decoder, self.skipped = decoder, 0
+        self.samples: list[dict] = []
+
+        def warn(exn):
+            self.skipped += 1
+            warnings.warn(f"validation: skipping unreadable shard data: {_describe(exn)}", BadSampleWarning)
+            return True
+
+        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=warn))
+        for raw in pipeline:
+            if len(self.samples) == count:
+                break
+            try:
+                decoder(raw)
+            except Exception as exn:
+                self.skipped += 1
+                warnings.warn(f"validation: skipping sample {raw.get('__key__')!r} in shard {raw.get('__url__')}: "
+                              f"{_describe(exn)}", BadSampleWarning)
+                continue
+            self.samples.append({k: raw[k] for k in ("__key__", "__url__", *REQUIRED_FIELDS)})
+        if not self.samples:
+            raise RuntimeError(f"no usable validation clip in {urls}")
+        if len(self.samples) < count:
+            warnings.warn(f"validation: only {len(self.samples)} of {count} clips available in {urls}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.decoder(self.samples[index])
+        item["skipped"], item["worker"] = self.skipped, -1  # -1: not a streaming worker
+        return item
+
+
+# ---- the DataModule ------------------------------------------------------------------------------
+class AvatarDataModule(L.LightningDataModule):
+    """Streams training clips from WebDataset shards; validates on a small fixed set.
+
+    Shards: a directory, a glob, brace notation, any URL webdataset opens, or a list. With
+    `synthetic` (keyword arguments of `datamodules.synthetic.ensure_dataset`, e.g. {"root":
+    "data/synthetic", "strict_clips": 512}) the synthetic world is generated on first use and
+    its strict shards train when `train_shards` is empty. An epoch is `epoch_samples` items per
+    rank, rounded down to whole batches per worker (at least one), identical on every rank.
+    Each batch is a dict: frames (B, F, 3, H, W), motion (B, M, 3, H, W), ref (B, 3, H, W),
+    audio (B, F, 2r + 1, L, D), mouth_open (B, F), key / tier (lists of B str), start (B,),
+    skipped (B,) (that worker's skipped samples so far), worker (B,) (global id; -1 in validation)."""
+
+    def __init__(self, train_shards: str | list[str] | None = None, val_shards: str | list[str] | None = None,
+                 audio_features: AudioFeatures | None = None, clip_frames: int | None = None,
+                 motion_frames: int | None = None, audio_radius: int = 2, frame_size: int | None = None,
+                 batch_size: int = 8, num_workers: int = 2, epoch_samples: int = 1024, val_samples: int = 16,
+                 seed: int = 0, synthetic: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["audio_features"])
+        self.audio_features = audio_features
+        self.decoder: ClipDecoder | None = None
+        self.train_set: ClipStream | None = None
+        self.val_set: FixedClips | None = None
+
+    def _make_decoder(self) -> ClipDecoder:
+        """Audio features and clip shape the model was built for, unless given here: the model owns
+        them (its audio projection and temporal layers depend on them)."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        model_hp = getattr(model, "hparams", {})
+
+        def pick(name, default):
+            mine = self.hparams.get(name)
+            return mine if mine is not None else model_hp.get(name, default)
+
+        features = self.audio_features or getattr(model, "audio_features", None) or LogMelFeatures()
+        return ClipDecoder(features, pick("clip_frames", 8), pick("motion_frames", 2), self.hparams.audio_radius,
+                           self.hparams.frame_size)
+
+    def _synthetic_val(self) -> dict:
+        """Held-out synthetic clips: another seed, so identities and audio the model never trained on."""
+        synthetic = self.hparams.synthetic
+        return dict(root=os.path.join(synthetic["root"], "val"), seed=synthetic.get("seed", 0) + 1000,
+                    strict_clips=self.hparams.val_samples, lenient_clips=0,
+                    clips_per_shard=self.hparams.val_samples, progress=False,
+                    **{k: synthetic[k] for k in ("size", "frames") if k in synthetic})
+
+    def prepare_data(self):
+        if self.hparams.synthetic:
+            from .synthetic import ensure_dataset
+
+            ensure_dataset(**self.hparams.synthetic)
+            if not self.hparams.val_shards:
+                ensure_dataset(**self._synthetic_val())
+
+    def _train_urls(self) -> list[str]:
+        urls = resolve_shards(self.hparams.train_shards)
+        if not urls and self.hparams.synthetic:
+            root = self.hparams.synthetic["root"]
+            manifest = os.path.join(root, "manifest.json")
+            if not os.path.isfile(manifest):
+                raise FileNotFoundError(f"synthetic dataset {manifest} missing: prepare_data did not run here")
+            with open(manifest) as f:
+                urls = [os.path.join(root, p) for p in json.load(f)["strict"]]
+        check_local_shards(urls, "train_shards")
+        return urls
+
+    def setup(self, stage: str | None = None):
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.decoder = self.decoder or self._make_decoder()
+        if stage in (None, "fit") and self.train_set is None:
+            hp = self.hparams
+            workers = max(1, hp.num_workers)
+            per_worker = max(1, hp.epoch_samples // (workers * hp.batch_size)) * hp.batch_size
+            if per_worker * workers != hp.epoch_samples:
+                warnings.warn(f"epoch_samples {hp.epoch_samples} -> {per_worker * workers} per rank "
+                              f"(whole batches of {hp.batch_size} on each of {workers} workers)")
+            self.train_set = ClipStream(self._train_urls(), self.decoder, per_worker, rank, world_size,
+                                        hp.num_workers, hp.seed)
+        val_shards = self.hparams.val_shards
+        if not val_shards and self.hparams.synthetic:
+            val_shards = os.path.join(self._synthetic_val()["root"], "strict")
+        if stage in (None, "fit", "validate") and self.val_set is None and val_shards:
+            urls = resolve_shards(val_shards)
+            check_local_shards(urls, "val_shards")
+            self.val_set = FixedClips(urls, self.decoder, self.hparams.val_samples)
+
+    def _loader(self, dataset, **kw) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:  # a resumed run continues with fresh clip draws
+            self.train_set.set_epoch(self.trainer.current_epoch)
+        return self._loader(self.train_set)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []

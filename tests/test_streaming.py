@@ -1,0 +1,259 @@
+"""Audio features, shard streaming, bad-data handling and the DataModule (CPU, tiny shards)."""
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import burst_clip, frame_index, make_shards, write_shard
+
+from datamodules.audio_features import LogMelFeatures, Wav2Vec2Features, audio_windows
+from datamodules.streaming import (AvatarDataModule, BadSampleWarning, ClipDecoder, ClipStream,
+                                   resolve_shards, split_shards)
+
+TINY_WAV2VEC2 = dict(
+    extractor_mode="group_norm", extractor_conv_layer_config=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
+    extractor_conv_bias=False, encoder_embed_dim=16, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=8,
+    encoder_pos_conv_groups=2, encoder_num_layers=3, encoder_num_heads=2, encoder_attention_dropout=0.0,
+    encoder_ff_interm_features=32, encoder_ff_interm_dropout=0.0, encoder_dropout=0.0,
+    encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=None)
+
+
+# ---- audio features -------------------------------------------------------------------------
+def audio_windows_reference(features, start, count, radius):
+    """Slow and obviously right: one frame, one offset at a time."""
+    t, rest = features.shape[0], features.shape[1:]
+    out = torch.zeros(count, 2 * radius + 1, *rest)
+    for i in range(count):
+        for j, offset in enumerate(range(-radius, radius + 1)):
+            frame = start + i + offset
+            if 0 <= frame < t:
+                out[i, j] = features[frame]
+    return out
+
+
+@pytest.mark.parametrize("start,count,radius", [(0, 7, 2), (3, 4, 2), (5, 6, 1), (-2, 3, 3), (0, 1, 0)])
+def test_audio_windows_match_reference(start, count, radius):
+    features = torch.randn(7, 2, 3)
+    fast = audio_windows(features, start, count, radius)
+    assert fast.shape == (count, 2 * radius + 1, 2, 3)
+    torch.testing.assert_close(fast, audio_windows_reference(features, start, count, radius), rtol=0, atol=0)
+
+
+def burst_wav(frames: int, burst_frame: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    wav = 0.003 * torch.randn(frames * 640, generator=g)
+    wav[burst_frame * 640:(burst_frame + 1) * 640] = 0.5 * torch.randn(640, generator=g)
+    return wav
+
+
+@pytest.mark.parametrize("burst_frame", [0, 6, 19])
+def test_logmel_shape_and_alignment(burst_frame):
+    features = LogMelFeatures(n_mels=32)
+    assert (features.num_layers, features.dim) == (1, 128)
+    out = features(burst_wav(20, burst_frame), 20)
+    assert out.shape == (20, 1, 128) and out.dtype == torch.float32
+    assert -1.5 < out.min() and out.max() < 1.5  # about unit range
+    energy = out.mean(dim=(1, 2))  # (T,)
+    assert energy.argmax() == burst_frame  # the burst lands in its own row, not a neighbour
+    neighbours = [energy[k] for k in (burst_frame - 1, burst_frame + 1) if 0 <= k < 20]
+    assert all(energy[burst_frame] - n > 0.5 for n in neighbours)
+
+
+def test_logmel_pads_or_cuts_to_the_frame_count():
+    features = LogMelFeatures(n_mels=8)
+    assert features(torch.zeros(1000), 3).shape == (3, 1, 32)
+    assert features(torch.zeros(10 * 640), 4).shape == (4, 1, 32)
+
+
+def test_wav2vec2_features_from_a_local_state_dict(tmp_path):
+    torch.manual_seed(0)
+    saved = Wav2Vec2Features(TINY_WAV2VEC2)
+    path = tmp_path / "wav2vec2.pt"
+    torch.save(saved.model.state_dict(), path)
+    loaded = Wav2Vec2Features(TINY_WAV2VEC2, weights=str(path))
+    assert (loaded.num_layers, loaded.dim) == (3, 16)
+    wav = burst_wav(13, 4)
+    out = loaded(wav, 13)
+    assert out.shape == (13, 3, 16) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, saved(wav, 13))  # the weights are the saved ones
+    assert not any(p.requires_grad for p in loaded.model.parameters()) and not loaded.model.training
+
+
+def test_wav2vec2_missing_weights_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        Wav2Vec2Features(TINY_WAV2VEC2, weights=str(tmp_path / "nowhere.pt"))
+
+
+# ---- shard lists and DDP-style splitting --------------------------------------------------------
+def test_split_shards_is_disjoint_and_covering():
+    urls = [f"s{i}" for i in range(11)]
+    parts = [split_shards(urls, r, 2, w, 2) for r, w in itertools.product(range(2), range(2))]
+    assert sorted(itertools.chain(*parts)) == sorted(urls)
+    assert sum(map(len, parts)) == len(urls)
+    with pytest.raises(ValueError, match="need at least 6 shards"):
+        split_shards(urls[:5], 0, 3, 0, 2)
+
+
+def test_resolve_shards_accepts_directory_glob_braces_and_lists(tmp_path):
+    paths = [write_shard(tmp_path / f"part-{i:05d}.tar", [burst_clip(f"c-{i:06d}", frames=12, size=32)])
+             for i in range(3)]
+    assert resolve_shards(str(tmp_path)) == paths
+    assert resolve_shards(str(tmp_path / "part-*.tar")) == paths
+    assert resolve_shards(str(tmp_path / "part-{00000..00002}.tar")) == paths
+    assert resolve_shards([paths[0], str(tmp_path / "part-0000[12].tar")]) == paths
+    assert resolve_shards("https://host/x-{0..1}.tar") == ["https://host/x-0.tar", "https://host/x-1.tar"]
+
+
+def test_ranks_and_workers_stream_disjoint_equal_shares(tmp_path):
+    """2 ranks x 2 workers over 8 one-clip shards: each (rank, worker) yields its own 2 clips."""
+    shards = make_shards(tmp_path, n_clips=8, clips_per_shard=1, frames=12, size=32)
+    decoder = ClipDecoder(LogMelFeatures(n_mels=8), clip_frames=4, motion_frames=2)
+    keys: dict[int, list[str]] = {}
+    lengths = []
+    for rank in range(2):
+        stream = ClipStream(shards, decoder, samples_per_worker=2, rank=rank, world_size=2, num_workers=2, seed=3)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        lengths.append(len(loader))
+        for item in loader:
+            keys.setdefault(item["worker"], []).append(item["key"])
+    assert lengths == [4, 4]
+    assert sorted(keys) == [0, 1, 2, 3] and all(len(k) == 2 for k in keys.values())
+    for a, b in itertools.combinations(keys.values(), 2):
+        assert not set(a) & set(b)
+    assert len(set(itertools.chain(*keys.values()))) == 8
+
+
+def test_epochs_continue_the_stream_and_reshuffle(tmp_path):
+    shards = make_shards(tmp_path, n_clips=6, clips_per_shard=1, frames=12, size=32)
+    stream = ClipStream(shards, ClipDecoder(LogMelFeatures(n_mels=8), 4, 2), samples_per_worker=4, seed=0)
+    epochs = [[item["key"] for item in stream] for _ in range(3)]
+    assert all(len(e) == 4 for e in epochs)
+    seen = list(itertools.chain(*epochs))
+    assert set(seen[:6]) == set(seen[6:12])  # passes cover every shard once each
+    assert seen[:6] != seen[6:12]  # in a new order
+
+
+# ---- bad data -------------------------------------------------------------------------------------
+def test_bad_samples_and_truncated_tars_are_skipped_warned_and_counted(tmp_path):
+    good = [burst_clip(f"good-{i:06d}", frames=12, size=32) for i in range(3)]
+    garbage = {**burst_clip("bad-000000", frames=12, size=32), "mp4": b"not a video" * 50}
+    short = burst_clip("short-000000", frames=4, size=32, burst_frame=1)
+    no_wav = {k: v for k, v in burst_clip("nowav-000000", frames=12, size=32).items() if k != "wav"}
+    bad_json = {**burst_clip("badjson-000000", frames=12, size=32), "json": b"{not json"}
+    mixed = write_shard(tmp_path / "mixed.tar", [good[0], garbage, short, no_wav, bad_json, good[1]])
+    truncated = write_shard(tmp_path / "truncated.tar", [good[2], burst_clip("lost-000000", frames=12, size=32)])
+    os.truncate(truncated, os.path.getsize(truncated) * 6 // 10)
+
+    stream = ClipStream([mixed, truncated], ClipDecoder(LogMelFeatures(n_mels=8), 4, 2), samples_per_worker=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = list(stream)
+    messages = [str(w.message) for w in caught if issubclass(w.category, BadSampleWarning)]
+    assert len(items) == 3 and {i["key"] for i in items} <= {"good-000000", "good-000001", "good-000002"}
+    for key in ("bad-000000", "short-000000", "nowav-000000", "badjson-000000"):
+        assert any(key in m and mixed in m for m in messages), key
+    assert any(truncated in m for m in messages)
+    assert items[-1]["skipped"] >= 5 and items[-1]["worker"] == 0
+    assert [i["skipped"] for i in items] == sorted(i["skipped"] for i in items)  # cumulative
+
+
+def test_a_stream_without_any_usable_clip_fails_instead_of_spinning(tmp_path):
+    garbage = {**burst_clip("bad-000000", frames=12, size=32), "mp4": b"junk" * 100}
+    shard = write_shard(tmp_path / "bad.tar", [garbage])
+    stream = ClipStream([shard], ClipDecoder(LogMelFeatures(n_mels=8), 4, 2), samples_per_worker=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        with pytest.raises(RuntimeError, match="no usable clip"):
+            list(stream)
+
+
+# ---- alignment ------------------------------------------------------------------------------------
+def test_clip_frames_motion_and_audio_line_up(tmp_path):
+    """Frame i shows grey 20 + 10 i and the burst sits on frame 9; for random clip starts the
+    decoded frames, motion frames, mouth_open and the audio windows all point at the same frames."""
+    features = LogMelFeatures(n_mels=8)
+    decoder = ClipDecoder(features, clip_frames=6, motion_frames=2, audio_radius=2)
+    sample = burst_clip("b-000000", frames=20, size=32, burst_frame=9)
+    sample["__url__"] = "memory"
+    hits = 0
+    for seed in range(8):
+        item = decoder(sample, np.random.default_rng(seed))
+        s = item["start"]
+        np.testing.assert_array_equal(frame_index(item["frames"]), np.arange(s, s + 6))
+        np.testing.assert_array_equal(frame_index(item["motion"]), np.arange(s - 2, s))
+        torch.testing.assert_close(item["mouth_open"], torch.arange(s, s + 6, dtype=torch.float32) / 20)
+        # window row j, offset o covers frame s + j + o - 2: the burst is where frame 9 is
+        loudness = item["audio"].mean(dim=(2, 3))  # (F, 5)
+        for j, o in zip(*np.nonzero((np.arange(s, s + 6)[:, None] + np.arange(-2, 3)[None]) == 9)):
+            hits += 1
+            assert loudness[j, o] == loudness.max()
+        if s <= 9 < s + 6:
+            assert loudness[:, 2].argmax() == 9 - s  # the centre of the window of frame 9
+    assert hits > 0
+
+
+# ---- the DataModule -------------------------------------------------------------------------------
+def test_missing_shard_path_is_named_before_training(tmp_path):
+    shards = make_shards(tmp_path, n_clips=2, clips_per_shard=1, frames=12, size=32)
+    missing = str(tmp_path / "gone" / "strict-00009.tar")
+    with pytest.raises(FileNotFoundError, match="strict-00009.tar"):
+        AvatarDataModule(train_shards=shards + [missing], num_workers=0).setup("fit")
+    with pytest.raises(FileNotFoundError, match="empty"):
+        (tmp_path / "empty").mkdir()
+        AvatarDataModule(train_shards=str(tmp_path / "empty"), num_workers=0).setup("fit")
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        AvatarDataModule(train_shards=str(tmp_path / "nothing-{0..3}.tar"), num_workers=0).setup("fit")
+
+
+def test_datamodule_batches_through_a_real_dataloader(tmp_path):
+    shards = make_shards(tmp_path, n_clips=8, clips_per_shard=2, frames=16, size=32)
+    dm = AvatarDataModule(train_shards=os.path.dirname(shards[0]), val_shards=shards[:2],
+                          audio_features=LogMelFeatures(n_mels=8), clip_frames=4, motion_frames=2, batch_size=2,
+                          num_workers=2, epoch_samples=8, val_samples=3, seed=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2 and loader.persistent_workers
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4
+    batch = batches[0]
+    assert batch["frames"].shape == (2, 4, 3, 32, 32) and batch["motion"].shape == (2, 2, 3, 32, 32)
+    assert batch["ref"].shape == (2, 3, 32, 32) and batch["audio"].shape == (2, 4, 5, 1, 32)
+    assert batch["mouth_open"].shape == (2, 4) and len(batch["key"]) == 2 and batch["tier"] == ["strict"] * 2
+    assert batch["skipped"].tolist() == [0, 0] and set(batch["worker"].tolist()) <= {0, 1}
+    assert -1 <= batch["frames"].min() and batch["frames"].max() <= 1
+    assert len(list(loader)) == 4  # the next epoch, same length
+
+    val = [dm.val_dataloader() for _ in range(2)]
+    first, second = (list(v) for v in val)
+    assert [len(b["key"]) for b in first] == [2, 1]
+    for a, b in zip(first, second):  # fixed clips: identical every time
+        torch.testing.assert_close(a["frames"], b["frames"])
+        torch.testing.assert_close(a["audio"], b["audio"])
+
+
+def test_datamodule_audio_features_by_class_path():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(AvatarDataModule, "data")
+    cfg = parser.parse_object({"data": {"train_shards": "x.tar", "audio_features": {
+        "class_path": "datamodules.audio_features.LogMelFeatures", "init_args": {"n_mels": 16}}}})
+    dm = parser.instantiate_classes(cfg).data
+    assert isinstance(dm.decoder.audio_features, LogMelFeatures) and dm.decoder.audio_features.dim == 64
+
+
+def test_datamodule_generates_synthetic_data_and_trains_on_its_strict_shards(tmp_path):
+    root = tmp_path / "synthetic"
+    dm = AvatarDataModule(synthetic=dict(root=str(root), strict_clips=4, lenient_clips=2, clips_per_shard=1,
+                                         size=32, frames=12, progress=False, processes=1),
+                          audio_features=LogMelFeatures(n_mels=8), clip_frames=4, batch_size=2, num_workers=0,
+                          epoch_samples=4, frame_size=64)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.train_set.urls == [str(root / "strict" / f"strict-{i:05d}.tar") for i in range(4)]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["frames"].shape == (2, 4, 3, 64, 64) and batch["ref"].shape == (2, 3, 64, 64)  # resized on decode
