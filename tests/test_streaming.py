@@ -243,7 +243,24 @@ def test_datamodule_audio_features_by_class_path():
     cfg = parser.parse_object({"data": {"train_shards": "x.tar", "audio_features": {
         "class_path": "datamodules.audio_features.LogMelFeatures", "init_args": {"n_mels": 16}}}})
     dm = parser.instantiate_classes(cfg).data
-    assert isinstance(dm.decoder.audio_features, LogMelFeatures) and dm.decoder.audio_features.dim == 64
+    assert isinstance(dm.audio_features, LogMelFeatures) and dm.audio_features.dim == 64
+
+
+def test_datamodule_takes_audio_features_and_clip_shape_from_the_model():
+    class Model:
+        audio_features = LogMelFeatures(n_mels=8)
+        hparams = {"clip_frames": 6, "motion_frames": 3}
+
+    class Trainer:
+        lightning_module = Model()
+
+    dm = AvatarDataModule(train_shards="x.tar")
+    dm.trainer = Trainer()
+    decoder = dm._make_decoder()
+    assert decoder.audio_features is Model.audio_features and (decoder.clip_frames, decoder.motion_frames) == (6, 3)
+    dm = AvatarDataModule(train_shards="x.tar", clip_frames=4)
+    dm.trainer = Trainer()
+    assert dm._make_decoder().clip_frames == 4  # given here: wins
 
 
 def test_datamodule_generates_synthetic_data_and_trains_on_its_strict_shards(tmp_path):
