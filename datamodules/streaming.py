@@ -341,8 +341,10 @@ class AvatarDataModule(L.LightningDataModule):
                  batch_size: int = 8, num_workers: int = 2, epoch_samples: int = 1024, val_samples: int = 16,
                  seed: int = 0, synthetic: dict | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["audio_features"])
-        self.audio_features = audio_features
+        # clip shape and audio features default to the model's (see `_make_decoder`), so they are
+        # not hparams of their own: Lightning would report a None here as a conflict with the model
+        self.save_hyperparameters(ignore=["audio_features", "clip_frames", "motion_frames"])
+        self.audio_features, self.clip_frames, self.motion_frames = audio_features, clip_frames, motion_frames
         self.decoder: ClipDecoder | None = None
         self.train_set: ClipStream | None = None
         self.val_set: FixedClips | None = None
@@ -354,7 +356,7 @@ class AvatarDataModule(L.LightningDataModule):
         model_hp = getattr(model, "hparams", {})
 
         def pick(name, default):
-            mine = self.hparams.get(name)
+            mine = getattr(self, name)
             return mine if mine is not None else model_hp.get(name, default)
 
         features = self.audio_features or getattr(model, "audio_features", None) or LogMelFeatures()

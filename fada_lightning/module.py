@@ -103,7 +103,8 @@ class AvatarModule(L.LightningModule):
             for w, s in zip(batch["worker"].tolist(), batch["skipped"].tolist()):
                 seen[w] = max(seen.get(w, 0), s)
             self._skipped_by_worker = seen
-            self.log("data/skipped_samples", float(sum(seen.values())), reduce_fx="sum", sync_dist=True)
+            self.log("data/skipped_samples", float(sum(seen.values())), reduce_fx="sum", sync_dist=True,
+                     batch_size=len(batch["worker"]))
 
     def on_save_checkpoint(self, checkpoint: dict):
         checkpoint["fada_module"] = f"{type(self).__module__}.{type(self).__qualname__}"  # for `fada sample`
@@ -120,7 +121,8 @@ class AvatarModule(L.LightningModule):
         g = torch.Generator(device=z0.device).manual_seed(batch_idx)
         n = torch.linspace(50, 950, z0.shape[0], device=z0.device).long()  # fixed t, fixed noise: comparable
         eps = torch.randn(z0.shape, generator=g, device=z0.device)
-        self.log("val/loss", self.diffusion_loss(self.net, z0, cond, n, eps).mean(), sync_dist=True)
+        self.log("val/loss", self.diffusion_loss(self.net, z0, cond, n, eps).mean(), sync_dist=True,
+                 batch_size=z0.shape[0])
         if batch_idx == 0:
             self._log_sample_video(batch)
 
@@ -171,7 +173,7 @@ class TeacherModule(AvatarModule):
         cond = condition_dropout(cond, self.hparams.p_drop_audio, self.hparams.p_drop_ref_audio, self.hparams.p_drop_motion)
         n = torch.randint(0, len(self.alphas_cumprod), (z0.shape[0],), device=z0.device)
         loss = self.diffusion_loss(self.net, z0, cond, n, torch.randn_like(z0)).mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         self.log_data_health(batch)
         return loss
 
