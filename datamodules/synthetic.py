@@ -200,6 +200,18 @@ def render_faces(face: dict, size: int, pose: np.ndarray, blink: np.ndarray, mou
     return canvas
 
 
+DARK_LUMA = 45  # 8-bit luminance: the mouth cavity is ~15; skin, lips, shirt and background are above 65
+
+
+def mouth_dark_pixels(video: np.ndarray) -> np.ndarray:
+    """A pixel measure of mouth opening: per-frame count of dark pixels in the lower middle of
+    the frame, where every identity's mouth is. video (n, H, W, 3) uint8 -> (n,). The cavity's
+    area grows linearly with the opening (see `render_faces`), so this is linear in it too."""
+    size = video.shape[1]
+    box = video[:, int(0.6 * size):int(0.9 * size), int(0.32 * size):int(0.68 * size)].astype(np.float32)
+    return ((box @ np.float32([0.299, 0.587, 0.114])) < DARK_LUMA).sum(axis=(1, 2))
+
+
 def gaussian_blur(frames: np.ndarray, sigma: float) -> np.ndarray:
     """Separable blur of (n, H, W, C) along H then W; kernel exp(-k^2 / 2 sigma^2), |k| <= 3 sigma."""
     radius = int(np.ceil(3 * sigma))

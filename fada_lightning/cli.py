@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -47,8 +48,11 @@ def main(argv: list[str] | None = None):
         argv = resolve_config_args(argv)
     except FileNotFoundError as err:
         sys.exit(f"fada: {err}")
+    # Each data worker yields exactly its share, so a streaming dataset's __len__ is exact here.
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
+    sys.argv = [sys.argv[0], *argv]  # LightningCLI reads the (resolved) command line itself
     FadaCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True}, args=argv, auto_configure_optimizers=False)
+            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":

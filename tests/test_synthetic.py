@@ -12,17 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from datamodules.synthetic import SAMPLES_PER_FRAME, ensure_dataset, frame_rms, render_clip, write_shards
+from datamodules.synthetic import (SAMPLES_PER_FRAME, ensure_dataset, frame_rms, mouth_dark_pixels, render_clip,
+                                  write_shards)
 from fada_lightning.video_io import encode_mp4, encode_wav, read_audio, read_image, write_mp4
-
-DARK = 45  # 8-bit luminance: the mouth cavity is ~15, the darkest skin/lips/shirt/background > 65
-
-
-def mouth_dark_pixels(video: np.ndarray) -> np.ndarray:
-    """Per-frame count of dark pixels in the lower-middle of the frame (mouth region)."""
-    size = video.shape[1]
-    box = video[:, int(0.6 * size):int(0.9 * size), int(0.32 * size):int(0.68 * size)].astype(float)
-    return ((box @ [0.299, 0.587, 0.114]) < DARK).sum(axis=(1, 2))
 
 
 def lagged_correlation(opening: np.ndarray, loudness: np.ndarray, lag: int) -> float:

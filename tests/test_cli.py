@@ -1,0 +1,132 @@
+"""`fada`: bundled configs, --print_config, bad keys, a user's own class, fit and sample end to end."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import decord
+import pytest
+import yaml
+from PIL import Image
+
+from datamodules.synthetic import render_clip
+from fada_lightning.cli import main
+from fada_lightning.presets import bundled_config_dir, find_config, load_preset
+from fada_lightning.video_io import encode_wav, write_atomic
+
+FADA = str(Path(sys.executable).with_name("fada"))
+RUN_CONFIGS = sorted(str(p.relative_to(bundled_config_dir())) for p in bundled_config_dir().rglob("*.yaml")
+                     if p.parent.name != "presets")
+PRESETS = sorted(p.stem for p in (bundled_config_dir() / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_every_shipped_config_loads(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", name, "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads(name):
+    preset = load_preset(name)
+    assert preset["name"] == name and preset["frame_size"] > 0
+
+
+def test_config_lookup_bare_name_path_and_missing(tmp_path):
+    assert find_config("teacher.yaml") == bundled_config_dir() / "teacher.yaml"
+    mine = tmp_path / "teacher.yaml"
+    mine.write_text("x: 1\n")
+    assert find_config(str(mine)) == mine
+    with pytest.raises(FileNotFoundError, match="bundled: .*teacher.yaml"):
+        find_config("no_such.yaml")
+
+
+def test_unknown_config_key_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", "teacher.yaml", "--model.init_args.no_such_key=1", "--print_config"])
+    assert done.value.code != 0
+    assert "no_such_key" in capsys.readouterr().err
+
+
+USER_MODULE = '''
+from fada_lightning.module import TeacherModule
+
+
+class SlowerTeacher(TeacherModule):
+    """A user's own class, importable only from the current directory."""
+
+    def __init__(self, lr_scale: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.hparams.lr = self.hparams.lr * lr_scale
+'''
+
+
+def _tiny_run_config(tmp_path: Path, model_class: str) -> Path:
+    config = yaml.safe_load(find_config("teacher.yaml").read_text())
+    config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, log_every_n_steps=1,
+                             default_root_dir=str(tmp_path / "run"))
+    config["trainer"]["logger"]["init_args"] = {"save_dir": str(tmp_path / "run"), "name": "tb", "version": "t"}
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+    config["model"]["class_path"] = model_class
+    config["model"]["init_args"].update(clip_frames=4, ema_decay=0.9)
+    config["data"]["init_args"].update(batch_size=2, epoch_samples=4, val_samples=2, synthetic=dict(
+        root=str(tmp_path / "data"), strict_clips=4, lenient_clips=0, clips_per_shard=2, frames=12, progress=False))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fada(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([FADA, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_user_class_in_the_current_directory_is_found_by_class_path(tmp_path):
+    (tmp_path / "my_teacher.py").write_text(USER_MODULE)
+    config = _tiny_run_config(tmp_path, "my_teacher.SlowerTeacher")
+    done = _fada("fit", "--config", str(config), "--model.init_args.lr_scale=0.25", "--print_config", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert printed["model"]["class_path"] == "my_teacher.SlowerTeacher"
+    assert printed["model"]["init_args"]["lr_scale"] == 0.25
+
+
+@pytest.mark.slow
+def test_fit_fast_dev_run_end_to_end(tmp_path):
+    config = _tiny_run_config(tmp_path, "fada_lightning.module.TeacherModule")
+    done = _fada("fit", "--config", str(config), "--trainer.fast_dev_run=1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fit_then_sample_end_to_end(tmp_path):
+    """A user's class trains, checkpoints, and `fada sample` writes an mp4 with audio at 75 NFE."""
+    (tmp_path / "my_teacher.py").write_text(USER_MODULE)
+    config = _tiny_run_config(tmp_path, "my_teacher.SlowerTeacher")
+    done = _fada("fit", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run" / "tb" / "t"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and list((run / "samples").glob("*.mp4")) and list(run.glob("events.out.tfevents*"))
+
+    video, audio, _ = render_clip(7, "strict", 0, frames=10)
+    Image.fromarray(video[0]).save(tmp_path / "face.png")
+    write_atomic(tmp_path / "speech.wav", encode_wav(audio))
+    out = tmp_path / "out.mp4"
+    done = _fada("sample", "--ckpt", str(ckpt), "--image", "face.png", "--audio", "speech.wav", "-o", str(out),
+                 cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "NFE 75 per clip window" in done.stdout
+    reader = decord.VideoReader(str(out))
+    assert len(reader) == 10 and reader[0].shape == (64, 64, 3)
+    sound = decord.AudioReader(str(out), sample_rate=16000, mono=True)
+    assert abs(sound.shape[1] - len(audio)) < 2048  # the audio track is there (AAC pads its last frame)
+
+    (tmp_path / "not_an_image.png").write_text("hello")  # bad input: one clear line each, no traceback
+    done = _fada("sample", "--ckpt", str(ckpt), "--image", "not_an_image.png", "--audio", "speech.wav", cwd=tmp_path)
+    assert done.returncode != 0 and "not_an_image.png" in done.stderr and "Traceback" not in done.stderr
+    done = _fada("sample", "--ckpt", "missing.ckpt", "--image", "face.png", "--audio", "speech.wav", cwd=tmp_path)
+    assert done.returncode != 0 and "missing.ckpt" in done.stderr and "fada fit" in done.stderr
