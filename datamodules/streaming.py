@@ -360,8 +360,9 @@ class AvatarDataModule(L.LightningDataModule):
             return mine if mine is not None else model_hp.get(name, default)
 
         features = self.audio_features or getattr(model, "audio_features", None) or LogMelFeatures()
+        frame_size = self.hparams.frame_size or getattr(model, "preset", {}).get("frame_size")
         return ClipDecoder(features, pick("clip_frames", 8), pick("motion_frames", 2), self.hparams.audio_radius,
-                           self.hparams.frame_size)
+                           frame_size)
 
     def _synthetic_val(self) -> dict:
         """Held-out synthetic clips: another seed, so identities and audio the model never trained on."""

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None):
     if argv and argv[0] == "sample":
         from .sample import main as sample_main
 
-        return sample_main(argv[1:])
+        sample_main(argv[1:])
+        return
     try:
         argv = resolve_config_args(argv)
     except FileNotFoundError as err:

@@ -73,7 +73,7 @@ def _tiny_run_config(tmp_path: Path, model_class: str) -> Path:
     config["model"]["class_path"] = model_class
     config["model"]["init_args"].update(clip_frames=4, ema_decay=0.9)
     config["data"]["init_args"].update(batch_size=2, epoch_samples=4, val_samples=2, synthetic=dict(
-        root=str(tmp_path / "data"), strict_clips=4, lenient_clips=0, clips_per_shard=2, frames=12, progress=False))
+        root=str(tmp_path / "data"), strict_clips=4, lenient_clips=0, clips_per_shard=2, frames=12, size=32, progress=False))
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -112,7 +112,7 @@ def test_fit_then_sample_end_to_end(tmp_path):
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and list((run / "samples").glob("*.mp4")) and list(run.glob("events.out.tfevents*"))
 
-    video, audio, _ = render_clip(7, "strict", 0, frames=10)
+    video, audio, _ = render_clip(7, "strict", 0, frames=6)  # two clip windows
     Image.fromarray(video[0]).save(tmp_path / "face.png")
     write_atomic(tmp_path / "speech.wav", encode_wav(audio))
     out = tmp_path / "out.mp4"
@@ -121,7 +121,7 @@ def test_fit_then_sample_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "NFE 75 per clip window" in done.stdout
     reader = decord.VideoReader(str(out))
-    assert len(reader) == 10 and reader[0].shape == (64, 64, 3)
+    assert len(reader) == 6 and reader[0].shape == (32, 32, 3)
     sound = decord.AudioReader(str(out), sample_rate=16000, mono=True)
     assert abs(sound.shape[1] - len(audio)) < 2048  # the audio track is there (AAC pads its last frame)
 

@@ -21,15 +21,15 @@ def small_preset():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("teacher"), n_clips=8, clips_per_shard=4, frames=16, size=64)
+    return make_shards(tmp_path_factory.mktemp("teacher"), n_clips=8, clips_per_shard=4, frames=16, size=32)
 
 
 def _batch(module, b=2, f=4, m=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a = module.preset["net"]["audio"]
-    return dict(frames=torch.rand(b, f, 3, 64, 64, generator=g) * 2 - 1,
-                motion=torch.rand(b, m, 3, 64, 64, generator=g) * 2 - 1,
-                ref=torch.rand(b, 3, 64, 64, generator=g) * 2 - 1,
+    a, s = module.preset["net"]["audio"], module.preset["frame_size"]
+    return dict(frames=torch.rand(b, f, 3, s, s, generator=g) * 2 - 1,
+                motion=torch.rand(b, m, 3, s, s, generator=g) * 2 - 1,
+                ref=torch.rand(b, 3, s, s, generator=g) * 2 - 1,
                 audio=torch.randn(b, f, a["window"], a["layers"], a["dim"], generator=g))
 
 
@@ -37,7 +37,7 @@ def _batch(module, b=2, f=4, m=2, seed=0):
 def test_loss_targets_are_eq1_in_the_networks_own_space(kind):
     """A network that outputs the exact target has zero loss; in v space that target is v."""
     module = TeacherModule(preset=small_preset(), prediction_type=kind, ema_decay=None, clip_frames=4)
-    z0, eps = torch.randn(2, 4, 48, 16, 16), torch.randn(2, 4, 48, 16, 16)
+    z0, eps = torch.randn(2, 4, 12, 16, 16), torch.randn(2, 4, 12, 16, 16)
     n = torch.tensor([100, 800])
     abar = module.abar(n, z0)
     expected = eps if kind == "epsilon" else S.v_target(z0, eps, abar)
@@ -84,7 +84,7 @@ def test_teacher_sample_costs_75_nfe_per_window_and_carries_motion():
     module.net.forward = spy
     video, nfe = module.generate(batch["ref"], batch["audio"], steps=25)
     assert nfe == 75  # 25 DDIM steps x 3 CFG passes, per clip window
-    assert video.shape == (1, 10, 3, 64, 64) and video.abs().max() <= 1
+    assert video.shape == (1, 10, 3, 32, 32) and video.abs().max() <= 1
     assert len(seen) == 3 * 25
     first_motion = module.codec.encode(batch["ref"])[:, None].expand(-1, 2, -1, -1, -1)
     torch.testing.assert_close(seen[0], first_motion)  # the first clip starts from the reference
