@@ -407,7 +407,7 @@ class AvatarDataModule(L.LightningDataModule):
         val_shards = self.hparams.val_shards
         if not val_shards and self.hparams.synthetic:
             val_shards = os.path.join(self._synthetic_val()["root"], "strict")
-        if stage in (None, "fit", "validate") and self.val_set is None and val_shards:
+        if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None and val_shards:
             urls = resolve_shards(val_shards)
             check_local_shards(urls, "val_shards")
             self.val_set = FixedClips(urls, self.decoder, self.hparams.val_samples)
@@ -424,3 +424,5 @@ class AvatarDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+    test_dataloader = predict_dataloader = val_dataloader  # the fixed held-out clips

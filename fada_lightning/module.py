@@ -47,6 +47,12 @@ class AvatarModule(L.LightningModule):
         self.hparams.preset, self.hparams.schedule = self.preset, self.schedule  # checkpoints carry the resolved dicts
         self.codec = _instantiate(self.preset["codec"])
         self.audio_features = _instantiate(self.preset["audio_features"])
+        audio = self.preset["net"]["audio"]
+        if (self.audio_features.num_layers, self.audio_features.dim) != (audio["layers"], audio["dim"]):
+            raise ValueError(
+                f"preset {self.preset.get('name', '?')!r}: audio_features give (L, D) = "
+                f"({self.audio_features.num_layers}, {self.audio_features.dim}), net.audio expects "
+                f"({audio['layers']}, {audio['dim']})")
         self.net = AvatarDenoiser(**self.preset["net"])
         self.ema = None
         if ema_decay:
@@ -116,15 +122,26 @@ class AvatarModule(L.LightningModule):
                 f"checkpoint was trained with preset {theirs.get('name', '?')!r}, this model is "
                 f"{self.preset.get('name', '?')!r}: their network shapes differ")
 
-    def validation_step(self, batch, batch_idx):
+    def held_out_loss(self, batch, batch_idx) -> torch.Tensor:
+        """Loss at fixed t and fixed noise per batch index: comparable across evaluations."""
         z0, cond = self.encode_batch(batch)
         g = torch.Generator(device=z0.device).manual_seed(batch_idx)
-        n = torch.linspace(50, 950, z0.shape[0], device=z0.device).long()  # fixed t, fixed noise: comparable
+        n = torch.linspace(50, 950, z0.shape[0], device=z0.device).long()
         eps = torch.randn(z0.shape, generator=g, device=z0.device)
-        self.log("val/loss", self.diffusion_loss(self.net, z0, cond, n, eps).mean(), sync_dist=True,
-                 batch_size=z0.shape[0])
+        return self.diffusion_loss(self.net, z0, cond, n, eps).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.held_out_loss(batch, batch_idx), sync_dist=True, batch_size=len(batch["ref"]))
         if batch_idx == 0:
             self._log_sample_video(batch)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", self.held_out_loss(batch, batch_idx), sync_dist=True, batch_size=len(batch["ref"]))
+
+    def predict_step(self, batch, batch_idx):
+        """A batch's references and audio -> sampled clips (B, F, 3, H, W) in [-1, 1]."""
+        g = torch.Generator(device=self.device).manual_seed(batch_idx)
+        return self.generate(batch["ref"], batch["audio"], generator=g)[0]
 
     def _log_sample_video(self, batch):
         """Sample the first val clip from its reference and audio; log GT over sample as a filmstrip."""

@@ -111,6 +111,8 @@ def test_fit_then_sample_end_to_end(tmp_path):
     run = tmp_path / "run" / "tb" / "t"
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and list((run / "samples").glob("*.mp4")) and list(run.glob("events.out.tfevents*"))
+    done = _fada("test", "--config", str(config), "--ckpt_path", str(ckpt), cwd=tmp_path)
+    assert done.returncode == 0 and "test/loss" in done.stdout, done.stderr[-3000:]
 
     video, audio, _ = render_clip(7, "strict", 0, frames=6)  # two clip windows
     Image.fromarray(video[0]).save(tmp_path / "face.png")

@@ -111,3 +111,10 @@ def test_checkpoint_of_another_preset_is_a_clear_error(tmp_path):
     micro = TeacherModule(preset="micro", ema_decay=None)
     with pytest.raises(ValueError, match="micro-narrow.*micro"):
         micro.on_load_checkpoint(checkpoint)
+
+
+def test_audio_features_that_do_not_fit_the_net_fail_at_construction():
+    preset = small_preset()
+    preset["net"]["audio"]["dim"] = 64
+    with pytest.raises(ValueError, match=r"audio_features give \(L, D\) = \(1, 128\).*expects \(1, 64\)"):
+        TeacherModule(preset=preset)
