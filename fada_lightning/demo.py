@@ -58,7 +58,7 @@ def train_teacher(out: Path, steps: int, retrain: bool) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fada demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=400, help="teacher training steps (about 1 s each here)")
+    p.add_argument("--steps", type=int, default=500, help="teacher training steps (about 1 s each here)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seconds", type=float, default=4.0, help="length of the held-out speech clip")
     p.add_argument("--retrain", action="store_true")
