@@ -25,7 +25,8 @@ def main():
     args = p.parse_args()
     ckpts = [c for c in Path(args.checkpoints).glob("*.ckpt") if c.name != "last.ckpt"]
     ckpts.sort(key=lambda c: int(re.findall(r"\d+", c.stem)[-1]))
-    truth, audio, _ = render_clip(HELD_OUT_SEED, "strict", 0, frames=int(args.seconds * 25))
+    size = load_module(ckpts[0]).preset["frame_size"]
+    truth, audio, _ = render_clip(HELD_OUT_SEED, "strict", 0, size=size, frames=int(args.seconds * 25))
     print(f"ground truth sync {mouth_sync(truth, audio):+.2f} [{loudness_table(truth, audio)}]")
     print(f"{'checkpoint':>24} {'sync':>6} {'chance':>12} {'pixel err':>9} {'s':>5}  dark mouth pixels quiet/mid/loud")
     for ckpt in ckpts:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import decord
 import numpy as np
+import torch
 from PIL import Image
 
 from datamodules.synthetic import frame_rms, mouth_dark_pixels, render_clip
@@ -31,7 +32,8 @@ def mouth_sync(video: np.ndarray, audio: np.ndarray) -> float:
 
 def chance_sync(video: np.ndarray, clips: int = 30) -> tuple[float, float]:
     """The same measure against other voices' loudness: what no lip sync at all scores."""
-    scores = [mouth_sync(video, render_clip(HELD_OUT_SEED, "strict", i, frames=len(video))[1]) for i in range(1, clips + 1)]
+    voices = (render_clip(HELD_OUT_SEED, "strict", i, size=32, frames=len(video))[1] for i in range(1, clips + 1))
+    scores = [mouth_sync(video, audio) for audio in voices]
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -71,7 +73,8 @@ def main(argv=None):
     trained = time.perf_counter()
 
     frames = int(args.seconds * 25)
-    truth, audio, _ = render_clip(HELD_OUT_SEED, "strict", 0, frames=frames)
+    size = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]["preset"]["frame_size"]
+    truth, audio, _ = render_clip(HELD_OUT_SEED, "strict", 0, size=size, frames=frames)
     face, speech = out / "face.png", out / "speech.wav"
     Image.fromarray(truth[0]).save(face)
     write_atomic(speech, encode_wav(audio))

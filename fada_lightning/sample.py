@@ -33,6 +33,9 @@ def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_s
     """image (H, W, 3) uint8, audio (samples,) float32 at 16 kHz -> (frames (T, H, W, 3) uint8, NFE per window)."""
     from datamodules.audio_features import audio_windows
 
+    size = module.preset["frame_size"]
+    if image.shape != (size, size, 3):
+        raise ValueError(f"reference image is {image.shape}, the model samples ({size}, {size}, 3) frames")
     num_frames = int(np.ceil(len(audio) / (SAMPLE_RATE / FPS)))
     padded = np.pad(audio, (0, num_frames * SAMPLE_RATE // FPS - len(audio)))
     feats = module.audio_features(torch.from_numpy(padded), num_frames)  # (T, L, D)
