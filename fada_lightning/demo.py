@@ -32,6 +32,7 @@ def mouth_sync(video: np.ndarray, audio: np.ndarray) -> float:
 
 def chance_sync(video: np.ndarray, clips: int = 30) -> tuple[float, float]:
     """The same measure against other voices' loudness: what no lip sync at all scores."""
+    # only their audio is used, which does not depend on the rendered size
     voices = (render_clip(HELD_OUT_SEED, "strict", i, size=32, frames=len(video))[1] for i in range(1, clips + 1))
     scores = [mouth_sync(video, audio) for audio in voices]
     return float(np.mean(scores)), float(np.std(scores))

@@ -23,6 +23,9 @@ class NFECounter:
         self.evaluations += sample.shape[0]
         return self.net(sample, *args, **kwargs)
 
+    def encode_reference(self, cond: Conditions):
+        return self.net.encode_reference(cond)  # the reference net runs at t = 0 once a clip: not a step
+
     @property
     def nfe(self) -> float:
         return self.evaluations / self.clips
@@ -32,7 +35,7 @@ def guided_denoiser(net, cond: Conditions, ref_scale: float, audio_scale: float)
     """Eq 9 with the three passes as one (3B) batch; the reference bank is computed once here
     and reused at every step (it depends only on r and m, never on z_t or t)."""
     cond3 = cfg_conditions(cond)
-    bank = _reference_bank(net, cond3)
+    bank = net.encode_reference(cond3)
 
     def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         pred = net(z.repeat(3, *([1] * (z.ndim - 1))), t, cond3, reference=bank)
@@ -43,13 +46,8 @@ def guided_denoiser(net, cond: Conditions, ref_scale: float, audio_scale: float)
 
 def conditional_denoiser(net, cond: Conditions) -> DenoiseFn:
     """One pass a step, no guidance (students that learnt the guided output)."""
-    bank = _reference_bank(net, cond)
+    bank = net.encode_reference(cond)
     return lambda z, t: net(z, t, cond, reference=bank)
-
-
-def _reference_bank(net, cond: Conditions):
-    inner = net.net if isinstance(net, NFECounter) else net
-    return inner.encode_reference(cond)
 
 
 @torch.no_grad()
