@@ -80,7 +80,8 @@ class AvatarModule(L.LightningModule):
         return S.ddim_scheduler(self.hparams.prediction_type, self.schedule)
 
     @torch.no_grad()
-    def generate(self, ref: torch.Tensor, audio: torch.Tensor, steps: int | None = None, ref_scale: float | None = None, audio_scale: float | None = None,
+    def generate(self, ref: torch.Tensor, audio: torch.Tensor, steps: int | None = None,
+                 ref_scale: float | None = None, audio_scale: float | None = None,
                  generator: torch.Generator | None = None, progress: bool = False):
         """ref (B, 3, H, W) pixels, audio (B, T, W, L, D) -> (video (B, T, 3, H, W) in [-1, 1], NFE per window)."""
         net = self.sampling_net

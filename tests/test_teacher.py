@@ -121,3 +121,12 @@ def test_audio_features_that_do_not_fit_the_net_fail_at_construction():
     preset["net"]["audio"]["dim"] = 64
     with pytest.raises(ValueError, match=r"audio_features give \(L, D\) = \(1, 128\).*expects \(1, 64\)"):
         TeacherModule(preset=preset)
+
+
+def test_skipped_samples_are_summed_over_workers_and_logged():
+    module = TeacherModule(preset=small_preset(), ema_decay=None)
+    logged = []
+    module.log = lambda name, value, **kw: logged.append((name, value))
+    module.log_data_health({"worker": torch.tensor([0, 1, 0]), "skipped": torch.tensor([2, 1, 3])})
+    module.log_data_health({"worker": torch.tensor([1]), "skipped": torch.tensor([4])})
+    assert logged == [("data/skipped_samples", 4.0), ("data/skipped_samples", 7.0)]  # cumulative per worker
