@@ -54,6 +54,9 @@ class AvatarModule(L.LightningModule):
                 f"({self.audio_features.num_layers}, {self.audio_features.dim}), net.audio expects "
                 f"({audio['layers']}, {audio['dim']})")
         self.net = AvatarDenoiser(**self.preset["net"])
+        if self.codec.latent_channels != self.net.denoising_net.config.in_channels:
+            raise ValueError(f"preset {self.preset.get('name', '?')!r}: the codec makes {self.codec.latent_channels} "
+                             f"latent channels, net.unet.in_channels is {self.net.denoising_net.config.in_channels}")
         self.ema = None
         if ema_decay:
             self.ema = AveragedModel(self.net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)

@@ -37,8 +37,7 @@ def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_s
     if image.shape != (size, size, 3):
         raise ValueError(f"reference image is {image.shape}, the model samples ({size}, {size}, 3) frames")
     num_frames = int(np.ceil(len(audio) / (SAMPLE_RATE / FPS)))
-    padded = np.pad(audio, (0, num_frames * SAMPLE_RATE // FPS - len(audio)))
-    feats = module.audio_features(torch.from_numpy(padded), num_frames)  # (T, L, D)
+    feats = module.audio_features(torch.from_numpy(audio), num_frames)  # (T, L, D); pads the last frame
     windows = audio_windows(feats, 0, num_frames, module.preset["net"]["audio"]["window"] // 2)
     ref = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)[None]
     g = torch.Generator().manual_seed(seed)

@@ -130,3 +130,10 @@ def test_skipped_samples_are_summed_over_workers_and_logged():
     module.log_data_health({"worker": torch.tensor([0, 1, 0]), "skipped": torch.tensor([2, 1, 3])})
     module.log_data_health({"worker": torch.tensor([1]), "skipped": torch.tensor([4])})
     assert logged == [("data/skipped_samples", 4.0), ("data/skipped_samples", 7.0)]  # cumulative per worker
+
+
+def test_codec_that_does_not_fit_the_net_fails_at_construction():
+    preset = small_preset()
+    preset["codec"]["init_args"]["factor"] = 4  # 48 latent channels into a 12-channel UNet
+    with pytest.raises(ValueError, match="codec makes 48 latent channels, net.unet.in_channels is 12"):
+        TeacherModule(preset=preset)

@@ -171,7 +171,6 @@ class AvatarDenoiser(nn.Module):
         cross_dim = self.denoising_net.config.cross_attention_dim
         self.audio_projection = AudioProjection(audio["layers"], audio["dim"], audio["window"], cross_dim,
                                                 audio.get("hidden", cross_dim))
-        self.latent_channels = self.denoising_net.config.in_channels
         self.max_frames = max_frames
         self._drop_unused_reference_layers()
         self._ref_ctx, self._ctx = _Context(), _Context()
