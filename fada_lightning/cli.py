@@ -13,7 +13,7 @@ import warnings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from .presets import find_config
+from .presets import ConfigError, find_config
 
 
 class FadaCLI(LightningCLI):
@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None):
     # Each data worker yields exactly its share, so a streaming dataset's __len__ is exact here.
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
     sys.argv = [sys.argv[0], *argv]  # LightningCLI reads the (resolved) command line itself
-    FadaCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    try:
+        FadaCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    except ConfigError as err:
+        sys.exit(f"fada: {err}")
 
 
 if __name__ == "__main__":

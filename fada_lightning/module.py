@@ -36,6 +36,8 @@ class AvatarModule(L.LightningModule):
     """What every avatar model shares: preset -> (codec, audio features, net), batch encoding,
     the sampler, and a sample video at validation. Subclasses define `training_step`."""
 
+    hparams_ignore: tuple[str, ...] = ()  # constructor arguments that are modules, recorded another way
+
     def __init__(self, preset: str | dict = "micro", prediction_type: str = "v_prediction",
                  schedule: dict | None = None, ema_decay: float | None = 0.999, clip_frames: int = 8,
                  motion_frames: int = 2, sample_steps: int = 25, ref_scale: float = 2.5, audio_scale: float = 6.5):
@@ -43,8 +45,11 @@ class AvatarModule(L.LightningModule):
         S.check_prediction_type(prediction_type)
         self.preset = load_preset(preset)
         self.schedule = dict(schedule or S.SD15_SCHEDULE)
-        self.save_hyperparameters()
-        self.hparams.preset, self.hparams.schedule = self.preset, self.schedule  # checkpoints carry the resolved dicts
+        self.save_hyperparameters(ignore=self.hparams_ignore)
+        # checkpoints carry the resolved values (a subclass may fill some of these in for its caller)
+        self.hparams.update(preset=self.preset, schedule=self.schedule, prediction_type=prediction_type,
+                            ema_decay=ema_decay, clip_frames=clip_frames, motion_frames=motion_frames,
+                            sample_steps=sample_steps, ref_scale=ref_scale, audio_scale=audio_scale)
         self.codec = _instantiate(self.preset["codec"])
         self.audio_features = _instantiate(self.preset["audio_features"])
         audio = self.preset["net"]["audio"]
@@ -82,21 +87,34 @@ class AvatarModule(L.LightningModule):
     def scheduler(self):
         return S.ddim_scheduler(self.hparams.prediction_type, self.schedule)
 
+    @property
+    def samples_with_cfg(self) -> bool:
+        """True: Eq 9's three passes a step at (ref_scale, audio_scale); False: one conditional pass."""
+        return True
+
+    def sampling_scales(self, ref_scale: float | None, audio_scale: float | None) -> tuple:
+        """The (s_r, s_a) to sample with: the given ones, else the model's; (None, None) for one pass."""
+        if not self.samples_with_cfg:
+            if ref_scale is not None or audio_scale is not None:
+                raise ValueError(f"this {type(self).__name__} samples with one pass a step (its guidance is distilled "
+                                 f"in); CFG scales do not apply to it")
+            return None, None
+        return (self.hparams.ref_scale if ref_scale is None else ref_scale,
+                self.hparams.audio_scale if audio_scale is None else audio_scale)
+
     @torch.no_grad()
     def generate(self, ref: torch.Tensor, audio: torch.Tensor, steps: int | None = None,
                  ref_scale: float | None = None, audio_scale: float | None = None,
                  generator: torch.Generator | None = None, progress: bool = False):
         """ref (B, 3, H, W) pixels, audio (B, T, W, L, D) -> (video (B, T, 3, H, W) in [-1, 1], NFE per window)."""
+        ref_scale, audio_scale = self.sampling_scales(ref_scale, audio_scale)
         net = self.sampling_net
         was_training = net.training
         net.eval()
         ref_latent = self.codec.encode(ref)
         latents, nfe = generate_clips(
             net, self.scheduler(), ref_latent, audio, self.hparams.clip_frames, self.hparams.motion_frames,
-            steps or self.hparams.sample_steps,
-            self.hparams.ref_scale if ref_scale is None else ref_scale,
-            self.hparams.audio_scale if audio_scale is None else audio_scale,
-            generator=generator, progress=progress)
+            steps or self.hparams.sample_steps, ref_scale, audio_scale, generator=generator, progress=progress)
         net.train(was_training)
         video = self.codec.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
         return video.clamp(-1, 1), nfe
@@ -199,6 +217,12 @@ class TeacherModule(AvatarModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, self.hparams.warmup_steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        return adamw_with_warmup(self.net.parameters(), self.hparams.lr, self.hparams.weight_decay,
+                                 self.hparams.warmup_steps)
+
+
+def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> dict:
+    """AdamW with a linear learning-rate warm-up over `warmup_steps` optimizer steps."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

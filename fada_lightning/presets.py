@@ -8,6 +8,11 @@ from pathlib import Path
 import yaml
 
 
+class ConfigError(ValueError):
+    """A problem with what the user configured (a path, a checkpoint, a preset): `fada` prints it
+    as one line and exits, without a traceback."""
+
+
 def bundled_config_dir() -> Path:
     return Path(str(resources.files("fada_lightning.configs")))
 

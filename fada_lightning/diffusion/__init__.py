@@ -1,0 +1,3 @@
+from .scheduling_perflow import PeRFlowScheduler
+
+__all__ = ["PeRFlowScheduler"]

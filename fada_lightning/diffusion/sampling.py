@@ -38,7 +38,9 @@ def guided_denoiser(net, cond: Conditions, ref_scale: float, audio_scale: float)
     bank = net.encode_reference(cond3)
 
     def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        pred = net(z.repeat(3, *([1] * (z.ndim - 1))), t, cond3, reference=bank)
+        t = torch.as_tensor(t)
+        t3 = t.repeat(3) if t.ndim else t  # per-sample timesteps (B,) -> (3B,)
+        pred = net(z.repeat(3, *([1] * (z.ndim - 1))), t3, cond3, reference=bank)
         return multi_cfg(pred, ref_scale, audio_scale)
 
     return denoise

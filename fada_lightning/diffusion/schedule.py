@@ -108,3 +108,9 @@ def min_snr_weight(abar: torch.Tensor, gamma: float | None, prediction_type: str
     if check_prediction_type(prediction_type) == "epsilon":
         return clipped / s
     return clipped / (s + 1)
+
+
+def ddim_step(z: torch.Tensor, eps: torch.Tensor, abar_from: torch.Tensor, abar_to: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from noise level abar_from to abar_to with the same eps:
+    z_to = sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps, x0_hat = eps_to_x0(z, eps, abar_from)."""
+    return add_noise(eps_to_x0(z, eps, abar_from), eps, abar_to)

@@ -1,0 +1,132 @@
+"""The distiller contract: the only things a distillation method decides.
+
+    z0, cond = encode(batch)                            # latents (B, F, C, h, w), Conditions
+    eps = randn_like(z0)
+    t = distiller.sample_time(B, device, generator)     # 1. how the training time is sampled
+    with inference_mode():                              # 2. the teacher: one no-grad call
+        job = distiller.make_targets(teacher, z0, cond, t, eps, generator)
+    pred = student(job.z, job.timestep, job.cond)       #    the student's raw output
+    loss, logs = distiller.loss(pred, job)              # 3. how the loss is reduced and weighted
+    distiller.scheduler(), .sample_steps, .sample_cfg   # 4. how the student samples
+
+That loop is `DistillModule.training_step`; it never asks which distiller it runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from lightning.pytorch.core.mixins import HyperparametersMixin
+from torch import nn
+
+from fada_lightning.diffusion import schedule as S
+from fada_lightning.diffusion.guidance import Conditions
+from fada_lightning.diffusion.sampling import conditional_denoiser, guided_denoiser
+
+
+@dataclass
+class DistillTargets:
+    """What `make_targets` hands the student: train student(z, timestep, cond), read as eps at
+    noise level `abar`, towards `eps_target`, with a per-sample loss weight."""
+
+    z: torch.Tensor  # (B, F, C, h, w) the student's input
+    timestep: torch.Tensor  # (B,) the student's timestep
+    cond: Conditions  # the conditions the student sees
+    eps_target: torch.Tensor  # (B, F, C, h, w) the target, in eps space
+    abar: torch.Tensor  # (B,) where a v-network's output is read as eps
+    weight: torch.Tensor  # (B,) per-sample loss weight
+
+    def detach(self) -> "DistillTargets":
+        """Copies that autograd may use (tensors made under inference_mode may not be saved for backward)."""
+        copy = lambda x: x.clone() if isinstance(x, torch.Tensor) else x.map(torch.Tensor.clone)  # noqa: E731
+        return type(self)(**{f.name: copy(getattr(self, f.name)) for f in fields(self)})
+
+
+class Distiller(HyperparametersMixin, nn.Module):
+    """Base class of every distillation method (see the module docstring for the loop that runs it).
+
+    Hooks, each overridable on its own:
+      sample_time(B, device, generator) -> t (B,) in (0, 1]       default: uniform on the 1/T grid
+      make_targets(teacher, z0, cond, t, eps, generator)           required: -> DistillTargets
+      loss(pred, job) -> (scalar, {name: scalar to log})           default: weighted ||eps_theta - eps_target||^2
+      scheduler() -> a diffusers scheduler for the student          required
+      sample_cfg: True -> Eq 9's three passes a step at inference, False -> one pass
+    Helpers: `abar(n, like)`, `to_eps(pred, z, abar)`, `teacher_eps(...)`; the module calls
+    `bind(schedule, prediction_type)` once, before any hook runs.
+
+    A distiller's constructor arguments are its config (YAML `init_args`) and are recorded by
+    `save_hyperparameters`, so a student checkpoint can rebuild it (`spec()`).
+
+    Worked example: PeRFlow whose loss favours the noisy end of each window. In `my_distillers.py`:
+
+        from dataclasses import replace
+        from distillers.perflow import PeRFlow
+
+        class NoisyFirst(PeRFlow):
+            def __init__(self, power: float = 1.0, num_windows: int = 4, solver_steps: int = 8):
+                super().__init__(num_windows=num_windows, solver_steps=solver_steps)
+
+            def make_targets(self, teacher, z0, cond, t, eps, generator=None):
+                job = super().make_targets(teacher, z0, cond, t, eps, generator)
+                return replace(job, weight=job.weight * (2 * t) ** self.hparams.power)
+
+    and in a copy of distill_perflow.yaml: `distiller: {class_path: my_distillers.NoisyFirst,
+    init_args: {power: 2.0}}`; `fada fit --config my.yaml` from that directory.
+    """
+
+    sample_cfg: bool = True
+
+    def __init__(self, sample_steps: int = 6):
+        super().__init__()
+        self.save_hyperparameters()
+        self.sample_steps = sample_steps
+        self.prediction_type, self.schedule_config = "epsilon", {}
+        self.register_buffer("alphas_cumprod", torch.empty(0), persistent=False)
+
+    def bind(self, schedule: dict, prediction_type: str) -> None:
+        """The teacher's noise schedule (diffusers config keys) and its, and so the student's,
+        output parameterisation."""
+        self.schedule_config = {k: schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+        self.alphas_cumprod = S.alphas_cumprod(schedule).float().to(self.alphas_cumprod.device)
+        self.prediction_type = S.check_prediction_type(prediction_type)
+
+    def spec(self) -> dict:
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": dict(self.hparams)}
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def abar(self, n: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """abar_n (B,) broadcast over like (B, ...)."""
+        return S.expand_like(self.alphas_cumprod[n], like)
+
+    def to_eps(self, pred: torch.Tensor, z: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        return S.to_eps(pred, z, S.expand_like(abar, z), self.prediction_type)
+
+    def teacher_eps(self, teacher, cond: Conditions, ref_scale=None, audio_scale=None):
+        """(z, n) -> the teacher's eps at DDPM indices n (B,): one conditional pass, or with scales
+        Eq 9's three passes as one batch. The reference bank is computed once, here."""
+        denoise = (conditional_denoiser(teacher, cond) if ref_scale is None
+                   else guided_denoiser(teacher, cond, ref_scale, audio_scale))
+        return lambda z, n: S.to_eps(denoise(z, n), z, self.abar(n, z), self.prediction_type)
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def sample_time(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """t uniform on {1/T, 2/T, ..., 1}."""
+        gen_device = generator.device if generator is not None else device
+        n = torch.randint(1, self.num_train_timesteps + 1, (batch_size,), generator=generator, device=gen_device)
+        return n.to(device) / self.num_train_timesteps
+
+    def make_targets(self, teacher, z0: torch.Tensor, cond: Conditions, t: torch.Tensor, eps: torch.Tensor,
+                     generator: torch.Generator | None = None) -> DistillTargets:
+        raise NotImplementedError
+
+    def loss(self, pred: torch.Tensor, job: DistillTargets) -> tuple[torch.Tensor, dict]:
+        """mean_B weight * mean ||eps_theta(z_t) - eps_target||^2, the student's output read as eps."""
+        per_sample = (self.to_eps(pred.float(), job.z, job.abar) - job.eps_target).pow(2).flatten(1).mean(1)
+        return (job.weight * per_sample).mean(), {}
+
+    def scheduler(self):
+        raise NotImplementedError

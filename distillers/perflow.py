@@ -1,0 +1,81 @@
+"""PeRFlow: piecewise rectified flow distillation (SPEC section 3, Eq 2-5; after the official code).
+
+For t in window (t_e, t_s]: z_s = add_noise(z0, eps, n(t_s)); the frozen teacher solves DDIM for
+`solver_steps` steps t_s -> t_e giving z_e; the student sees z_t on the straight line z_s -> z_e at
+timestep T t and learns eps_target = (z_e - lambda_s z_s) / eta_s. Modes:
+  balanced  the teacher runs unguided on the student's own (dropped, as in teacher training)
+            conditions: the student learns every CFG branch and samples with Eq 9 (3 passes a step)
+  guided    the teacher's target is Eq 9 at (ref_scale, audio_scale) on the full conditions: the
+            student learns the guided output and samples with one pass a step
+min_snr_gamma weights the eps loss by min(snr_t, gamma) / snr_t (the min-SNR weighting of the
+teacher, read in eps space); None is SPEC's plain ||eps_theta - eps_target||^2.
+"""
+from __future__ import annotations
+
+import torch
+
+from fada_lightning.diffusion import perflow as P
+from fada_lightning.diffusion import schedule as S
+from fada_lightning.diffusion.guidance import condition_dropout
+from fada_lightning.diffusion.scheduling_perflow import PeRFlowScheduler
+
+from .base import DistillTargets, Distiller
+
+MODES = ("balanced", "guided")
+
+
+class PeRFlow(Distiller):
+    def __init__(self, num_windows: int = 4, solver_steps: int = 8, mode: str = "balanced",
+                 ref_scale: float = 2.5, audio_scale: float = 6.5, p_drop_audio: float = 0.05,
+                 p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05, min_snr_gamma: float | None = None,
+                 sample_steps: int = 6):
+        super().__init__(sample_steps)
+        if mode not in MODES:
+            raise ValueError(f"PeRFlow mode must be one of {MODES}, got {mode!r}")
+        if sample_steps < num_windows:
+            raise ValueError(f"sample_steps {sample_steps} < num_windows {num_windows}: PeRFlow takes a step per window")
+        self.num_windows, self.solver_steps, self.mode = num_windows, solver_steps, mode
+        self.ref_scale, self.audio_scale = ref_scale, audio_scale
+        self.p_drop = (p_drop_audio, p_drop_ref_audio, p_drop_motion)
+        self.min_snr_gamma = min_snr_gamma
+
+    @property
+    def sample_cfg(self) -> bool:
+        return self.mode == "balanced"
+
+    def guidance_scales(self, batch_size: int, device, generator=None):
+        """(s_r, s_a) for the teacher's Eq 9 in guided mode: scalars or per-sample (B,) tensors."""
+        return self.ref_scale, self.audio_scale
+
+    def solve(self, teacher_eps, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Eq 3's Phi: DDIM along indices (B, N + 1), one teacher call a step."""
+        for n, n_next in zip(indices.unbind(1)[:-1], indices.unbind(1)[1:]):
+            z = S.ddim_step(z, teacher_eps(z, n), self.abar(n, z), self.abar(n_next, z))
+        return z
+
+    def make_targets(self, teacher, z0, cond, t, eps, generator=None) -> DistillTargets:
+        T = self.num_train_timesteps
+        t_s, t_e = P.window_bounds(t, self.num_windows)
+        n_s, n_e = P.time_to_index(t_s, T), P.time_to_index(t_e, T)
+        z_s = S.add_noise(z0, eps, self.abar(n_s, z0))  # Eq 2: the window start on the marginal
+        if self.mode == "balanced":
+            cond = condition_dropout(cond, *self.p_drop, generator=generator)
+            teacher_eps = self.teacher_eps(teacher, cond)
+        else:
+            teacher_eps = self.teacher_eps(teacher, cond, *self.guidance_scales(len(t), t.device, generator))
+        z_e = self.solve(teacher_eps, z_s, P.solver_indices(t_s, t_e, self.solver_steps, T))
+        lambda_s, eta_s = P.window_coefficients(self.alphas_cumprod[n_s], self.alphas_cumprod[n_e])
+        abar_t = self.alphas_cumprod[P.time_to_index(t, T)]
+        return DistillTargets(
+            z=P.interpolate(z_s, z_e, t, t_s, t_e),  # Eq 3
+            timestep=t * T,
+            cond=cond,
+            eps_target=P.ddim_eps_target(z_s, z_e, lambda_s, eta_s),  # Eq 4
+            abar=abar_t,
+            weight=S.min_snr_weight(abar_t, self.min_snr_gamma, "epsilon"),  # 1 without a gamma
+        )
+
+    def scheduler(self) -> PeRFlowScheduler:
+        return PeRFlowScheduler(num_time_windows=self.num_windows,
+                                prediction_type="ddim_eps" if self.prediction_type == "epsilon" else "v_prediction",
+                                **self.schedule_config)

@@ -1,0 +1,194 @@
+"""DistillModule: a frozen teacher, a trainable student and a pluggable distiller (SPEC section 3).
+
+The teacher comes from a `fada fit` teacher checkpoint (its EMA weights when it has them). The
+student (`net`, with optional EMA) starts as an exact copy. Everything method-specific lives in
+the distiller (distillers/base.py); the training step below is the same for all of them.
+A student checkpoint is self-contained for sampling: it carries the teacher's settings, the
+distiller's config and the student's scheduler config, but not the teacher's weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import instantiate_class
+
+from distillers.base import Distiller
+
+from .models.denoiser import AvatarDenoiser
+from .module import AvatarModule, adamw_with_warmup
+from .presets import ConfigError, load_preset
+
+HOW_TO_TRAIN_A_TEACHER = ("train one with `fada fit --config teacher.yaml` (its checkpoints land in "
+                          "runs/teacher/tb/version_N/checkpoints/), then pass --model.init_args.teacher_ckpt PATH")
+MUST_MATCH = ("preset", "prediction_type", "schedule")  # the student is the teacher's network, re-trained
+FROM_TEACHER = (*MUST_MATCH, "clip_frames", "motion_frames", "ref_scale", "audio_scale")
+
+
+def read_teacher_checkpoint(path: str | Path | None) -> dict:
+    if not path:
+        raise ConfigError(f"no teacher checkpoint given (model.init_args.teacher_ckpt): {HOW_TO_TRAIN_A_TEACHER}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"teacher checkpoint {path} does not exist: {HOW_TO_TRAIN_A_TEACHER}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # not a zip/pickle of tensors, or one holding arbitrary objects
+        raise ConfigError(f"teacher checkpoint {path} cannot be read ({type(err).__name__}): {HOW_TO_TRAIN_A_TEACHER}")
+    if not isinstance(checkpoint.get("hyper_parameters", {}).get("preset"), dict):
+        raise ConfigError(f"{path} is not a fada-lightning teacher checkpoint (no resolved preset in its "
+                         f"hyper_parameters): {HOW_TO_TRAIN_A_TEACHER}")
+    return checkpoint
+
+
+def teacher_weights(checkpoint: dict, path) -> dict[str, torch.Tensor]:
+    """The network the teacher samples with: its EMA if it kept one, else its raw weights."""
+    state = checkpoint.get("state_dict", {})
+    for prefix in ("ema.module.", "net."):
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if weights:
+            return weights
+    raise ConfigError(f"{path} holds no network weights ('ema.module.*' or 'net.*'): {HOW_TO_TRAIN_A_TEACHER}")
+
+
+def _differences(theirs, ours, prefix: str = "") -> list[str]:
+    """Where two nested config values differ, as 'key: teacher X, student Y' lines."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return [line for k in sorted(theirs.keys() | ours.keys(), key=str)
+                for line in _differences(theirs.get(k), ours.get(k), f"{prefix}{k}.")]
+    return [] if theirs == ours else [f"{prefix.rstrip('.')}: teacher {theirs!r}, student {ours!r}"]
+
+
+def check_weights_fit(net: torch.nn.Module, weights: dict, path) -> None:
+    """One error naming the parameters of `weights` that `net` lacks, does not expect or shapes otherwise."""
+    own = net.state_dict()
+    problems = [f"missing {k}" for k in sorted(own.keys() - weights.keys())]
+    problems += [f"unexpected {k}" for k in sorted(weights.keys() - own.keys())]
+    problems += [f"{k}: teacher {tuple(weights[k].shape)}, student {tuple(own[k].shape)}"
+                 for k in sorted(own.keys() & weights.keys()) if weights[k].shape != own[k].shape]
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ConfigError(f"teacher checkpoint {path} does not fit the student's network: "
+                         + "; ".join(problems[:8]) + more)
+
+
+class DistillModule(AvatarModule):
+    """Distils the teacher in `teacher_ckpt` into a student with `distiller`.
+
+    preset, prediction_type, schedule, clip_frames, motion_frames, ref_scale and audio_scale
+    default to the teacher's (None); the first three must equal the teacher's. sample_steps
+    defaults to the distiller's. The teacher is loaded in `setup` (only training and evaluation
+    need it): frozen, in eval mode, outside the optimizer and out of the checkpoints.
+    """
+
+    hparams_ignore = ("distiller",)  # recorded as its spec (class_path + init_args) instead
+
+    def __init__(self, teacher_ckpt: str | None, distiller: Distiller, lr: float = 1e-4, weight_decay: float = 0.0,
+                 warmup_steps: int = 50, ema_decay: float | None = 0.995, sample_steps: int | None = None,
+                 preset: str | dict | None = None, prediction_type: str | None = None, schedule: dict | None = None,
+                 clip_frames: int | None = None, motion_frames: int | None = None,
+                 ref_scale: float | None = None, audio_scale: float | None = None):
+        if isinstance(distiller, dict):  # a checkpoint written outside LightningCLI holds the spec
+            distiller = instantiate_class((), distiller)
+        given = dict(preset=preset, prediction_type=prediction_type, schedule=schedule, clip_frames=clip_frames,
+                     motion_frames=motion_frames, ref_scale=ref_scale, audio_scale=audio_scale)
+        settings = self._teacher_settings(teacher_ckpt, given)
+        super().__init__(settings["preset"], settings["prediction_type"], settings["schedule"], ema_decay,
+                         settings["clip_frames"], settings["motion_frames"], sample_steps or distiller.sample_steps,
+                         settings["ref_scale"], settings["audio_scale"])
+        self.hparams.update(teacher_ckpt=teacher_ckpt, distiller=distiller.spec())
+        self.distiller = distiller
+        self.distiller.bind(self.schedule, self.hparams.prediction_type)
+        self.teacher: AvatarDenoiser | None = None
+
+    @staticmethod
+    def _teacher_settings(teacher_ckpt, given: dict) -> dict:
+        """Fill the settings not given from the teacher's checkpoint and check the given ones fit it.
+        A student checkpoint away from its teacher has them all: it can sample, not train."""
+        if all(v is not None for v in given.values()) and not (teacher_ckpt and Path(teacher_ckpt).is_file()):
+            return given
+        path = Path(teacher_ckpt or "").expanduser()
+        theirs = read_teacher_checkpoint(teacher_ckpt)["hyper_parameters"]
+        ours = dict(given, preset=load_preset(given["preset"]) if given["preset"] is not None else None)
+        problems = [line for key in MUST_MATCH if ours[key] is not None
+                    for line in _differences(theirs.get(key), ours[key], f"{key}.")]
+        problems = [p for p in problems if not p.startswith("preset.name:")]
+        if problems:
+            raise ConfigError(f"teacher checkpoint {path} (preset {theirs['preset'].get('name', '?')!r}) does not fit "
+                             f"the student (preset {(ours['preset'] or {}).get('name', '?')!r}): " + "; ".join(problems))
+        return {k: theirs.get(k) if given[k] is None else given[k] for k in FROM_TEACHER}
+
+    # ---- the teacher -----------------------------------------------------------------------
+    def setup(self, stage: str):
+        if stage != "predict":  # fit, validate and test compute distillation losses; sampling needs no teacher
+            self.load_teacher()
+
+    def load_teacher(self):
+        """Build the frozen teacher from its checkpoint and start the student (and its EMA) as a copy.
+        Runs in `setup`, before a Trainer restores a checkpoint (which then brings the trained student)."""
+        if self.teacher is not None:
+            return
+        path = self.hparams.teacher_ckpt
+        weights = teacher_weights(read_teacher_checkpoint(path), path)
+        teacher = AvatarDenoiser(**self.preset["net"])
+        check_weights_fit(teacher, weights, path)
+        teacher.load_state_dict(weights)
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.net.load_state_dict(weights)  # a resumed run then restores the trained student over this
+        if self.ema is not None:
+            self.ema.module.load_state_dict(weights)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["scheduler_config"] = dict(self.scheduler().config)
+
+    def on_load_checkpoint(self, checkpoint: dict):
+        super().on_load_checkpoint(checkpoint)
+        if self.teacher is not None:  # resuming: the teacher is not in the checkpoint, keep the loaded one
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    # ---- the loop --------------------------------------------------------------------------
+    def distillation_loss(self, batch: dict, generator: torch.Generator | None = None):
+        """The one loop of distillers/base.py -> (loss, {name: value to log})."""
+        if self.teacher is None:
+            raise RuntimeError("DistillModule has no teacher: a Trainer loads it in `setup`, or call load_teacher()")
+        z0, cond = self.encode_batch(batch)
+        t = self.distiller.sample_time(z0.shape[0], z0.device, generator)
+        eps = torch.randn(z0.shape, generator=generator, device=generator.device if generator else z0.device)
+        with torch.inference_mode():
+            job = self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator)
+        job = job.detach()
+        pred = self.net(job.z, job.timestep, job.cond)
+        return self.distiller.loss(pred, job)
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.distillation_loss(batch)
+        b = len(batch["ref"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, batch_size=b)
+        self.log_data_health(batch)
+        return loss
+
+    def held_out_loss(self, batch, batch_idx) -> torch.Tensor:
+        """The distillation loss at fixed t, noise and dropout per batch index."""
+        return self.distillation_loss(batch, torch.Generator(device=self.device).manual_seed(batch_idx))[0]
+
+    # ---- sampling --------------------------------------------------------------------------
+    def scheduler(self):
+        return self.distiller.scheduler()
+
+    @property
+    def samples_with_cfg(self) -> bool:
+        return self.distiller.sample_cfg
+
+    def configure_optimizers(self):
+        return adamw_with_warmup(self.net.parameters(), self.hparams.lr, self.hparams.weight_decay,
+                                 self.hparams.warmup_steps)

@@ -1,0 +1,291 @@
+"""DistillModule + PeRFlow: the frozen teacher, the student, targets against slow references, NFE, checkpoints."""
+import shutil
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.streaming import AvatarDataModule
+from distillers.perflow import PeRFlow
+from fada_lightning import sample
+from fada_lightning.diffusion import PeRFlowScheduler
+from fada_lightning.diffusion import perflow as P
+from fada_lightning.diffusion import schedule as S
+from fada_lightning.diffusion.guidance import Conditions
+from fada_lightning.distill import DistillModule
+from fada_lightning.models.denoiser import AvatarDenoiser
+from fada_lightning.module import TeacherModule
+from fada_lightning.presets import ConfigError, load_preset
+
+from conftest import make_shards
+
+
+def small_preset():
+    preset = load_preset("micro")
+    preset["net"]["unet"]["block_out_channels"] = [32, 32, 64]
+    preset["name"] = "micro-narrow"
+    return preset
+
+
+def _trainer(root, steps, **kw):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     limit_val_batches=0, enable_model_summary=False, default_root_dir=str(root), **kw)
+
+
+def _data(shards, batch_size=4):
+    return AvatarDataModule(train_shards=shards, val_shards=shards[:1], batch_size=batch_size, num_workers=2,
+                            epoch_samples=64, val_samples=4)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("distill"), n_clips=8, clips_per_shard=4, frames=16, size=32)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(shards, tmp_path_factory):
+    """A narrow micro teacher trained for 60 steps on the synthetic shards: a real `fada fit` checkpoint."""
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    model = TeacherModule(preset=small_preset(), ema_decay=0.9, clip_frames=4, lr=2e-3, warmup_steps=5)
+    trainer = _trainer(root, 60, enable_checkpointing=False)
+    trainer.fit(model, _data(shards))
+    trainer.save_checkpoint(root / "teacher.ckpt")
+    return str(root / "teacher.ckpt")
+
+
+def _batch(b=2, f=4, m=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(frames=torch.rand(b, f, 3, size, size, generator=g) * 2 - 1,
+                motion=torch.rand(b, m, 3, size, size, generator=g) * 2 - 1,
+                ref=torch.rand(b, 3, size, size, generator=g) * 2 - 1,
+                audio=torch.randn(b, f, 5, 1, 128, generator=g))
+
+
+def _bound(distiller, prediction_type="v_prediction"):
+    distiller.bind(S.SD15_SCHEDULE, prediction_type)
+    return distiller
+
+
+class ExactTeacher(torch.nn.Module):
+    """Knows z0: at index n it outputs the exact eps (or v) of z_n, for every CFG pass."""
+
+    def __init__(self, z0, prediction_type):
+        super().__init__()
+        self.z0, self.prediction_type, self.abar = z0, prediction_type, S.alphas_cumprod().float()
+
+    def encode_reference(self, cond):
+        return {}
+
+    def forward(self, z, n, cond, reference=None):
+        z0 = self.z0.repeat(z.shape[0] // self.z0.shape[0], *[1] * (z.ndim - 1))
+        abar = S.expand_like(self.abar[torch.as_tensor(n).expand(z.shape[0])], z)
+        return S.from_eps(S.x0_to_eps(z, z0, abar), z, abar, self.prediction_type)
+
+
+@pytest.mark.parametrize("mode", ["balanced", "guided"])
+@pytest.mark.parametrize("prediction_type", S.PREDICTION_TYPES)
+def test_an_exact_teacher_gives_target_eps(mode, prediction_type):
+    """Every DDIM step of an exact teacher keeps eps, so z_e is on the forward process and the target is eps."""
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(6, 4, 12, 4, 4, generator=g), torch.randn(6, 4, 12, 4, 4, generator=g)
+    cond = Conditions(ref=torch.randn(6, 12, 4, 4), motion=torch.randn(6, 2, 12, 4, 4), audio=torch.randn(6, 4, 5, 1, 8))
+    distiller = _bound(PeRFlow(mode=mode, solver_steps=3), prediction_type)
+    t = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.26, 0.001])
+    job = distiller.make_targets(ExactTeacher(z0, prediction_type), z0, cond, t, eps)
+    torch.testing.assert_close(job.eps_target, eps, rtol=0, atol=2e-4)
+    assert job.timestep.tolist() == pytest.approx([1000, 900, 750, 500, 260, 1])
+
+
+def _slow_target(teacher, distiller, z0, cond, t, eps):
+    """Sample by sample, in float64 Python scalars for the schedule, each CFG pass its own call."""
+    abar = S.alphas_cumprod()
+    targets, inputs = [], []
+    for i in range(len(t)):
+        k = 4
+        t_i = float(t[i])
+        t_s = next(s for s in (1.0, 0.75, 0.5, 0.25) if s - 1 / k < t_i - 1e-9 <= s)
+        t_e = t_s - 1 / k
+        idx = lambda x: max(round(x * 1000) - 1, 0)  # noqa: E731
+        a_s, a_e = float(abar[idx(t_s)]), float(abar[idx(t_e)])
+        z = a_s ** 0.5 * z0[i:i + 1] + (1 - a_s) ** 0.5 * eps[i:i + 1]
+        z_s = z
+        c = cond.map(lambda x: x[i:i + 1])
+        times = [t_s + (t_e - t_s) * j / distiller.solver_steps for j in range(distiller.solver_steps + 1)]
+        for a, b in zip(times[:-1], times[1:]):
+            n, a_n, a_b = idx(a), float(abar[idx(a)]), float(abar[idx(b)])
+            nt = torch.tensor([n])
+            if distiller.mode == "balanced":
+                v = teacher(z, nt, c)
+            else:
+                no_audio = Conditions(ref=c.ref, motion=c.motion, audio=torch.zeros_like(c.audio))
+                nothing = Conditions(ref=torch.zeros_like(c.ref), motion=c.motion, audio=no_audio.audio)
+                v0, vr, va = teacher(z, nt, nothing), teacher(z, nt, no_audio), teacher(z, nt, c)
+                v = v0 + distiller.ref_scale * (vr - v0) + distiller.audio_scale * (va - vr)
+            e = (1 - a_n) ** 0.5 * z + a_n ** 0.5 * v  # v -> eps
+            x0 = (z - (1 - a_n) ** 0.5 * e) / a_n ** 0.5
+            z = a_b ** 0.5 * x0 + (1 - a_b) ** 0.5 * e
+        lam = (a_e / a_s) ** 0.5
+        eta = (1 - a_e) ** 0.5 - (a_e * (1 - a_s) / a_s) ** 0.5
+        targets.append((z - lam * z_s) / eta)
+        inputs.append(z_s + (t_i - t_s) / (t_e - t_s) * (z - z_s))
+    return torch.cat(inputs), torch.cat(targets)
+
+
+@pytest.mark.parametrize("mode", ["balanced", "guided"])
+def test_vectorised_target_matches_a_slow_per_sample_reference(mode):
+    torch.manual_seed(0)
+    teacher = AvatarDenoiser(**small_preset()["net"]).eval()
+    for layer in teacher.modules():  # make the zero-initialised temporal layers do something
+        if hasattr(layer, "temporal"):
+            torch.nn.init.normal_(layer.temporal.attn.to_out[0].weight, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    z0, eps = torch.randn(3, 4, 12, 16, 16, generator=g), torch.randn(3, 4, 12, 16, 16, generator=g)
+    cond = Conditions(ref=torch.randn(3, 12, 16, 16, generator=g), motion=torch.randn(3, 2, 12, 16, 16, generator=g),
+                      audio=torch.randn(3, 4, 5, 1, 128, generator=g))
+    distiller = _bound(PeRFlow(mode=mode, solver_steps=2, p_drop_audio=0, p_drop_ref_audio=0, p_drop_motion=0))
+    t = torch.tensor([0.95, 0.5, 0.1])
+    with torch.no_grad():
+        job = distiller.make_targets(teacher, z0, cond, t, eps)
+        z_t, target = _slow_target(teacher, distiller, z0, cond, t, eps)
+    torch.testing.assert_close(job.z, z_t, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(job.eps_target, target, rtol=1e-3, atol=1e-3)
+
+
+def test_training_changes_the_student_only(teacher_ckpt, shards, tmp_path):
+    torch.manual_seed(0)
+    model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), lr=1e-3, warmup_steps=1, ema_decay=0.9)
+    trainer = _trainer(tmp_path, 3, enable_checkpointing=False)
+    trainer.fit(model, _data(shards, batch_size=2))
+    teacher_weights = torch.load(teacher_ckpt, weights_only=True)["state_dict"]
+    for name, p in model.teacher.state_dict().items():  # bit-identical to the teacher's EMA weights
+        assert torch.equal(p, teacher_weights[f"ema.module.{name}"]), name
+    assert not any(p.requires_grad for p in model.teacher.parameters()) and not model.teacher.training
+    changed = [not torch.equal(p, teacher_weights[f"ema.module.{n}"]) for n, p in model.net.state_dict().items()]
+    assert sum(changed) > len(changed) // 2
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.net.parameters()}
+    assert not any(id(p) in optimised for p in model.teacher.parameters())
+    assert all(not s for s in (trainer.optimizers[0].state.get(p, {}) for p in model.teacher.parameters()))
+
+
+def test_the_student_starts_as_the_teacher(teacher_ckpt):
+    model = DistillModule(teacher_ckpt, PeRFlow())
+    model.load_teacher()
+    for (name, p), q in zip(model.net.state_dict().items(), model.teacher.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert model.hparams.preset["name"] == "micro-narrow" and model.hparams.clip_frames == 4  # the teacher's
+
+
+def test_distillation_loss_falls_on_the_synthetic_world(teacher_ckpt, shards, tmp_path):
+    torch.manual_seed(0)
+    model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2, min_snr_gamma=5.0), lr=3e-4, warmup_steps=5,
+                          ema_decay=None)
+    dm = _data(shards)
+    trainer = _trainer(tmp_path, 40, enable_checkpointing=False)
+    dm.trainer = trainer
+    dm.setup("fit")
+    model.load_teacher()
+    fixed = next(iter(dm.val_dataloader()))
+
+    def held_out():  # fixed clips; t, noise and dropout fixed by seed
+        with torch.no_grad():
+            return sum(model.held_out_loss(fixed, seed).item() for seed in range(4))
+
+    before = held_out()
+    trainer.fit(model, dm)
+    after = held_out()
+    assert after < 0.85 * before, (before, after)
+
+
+def test_balanced_student_samples_at_18_nfe_and_guided_at_6(teacher_ckpt):
+    batch = _batch(b=1, f=6)
+    balanced = DistillModule(teacher_ckpt, PeRFlow()).eval()
+    video, nfe = balanced.generate(batch["ref"], batch["audio"])
+    assert nfe == 18 and video.shape == (1, 6, 3, 32, 32)  # 6 PeRFlow steps x 3 CFG passes, per clip window
+    guided = DistillModule(teacher_ckpt, PeRFlow(mode="guided")).eval()
+    assert guided.generate(batch["ref"], batch["audio"])[1] == 6
+    with pytest.raises(ValueError, match="one pass a step"):
+        guided.generate(batch["ref"], batch["audio"], ref_scale=2.0)
+    assert isinstance(balanced.scheduler(), PeRFlowScheduler)
+    assert balanced.scheduler().config.prediction_type == "v_prediction"  # the teacher's parameterisation
+
+
+def test_student_checkpoint_round_trips_without_its_teacher(teacher_ckpt, shards, tmp_path):
+    torch.manual_seed(0)
+    model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2, num_windows=2, sample_steps=3), lr=1e-3,
+                          ema_decay=0.9)
+    trainer = _trainer(tmp_path, 2, enable_checkpointing=False)
+    trainer.fit(model, _data(shards, batch_size=2))
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    assert not any(k.startswith("teacher.") for k in saved["state_dict"])  # the teacher stays in its own file
+    assert saved["scheduler_config"]["num_time_windows"] == 2
+
+    moved = tmp_path / "elsewhere.ckpt"  # the teacher is gone: the student still loads and samples
+    shutil.copy(teacher_ckpt, moved)
+    model.hparams.teacher_ckpt = str(moved)
+    trainer.save_checkpoint(path)
+    moved.unlink()
+    loaded = sample.load_module(path)
+    assert type(loaded) is DistillModule and loaded.teacher is None
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        if not name.startswith("teacher."):
+            assert torch.equal(p, q), name
+    again = PeRFlowScheduler.from_config(saved["scheduler_config"])
+    assert dict(loaded.scheduler().config) == dict(again.config)
+    assert loaded.distiller.solver_steps == 2 and loaded.hparams.sample_steps == 3
+    batch = _batch(b=1, f=4)
+    assert loaded.generate(batch["ref"], batch["audio"])[1] == 9
+
+
+def test_a_killed_run_resumes(teacher_ckpt, shards, tmp_path):
+    torch.manual_seed(0)
+    first = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), ema_decay=0.9)
+    trainer = _trainer(tmp_path, 2, enable_checkpointing=False)
+    trainer.fit(first, _data(shards, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    resumed = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), ema_decay=0.9)
+    trainer = _trainer(tmp_path, 3, enable_checkpointing=False)
+    trainer.fit(resumed, _data(shards, batch_size=2), ckpt_path=str(tmp_path / "two.ckpt"))
+    assert trainer.global_step == 3
+    for (name, p), q in zip(resumed.teacher.state_dict().items(), first.teacher.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_a_teacher_of_another_preset_is_refused(teacher_ckpt):
+    with pytest.raises(ConfigError, match=r"micro-narrow.*block_out_channels: teacher \[32, 32, 64\], student \[64, 64, 128\]"):
+        DistillModule(teacher_ckpt, PeRFlow(), preset="micro")
+    with pytest.raises(ConfigError, match="prediction_type: teacher 'v_prediction', student 'epsilon'"):
+        DistillModule(teacher_ckpt, PeRFlow(), prediction_type="epsilon")
+
+
+def test_a_missing_or_foreign_teacher_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist.*fada fit --config teacher.yaml"):
+        DistillModule(str(tmp_path / "nope.ckpt"), PeRFlow())
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read.*fada fit --config teacher.yaml"):
+        DistillModule(str(junk), PeRFlow())
+    torch.save({"state_dict": {}}, tmp_path / "bare.ckpt")
+    with pytest.raises(ConfigError, match="not a fada-lightning teacher checkpoint"):
+        DistillModule(str(tmp_path / "bare.ckpt"), PeRFlow())
+
+
+def test_teacher_weights_that_do_not_fit_name_the_parameters(teacher_ckpt, tmp_path):
+    checkpoint = torch.load(teacher_ckpt, weights_only=True)
+    bad = {k: v for k, v in checkpoint["state_dict"].items() if "audio_projection" not in k}
+    bad["ema.module.denoising_net.conv_in.weight"] = torch.zeros(1)
+    checkpoint["state_dict"] = bad
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    model = DistillModule(str(tmp_path / "bad.ckpt"), PeRFlow())
+    with pytest.raises(ConfigError, match=r"missing audio_projection.*conv_in.weight: teacher \(1,\)"):
+        model.load_teacher()
+
+
+def test_perflow_config_errors():
+    with pytest.raises(ValueError, match="mode"):
+        PeRFlow(mode="fast")
+    with pytest.raises(ValueError, match="sample_steps 3 < num_windows 4"):
+        PeRFlow(sample_steps=3)
