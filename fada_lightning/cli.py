@@ -55,8 +55,18 @@ def main(argv: list[str] | None = None):
     try:
         FadaCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
-    except ConfigError as err:
-        sys.exit(f"fada: {err}")
+    except Exception as err:
+        config_error = _config_error(err)
+        if config_error is None:
+            raise
+        sys.exit(f"fada: {config_error}")
+
+
+def _config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind err: jsonargparse re-raises what a class raised while it built it."""
+    while err is not None and not isinstance(err, ConfigError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 if __name__ == "__main__":

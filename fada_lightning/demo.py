@@ -1,11 +1,13 @@
-"""`make demo`: synthetic data -> the `micro` teacher -> a talking-head mp4 from a face and a voice
-the teacher never saw, with an honest measure of how well the mouth follows the audio.
+"""`make demo`: synthetic data -> the `micro` teacher -> its PeRFlow student -> talking-head mp4s
+from a face and a voice neither saw, with the cost (NFE, wall time) and honest measures of how
+well the mouth follows the audio, for the teacher, the teacher at the student's budget, and the student.
 
-    python -m fada_lightning.demo [--steps N] [--out runs/demo] [--retrain]
+    python -m fada_lightning.demo [--steps N] [--distill-steps N] [--out runs/demo] [--retrain]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from fada_lightning import cli, sample
 from fada_lightning.video_io import encode_wav, write_atomic
 
 HELD_OUT_SEED = 2026  # training clips use seed 0, validation seed 1000: this face and voice are new
+DISTILL_STEPS = 150
 
 
 def mouth_sync(video: np.ndarray, audio: np.ndarray) -> float:
@@ -46,55 +49,90 @@ def loudness_table(video: np.ndarray, audio: np.ndarray) -> str:
     return " / ".join(f"{name} {mouth[mask].mean():.0f}" if mask.any() else f"{name} -" for name, mask in bins.items())
 
 
+def _fit(config: str, root: Path, steps: int, *overrides: str) -> Path:
+    """`fada fit` into root/tb/demo; returns its last checkpoint."""
+    shutil.rmtree(root, ignore_errors=True)
+    cli.main(["fit", "--config", config, f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}",
+              f"--trainer.logger.init_args.save_dir={root}", "--trainer.logger.init_args.version=demo",
+              f"--trainer.val_check_interval={min(250, steps)}", *overrides])
+    return root / "tb" / "demo" / "checkpoints" / "last.ckpt"
+
+
+def _reuse(ckpt: Path, retrain: bool, newer_than: Path | None = None) -> bool:
+    fresh = ckpt.exists() and not retrain and (newer_than is None or ckpt.stat().st_mtime > newer_than.stat().st_mtime)
+    if fresh:
+        print(f"[demo] reusing {ckpt} (--retrain, or delete it, to train again)")
+    return fresh
+
+
 def train_teacher(out: Path, steps: int, retrain: bool) -> Path:
     ckpt = out / "teacher" / "tb" / "demo" / "checkpoints" / "last.ckpt"
-    if ckpt.exists() and not retrain:
-        print(f"[demo] reusing the teacher at {ckpt} (--retrain, or delete {out}, to train again)")
+    return ckpt if _reuse(ckpt, retrain) else _fit("teacher.yaml", out / "teacher", steps)
+
+
+def distil_student(out: Path, teacher: Path, steps: int, retrain: bool) -> Path:
+    ckpt = out / "perflow" / "tb" / "demo" / "checkpoints" / "last.ckpt"
+    if _reuse(ckpt, retrain, newer_than=teacher):
         return ckpt
-    shutil.rmtree(out / "teacher", ignore_errors=True)
-    root = out / "teacher"
-    cli.main(["fit", "--config", "teacher.yaml", f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}",
-              f"--trainer.logger.init_args.save_dir={root}", "--trainer.logger.init_args.version=demo",
-              f"--trainer.val_check_interval={min(250, steps)}"])
-    return ckpt
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "every_n_train_steps": steps, "filename": "step{step:06d}",
+                                "auto_insert_metric_name": False}}
+    return _fit("distill_perflow.yaml", out / "perflow", steps, f"--model.init_args.teacher_ckpt={teacher}",
+                f"--trainer.callbacks={json.dumps([checkpoint])}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fada demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=500, help="teacher training steps (about 1 s each here)")
+    p.add_argument("--distill-steps", type=int, default=DISTILL_STEPS, help="PeRFlow distillation steps")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seconds", type=float, default=4.0, help="length of the held-out speech clip")
-    p.add_argument("--retrain", action="store_true")
+    p.add_argument("--retrain", action="store_true", help="train the teacher and the student anew")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    ckpt = train_teacher(out, args.steps, args.retrain)
+    teacher = train_teacher(out, args.steps, args.retrain)
     trained = time.perf_counter()
+    student = distil_student(out, teacher, args.distill_steps, args.retrain)
+    distilled = time.perf_counter()
 
     frames = int(args.seconds * 25)
-    size = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]["preset"]["frame_size"]
+    size = torch.load(teacher, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]["preset"]["frame_size"]
     truth, audio, _ = render_clip(HELD_OUT_SEED, "strict", 0, size=size, frames=frames)
     face, speech = out / "face.png", out / "speech.wav"
     Image.fromarray(truth[0]).save(face)
     write_atomic(speech, encode_wav(audio))
-    video_path = out / "teacher_sample.mp4"
-    print(f"[demo] sampling {args.seconds:g} s of speech for a face the teacher never saw")
-    sample.main(["--ckpt", str(ckpt), "--image", str(face), "--audio", str(speech), "-o", str(video_path)])
-    sampled = decord.VideoReader(str(video_path))[:].asnumpy()
+    print(f"[demo] sampling {args.seconds:g} s of speech for a face neither model saw, with each model")
+    rows = [("teacher, DDIM 25 steps", teacher, None, "teacher_sample.mp4"),
+            ("teacher, DDIM 6 steps", teacher, 6, "teacher_6step_sample.mp4"),
+            ("PeRFlow student, 6 steps", student, None, "perflow_sample.mp4")]
+    results = []
+    for name, ckpt, steps, file in rows:
+        done = sample.sample_file(ckpt, face, speech, out / file, steps=steps, progress=False)
+        results.append((name, done, decord.VideoReader(done["output"])[:].asnumpy()))
+    reference = results[0][2]
 
-    chance_mean, chance_std = chance_sync(sampled)
     print("\n==== fada-lightning demo ====")
-    print(f"teacher checkpoint : {ckpt}")
-    print(f"TensorBoard logs   : {ckpt.parent.parent}   (tensorboard --logdir {out})")
+    print(f"teacher checkpoint : {teacher}")
+    print(f"student checkpoint : {student}")
+    print(f"TensorBoard logs   : {out}   (tensorboard --logdir {out})")
     print(f"reference / audio  : {face} / {speech}")
-    print(f"sampled video      : {video_path}")
-    print("mouth follows audio (correlation of dark mouth pixels with loudness, per frame):")
-    print(f"  teacher sample   : {mouth_sync(sampled, audio):+.2f}   [{loudness_table(sampled, audio)}]")
-    print(f"  ground truth     : {mouth_sync(truth, audio):+.2f}   [{loudness_table(truth, audio)}]")
-    print(f"  other voices     : {chance_mean:+.2f} +- {chance_std:.2f}   (the sample against 30 other clips' loudness)")
-    print(f"time: teacher {trained - start:.0f} s, sampling and measuring {time.perf_counter() - trained:.0f} s")
+    print(f"ground truth sync  : {mouth_sync(truth, audio):+.2f}   [{loudness_table(truth, audio)}]")
+    print("sync = correlation of dark mouth pixels with loudness per frame (1: the mouth opens with the voice);")
+    print("pixel error = mean |difference| on 0-255 against the ground-truth video / the 25-step teacher's sample")
+    print(f"{'':26s} {'NFE':>4s} {'seconds':>8s} {'speed-up':>8s} {'sync':>6s} {'chance':>12s} "
+          f"{'vs truth':>8s} {'vs teacher':>10s}  video")
+    for name, done, video in results:
+        chance_mean, chance_std = chance_sync(video)
+        print(f"{name:26s} {done['nfe']:4g} {done['seconds']:8.1f} {results[0][1]['seconds'] / done['seconds']:7.1f}x "
+              f"{mouth_sync(video, audio):+6.2f} {chance_mean:+6.2f}+-{chance_std:.2f} "
+              f"{np.abs(video.astype(float) - truth).mean():8.1f} {np.abs(video.astype(float) - reference).mean():10.1f}"
+              f"  {done['output']}")
+    print(f"(chance = the sample against 30 other voices' loudness; NFE per clip window of 8 frames)")
+    print(f"time: teacher {trained - start:.0f} s, distillation {distilled - trained:.0f} s, "
+          f"sampling and measuring {time.perf_counter() - distilled:.0f} s")
 
 
 if __name__ == "__main__":

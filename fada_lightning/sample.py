@@ -47,9 +47,24 @@ def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_s
     return frames, nfe
 
 
+def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None, audio_scale=None, seed: int = 0,
+                progress: bool = True) -> dict:
+    """Checkpoint + image file + audio file -> an mp4 at `output`; returns what it cost:
+    {"output", "frames", "nfe" (per clip window), "seconds" (sampling wall time), "module"}."""
+    module = load_module(ckpt).eval()
+    image = read_image(image_path, module.preset["frame_size"])
+    audio = read_audio(audio_path, SAMPLE_RATE)
+    module.sampling_scales(ref_scale, audio_scale)  # a one-pass student refuses CFG scales before any work
+    start = time.perf_counter()
+    frames, nfe = sample_video(module, image, audio, steps, ref_scale, audio_scale, seed, progress)
+    seconds = time.perf_counter() - start
+    write_mp4(output, frames, audio, FPS, SAMPLE_RATE)
+    return {"output": str(output), "frames": len(frames), "nfe": nfe, "seconds": seconds, "module": module}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fada sample", description=__doc__)
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by `fada fit`")
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by `fada fit` (teacher or student)")
     p.add_argument("--image", required=True, help="reference face image (any PIL format; centre-cropped)")
     p.add_argument("--audio", required=True, help="speech audio (any format ffmpeg reads; resampled to 16 kHz mono)")
     p.add_argument("-o", "--output", default="sample.mp4")
@@ -59,15 +74,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        module = load_module(args.ckpt).eval()
-        image = read_image(args.image, module.preset["frame_size"])
-        audio = read_audio(args.audio, SAMPLE_RATE)
+        done = sample_file(args.ckpt, args.image, args.audio, args.output, args.steps, args.ref_cfg, args.audio_cfg,
+                           args.seed)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fada sample: {err}")
-    start = time.perf_counter()
-    frames, nfe = sample_video(module, image, audio, args.steps, args.ref_cfg, args.audio_cfg, args.seed)
-    seconds = time.perf_counter() - start
-    write_mp4(args.output, frames, audio, FPS, SAMPLE_RATE)
-    print(f"wrote {args.output}: {len(frames)} frames ({len(frames) / FPS:.2f} s), "
-          f"NFE {nfe:g} per clip window, {seconds:.1f} s wall")
-    return args.output
+    print(f"wrote {done['output']}: {done['frames']} frames ({done['frames'] / FPS:.2f} s), "
+          f"NFE {done['nfe']:g} per clip window ({type(done['module']).__name__}, "
+          f"{type(done['module'].scheduler()).__name__}), {done['seconds']:.1f} s wall")
+    return done

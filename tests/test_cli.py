@@ -64,17 +64,18 @@ class SlowerTeacher(TeacherModule):
 '''
 
 
-def _tiny_run_config(tmp_path: Path, model_class: str) -> Path:
-    config = yaml.safe_load(find_config("teacher.yaml").read_text())
+def _tiny_run_config(tmp_path: Path, model_class: str, base: str = "teacher.yaml", name: str = "tiny") -> Path:
+    config = yaml.safe_load(find_config(base).read_text())
     config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, log_every_n_steps=1,
                              default_root_dir=str(tmp_path / "run"))
     config["trainer"]["logger"]["init_args"] = {"save_dir": str(tmp_path / "run"), "name": "tb", "version": "t"}
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
     config["model"]["class_path"] = model_class
     config["model"]["init_args"].update(clip_frames=4, ema_decay=0.9)
+    config["trainer"]["logger"]["init_args"]["version"] = name
     config["data"]["init_args"].update(batch_size=2, epoch_samples=4, val_samples=2, synthetic=dict(
         root=str(tmp_path / "data"), strict_clips=4, lenient_clips=0, clips_per_shard=2, frames=12, size=32, progress=False))
-    path = tmp_path / "tiny.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -108,7 +109,7 @@ def test_fit_then_sample_end_to_end(tmp_path):
     config = _tiny_run_config(tmp_path, "my_teacher.SlowerTeacher")
     done = _fada("fit", "--config", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "run" / "tb" / "t"
+    run = tmp_path / "run" / "tb" / "tiny"
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and list((run / "samples").glob("*.mp4")) and list(run.glob("events.out.tfevents*"))
     done = _fada("test", "--config", str(config), "--ckpt_path", str(ckpt), cwd=tmp_path)
@@ -132,3 +133,35 @@ def test_fit_then_sample_end_to_end(tmp_path):
     assert done.returncode != 0 and "not_an_image.png" in done.stderr and "Traceback" not in done.stderr
     done = _fada("sample", "--ckpt", "missing.ckpt", "--image", "face.png", "--audio", "speech.wav", cwd=tmp_path)
     assert done.returncode != 0 and "missing.ckpt" in done.stderr and "fada fit" in done.stderr
+
+
+@pytest.mark.slow
+def test_distil_a_teacher_then_sample_the_student_end_to_end(tmp_path):
+    """`fada fit --config distill_perflow.yaml` on a teacher checkpoint; the student samples at 18 NFE."""
+    teacher_config = _tiny_run_config(tmp_path, "fada_lightning.module.TeacherModule")
+    done = _fada("fit", "--config", str(teacher_config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    teacher = tmp_path / "run" / "tb" / "tiny" / "checkpoints" / "last.ckpt"
+
+    config = _tiny_run_config(tmp_path, "fada_lightning.distill.DistillModule", base="distill_perflow.yaml",
+                              name="student")
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["init_args"].pop("clip_frames")  # the student takes the teacher's clip shape
+    raw["model"]["init_args"]["distiller"]["init_args"]["solver_steps"] = 2
+    config.write_text(yaml.safe_dump(raw))
+    done = _fada("fit", "--config", str(config), "--model.init_args.teacher_ckpt", "missing.ckpt", cwd=tmp_path)
+    assert done.returncode != 0 and "fada fit --config teacher.yaml" in done.stderr
+    assert "Traceback" not in done.stderr  # one clear line
+    done = _fada("fit", "--config", str(config), "--model.init_args.teacher_ckpt", str(teacher), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    student = tmp_path / "run" / "tb" / "student" / "checkpoints" / "last.ckpt"
+    assert student.is_file()
+
+    video, audio, _ = render_clip(7, "strict", 0, frames=6)
+    Image.fromarray(video[0]).save(tmp_path / "face.png")
+    write_atomic(tmp_path / "speech.wav", encode_wav(audio))
+    done = _fada("sample", "--ckpt", str(student), "--image", "face.png", "--audio", "speech.wav", "-o", "s.mp4",
+                 cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "NFE 18 per clip window" in done.stdout and "PeRFlowScheduler" in done.stdout
+    assert len(decord.VideoReader(str(tmp_path / "s.mp4"))) == 6

@@ -1,0 +1,89 @@
+"""Sampling cost of the teacher and its students: wall time and NFE per clip window, in one run,
+on the same `micro` network and the same inputs.
+
+    python bench/sampling.py [--teacher CKPT] [--clips 1] [--repeats 3]
+
+Rows: the teacher (25 DDIM steps x 3 CFG passes as one batch), the same teacher with its three
+passes run one after another, and the PeRFlow Balanced student (6 steps x 3 passes). Weights do
+not change the cost; without --teacher a random micro teacher is used.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from distillers.perflow import PeRFlow
+from fada_lightning.diffusion.guidance import Conditions, cfg_conditions, multi_cfg
+from fada_lightning.diffusion.sampling import NFECounter, guided_denoiser, sample_loop
+from fada_lightning.distill import DistillModule
+from fada_lightning.module import TeacherModule
+from fada_lightning.sample import load_module
+
+
+def sequential_cfg_denoiser(net, cond: Conditions, ref_scale: float, audio_scale: float):
+    """Eq 9 with the three passes as three calls (the batched `guided_denoiser` is the fast path)."""
+    batched = cfg_conditions(cond)  # (3B): [(0,0); (r,0); (r,a)]
+    passes = [batched.map(lambda x, i=i: x.chunk(3)[i]) for i in range(3)]
+    banks = [net.encode_reference(c) for c in passes]
+    return lambda z, t: multi_cfg(torch.cat([net(z, t, c, reference=b) for c, b in zip(passes, banks)]),
+                                  ref_scale, audio_scale)
+
+
+def time_window(module, denoiser_factory, steps: int, clips: int, repeats: int) -> tuple[float, float]:
+    """(median seconds, NFE) to sample one clip window for `clips` clips, reference bank included."""
+    a, f = module.preset["net"]["audio"], module.hparams.clip_frames
+    latent = module.codec.encode(torch.zeros(1, 3, module.preset["frame_size"], module.preset["frame_size"]))
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn((clips, *latent.shape[1:]), generator=g)
+    cond = Conditions(ref=ref, motion=ref[:, None].repeat(1, module.hparams.motion_frames, 1, 1, 1),
+                      audio=torch.randn(clips, f, a["window"], a["layers"], a["dim"], generator=g))
+    noise = torch.randn((clips, f, *ref.shape[1:]), generator=g)
+    net = module.sampling_net.eval()
+    times, nfe = [], 0.0
+    with torch.inference_mode():
+        for i in range(repeats + 1):  # the first run warms up allocators and kernels
+            counter = NFECounter(net, clips)
+            start = time.perf_counter()
+            sample_loop(denoiser_factory(counter, cond), noise, module.scheduler(), steps)
+            if i:
+                times.append(time.perf_counter() - start)
+            nfe = counter.nfe
+    return statistics.median(times), nfe
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", help="a teacher checkpoint (default: a random micro teacher)")
+    p.add_argument("--clips", type=int, default=1, help="clips sampled together")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    teacher = load_module(args.teacher) if args.teacher else TeacherModule(preset="micro", ema_decay=None)
+    with tempfile.TemporaryDirectory() as tmp:  # the student reads the teacher's settings from a checkpoint
+        path = args.teacher or str(Path(tmp) / "teacher.ckpt")
+        if not args.teacher:
+            torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, path)
+        student = DistillModule(path, PeRFlow(mode="balanced", sample_steps=6))
+    s_r, s_a = teacher.hparams.ref_scale, teacher.hparams.audio_scale
+    rows = [
+        ("teacher, DDIM 25 x 3 passes batched", teacher, lambda n, c: guided_denoiser(n, c, s_r, s_a), 25),
+        ("teacher, DDIM 25 x 3 passes one by one", teacher, lambda n, c: sequential_cfg_denoiser(n, c, s_r, s_a), 25),
+        ("Balanced student, PeRFlow 6 x 3 batched", student, lambda n, c: guided_denoiser(n, c, s_r, s_a), 6),
+    ]
+    print(f"micro preset, {args.clips} clip(s) of {teacher.hparams.clip_frames} frames per window, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'':44s} {'NFE':>5s} {'s/window':>9s} {'speed-up':>9s}")
+    base = None
+    for name, module, factory, steps in rows:
+        seconds, nfe = time_window(module, factory, steps, args.clips, args.repeats)
+        base = base or seconds
+        print(f"{name:44s} {nfe:5g} {seconds:9.3f} {base / seconds:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
