@@ -13,6 +13,7 @@ That loop is `DistillModule.training_step`; it never asks which distiller it run
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 
 import torch
@@ -57,7 +58,7 @@ class Distiller(HyperparametersMixin, nn.Module):
     A distiller's constructor arguments are its config (YAML `init_args`) and are recorded by
     `save_hyperparameters`, so a student checkpoint can rebuild it (`spec()`).
 
-    Worked example: PeRFlow whose loss favours the noisy end of each window. In `my_distillers.py`:
+    Worked example: PeRFlow whose loss weighs noisier times more. In `my_distillers.py`:
 
         from dataclasses import replace
         from distillers.perflow import PeRFlow
@@ -91,7 +92,12 @@ class Distiller(HyperparametersMixin, nn.Module):
         self.prediction_type = S.check_prediction_type(prediction_type)
 
     def spec(self) -> dict:
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": dict(self.hparams)}
+        """{class_path, init_args} that rebuild this distiller: the recorded arguments that its own
+        constructor takes (a subclass fixes the rest of its parents' arguments itself)."""
+        params = inspect.signature(type(self).__init__).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        init_args = {k: v for k, v in self.hparams.items() if takes_any or k in params}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
 
     @property
     def num_train_timesteps(self) -> int:

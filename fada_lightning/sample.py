@@ -37,9 +37,9 @@ def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_s
     if image.shape != (size, size, 3):
         raise ValueError(f"reference image is {image.shape}, the model samples ({size}, {size}, 3) frames")
     num_frames = int(np.ceil(len(audio) / (SAMPLE_RATE / FPS)))
-    feats = module.audio_features(torch.from_numpy(audio), num_frames)  # (T, L, D); pads the last frame
+    feats = module.audio_features(torch.tensor(audio), num_frames)  # (T, L, D); pads the last frame
     windows = audio_windows(feats, 0, num_frames, module.preset["net"]["audio"]["window"] // 2)
-    ref = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+    ref = torch.tensor(image).permute(2, 0, 1).float().div(127.5).sub(1)[None]
     g = torch.Generator().manual_seed(seed)
     video, nfe = module.generate(ref.to(module.device), windows[None].to(module.device), steps, ref_scale,
                                  audio_scale, generator=g, progress=progress)

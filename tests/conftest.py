@@ -8,9 +8,18 @@ import numpy as np
 import webdataset as wds
 
 from datamodules.synthetic import write_shards
+from fada_lightning.presets import load_preset
 from fada_lightning.video_io import encode_mp4, encode_wav
 
 SAMPLES_PER_FRAME = 640
+
+
+def small_preset() -> dict:
+    """`micro` with a narrower UNet: the same code paths, a few times faster."""
+    preset = load_preset("micro")
+    preset["net"]["unet"]["block_out_channels"] = [32, 32, 64]
+    preset["name"] = "micro-narrow"
+    return preset
 
 
 def make_shards(tmp_path, n_clips: int, clips_per_shard: int, frames: int = 20, size: int = 32) -> list[str]:

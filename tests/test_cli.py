@@ -6,6 +6,7 @@ from pathlib import Path
 
 import decord
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -156,6 +157,10 @@ def test_distil_a_teacher_then_sample_the_student_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     student = tmp_path / "run" / "tb" / "student" / "checkpoints" / "last.ckpt"
     assert student.is_file()
+    done = _fada("fit", "--config", str(config), "--model.init_args.teacher_ckpt", str(teacher),
+                 "--ckpt_path", str(student), "--trainer.max_steps=4", cwd=tmp_path)  # a stopped run resumes
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(student, weights_only=True)["global_step"] == 4
 
     video, audio, _ = render_clip(7, "strict", 0, frames=6)
     Image.fromarray(video[0]).save(tmp_path / "face.png")

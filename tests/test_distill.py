@@ -1,30 +1,24 @@
 """DistillModule + PeRFlow: the frozen teacher, the student, targets against slow references, NFE, checkpoints."""
 import shutil
+from dataclasses import replace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.cli import instantiate_class
 
 from datamodules.streaming import AvatarDataModule
 from distillers.perflow import PeRFlow
 from fada_lightning import sample
 from fada_lightning.diffusion import PeRFlowScheduler
-from fada_lightning.diffusion import perflow as P
 from fada_lightning.diffusion import schedule as S
 from fada_lightning.diffusion.guidance import Conditions
 from fada_lightning.distill import DistillModule
 from fada_lightning.models.denoiser import AvatarDenoiser
 from fada_lightning.module import TeacherModule
-from fada_lightning.presets import ConfigError, load_preset
+from fada_lightning.presets import ConfigError
 
-from conftest import make_shards
-
-
-def small_preset():
-    preset = load_preset("micro")
-    preset["net"]["unet"]["block_out_channels"] = [32, 32, 64]
-    preset["name"] = "micro-narrow"
-    return preset
+from conftest import make_shards, small_preset
 
 
 def _trainer(root, steps, **kw):
@@ -289,3 +283,50 @@ def test_perflow_config_errors():
         PeRFlow(mode="fast")
     with pytest.raises(ValueError, match="sample_steps 3 < num_windows 4"):
         PeRFlow(sample_steps=3)
+
+
+def test_bf16_mixed_runs_the_teacher_under_autocast_and_keeps_the_student_fp32(teacher_ckpt, shards, tmp_path):
+    model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=1), ema_decay=0.9)
+    seen = []
+    forward = AvatarDenoiser.forward
+
+    def spy(net, *args, **kwargs):
+        out = forward(net, *args, **kwargs)
+        seen.append((net is model.teacher, out.dtype, torch.is_inference_mode_enabled()))
+        return out
+
+    trainer = _trainer(tmp_path, 1, enable_checkpointing=False, precision="bf16-mixed")
+    AvatarDenoiser.forward = spy
+    try:
+        trainer.fit(model, _data(shards, batch_size=1))
+    finally:
+        AvatarDenoiser.forward = forward
+    assert (True, torch.bfloat16, True) in seen  # the teacher's solve: autocast, no autograd at all
+    assert (False, torch.bfloat16, False) in seen  # the student: autocast, with autograd
+    assert all(p.dtype == torch.float32 for p in model.net.parameters())
+    assert torch.isfinite(torch.tensor(trainer.callback_metrics["train/loss"].item()))
+
+
+class NoisyFirst(PeRFlow):
+    """The worked example of the Distiller docstring."""
+
+    def __init__(self, power: float = 1.0, num_windows: int = 4, solver_steps: int = 8):
+        super().__init__(num_windows=num_windows, solver_steps=solver_steps)
+
+    def make_targets(self, teacher, z0, cond, t, eps, generator=None):
+        job = super().make_targets(teacher, z0, cond, t, eps, generator)
+        return replace(job, weight=job.weight * (2 * t) ** self.hparams.power)
+
+
+def test_a_subclass_records_its_arguments_and_reweights():
+    mine = _bound(NoisyFirst(power=2.0, solver_steps=1))
+    spec = mine.spec()
+    assert spec["class_path"] == f"{__name__}.NoisyFirst"
+    assert spec["init_args"]["power"] == 2.0 and spec["init_args"]["solver_steps"] == 1
+    rebuilt = instantiate_class((), spec)
+    assert type(rebuilt) is NoisyFirst and dict(rebuilt.hparams) == dict(mine.hparams)
+    assert "mode" not in spec["init_args"]  # a parent's argument the subclass does not take
+    z0 = torch.randn(2, 4, 12, 4, 4)
+    cond = Conditions(ref=torch.randn(2, 12, 4, 4), motion=torch.randn(2, 2, 12, 4, 4), audio=torch.randn(2, 4, 5, 1, 8))
+    job = mine.make_targets(ExactTeacher(z0, "v_prediction"), z0, cond, torch.tensor([1.0, 0.25]), torch.randn_like(z0))
+    torch.testing.assert_close(job.weight, torch.tensor([4.0, 0.25]))

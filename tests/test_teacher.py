@@ -7,17 +7,8 @@ from datamodules.streaming import AvatarDataModule
 from fada_lightning.diffusion import schedule as S
 from fada_lightning.diffusion.sampling import generate_clips
 from fada_lightning.module import TeacherModule
-from fada_lightning.presets import load_preset
 
-from conftest import make_shards
-
-
-def small_preset():
-    """`micro` with a narrower UNet: the same code paths, a few times faster."""
-    preset = load_preset("micro")
-    preset["net"]["unet"]["block_out_channels"] = [32, 32, 64]
-    preset["name"] = "micro-narrow"
-    return preset
+from conftest import make_shards, small_preset
 
 
 @pytest.fixture(scope="module")
