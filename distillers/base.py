@@ -37,8 +37,8 @@ class DistillTargets:
     abar: torch.Tensor  # (B,) where a v-network's output is read as eps
     weight: torch.Tensor  # (B,) per-sample loss weight
 
-    def detach(self) -> "DistillTargets":
-        """Copies that autograd may use (tensors made under inference_mode may not be saved for backward)."""
+    def clone(self) -> "DistillTargets":
+        """Copies that autograd may use: tensors made under inference_mode may not be saved for backward."""
         copy = lambda x: x.clone() if isinstance(x, torch.Tensor) else x.map(torch.Tensor.clone)  # noqa: E731
         return type(self)(**{f.name: copy(getattr(self, f.name)) for f in fields(self)})
 

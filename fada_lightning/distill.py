@@ -164,7 +164,7 @@ class DistillModule(AvatarModule):
         eps = torch.randn(z0.shape, generator=generator, device=generator.device if generator else z0.device)
         with torch.inference_mode():
             job = self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator)
-        job = job.detach()
+        job = job.clone()
         pred = self.net(job.z, job.timestep, job.cond)
         return self.distiller.loss(pred, job)
 
