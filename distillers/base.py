@@ -3,13 +3,16 @@
     z0, cond = encode(batch)                            # latents (B, F, C, h, w), Conditions
     eps = randn_like(z0)
     t = distiller.sample_time(B, device, generator)     # 1. how the training time is sampled
-    with inference_mode():                              # 2. the teacher: one no-grad call
+    with inference_mode():                              # 2. the frozen networks: one no-grad call
         job = distiller.make_targets(teacher, z0, cond, t, eps, generator)
     pred = student(job.z, job.timestep, job.cond)       #    the student's raw output
     loss, logs = distiller.loss(pred, job)              # 3. how the loss is reduced and weighted
     distiller.scheduler(), .sample_steps, .sample_cfg   # 4. how the student samples
+    (and .sample_eta)
 
-That loop is `DistillModule.training_step`; it never asks which distiller it runs.
+That loop is `DistillModule.training_step`; it never asks which distiller it runs. Besides the
+teacher, `make_targets` may use `self.student_ema` (the student's EMA, a consistency method's
+target network), which the module hands over in `bind`.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
 from fada_lightning.diffusion import schedule as S
-from fada_lightning.diffusion.guidance import Conditions
+from fada_lightning.diffusion.guidance import Conditions, condition_dropout
 from fada_lightning.diffusion.sampling import conditional_denoiser, guided_denoiser
 
 
@@ -52,8 +55,9 @@ class Distiller(HyperparametersMixin, nn.Module):
       loss(pred, job) -> (scalar, {name: scalar to log})           default: weighted ||eps_theta - eps_target||^2
       scheduler() -> a diffusers scheduler for the student          required
       sample_cfg: True -> Eq 9's three passes a step at inference, False -> one pass
-    Helpers: `abar(n, like)`, `to_eps(pred, z, abar)`, `teacher_eps(...)`; the module calls
-    `bind(schedule, prediction_type)` once, before any hook runs.
+      sample_eta: a stochasticity the scheduler's `step(..., eta=)` takes (TCD's gamma), or None
+    Helpers: `abar(n, like)`, `to_eps(pred, z, abar)`, `eps_fn(net, cond, ...)`, `nfe(steps)`; the module
+    calls `bind(schedule, prediction_type, student_ema)` once, before any hook runs.
 
     A distiller's constructor arguments are its config (YAML `init_args`) and are recorded by
     `save_hyperparameters`, so a student checkpoint can rebuild it (`spec()`).
@@ -76,6 +80,7 @@ class Distiller(HyperparametersMixin, nn.Module):
     """
 
     sample_cfg: bool = True
+    sample_eta: float | None = None
 
     def __init__(self, sample_steps: int = 6):
         super().__init__()
@@ -83,13 +88,19 @@ class Distiller(HyperparametersMixin, nn.Module):
         self.sample_steps = sample_steps
         self.prediction_type, self.schedule_config = "epsilon", {}
         self.register_buffer("alphas_cumprod", torch.empty(0), persistent=False)
+        self._student_ema: tuple[nn.Module | None] = (None,)
 
-    def bind(self, schedule: dict, prediction_type: str) -> None:
-        """The teacher's noise schedule (diffusers config keys) and its, and so the student's,
-        output parameterisation."""
+    def bind(self, schedule: dict, prediction_type: str, student_ema: nn.Module | None = None) -> None:
+        """The teacher's noise schedule (diffusers config keys), its (and so the student's) output
+        parameterisation, and the student's EMA network if the module keeps one."""
         self.schedule_config = {k: schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
         self.alphas_cumprod = S.alphas_cumprod(schedule).float().to(self.alphas_cumprod.device)
         self.prediction_type = S.check_prediction_type(prediction_type)
+        self._student_ema = (student_ema,)  # a reference, not a submodule: the module owns and saves it
+
+    @property
+    def student_ema(self) -> nn.Module | None:
+        return self._student_ema[0]
 
     def spec(self) -> dict:
         """{class_path, init_args} that rebuild this distiller: the recorded arguments that its own
@@ -103,6 +114,10 @@ class Distiller(HyperparametersMixin, nn.Module):
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    def nfe(self, steps: int | None = None) -> int:
+        """Network evaluations per clip window when the student samples with `steps` (default its own)."""
+        return (steps or self.sample_steps) * (3 if self.sample_cfg else 1)
+
     # ---- helpers -------------------------------------------------------------------------
     def abar(self, n: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """abar_n (B,) broadcast over like (B, ...)."""
@@ -111,11 +126,11 @@ class Distiller(HyperparametersMixin, nn.Module):
     def to_eps(self, pred: torch.Tensor, z: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         return S.to_eps(pred, z, S.expand_like(abar, z), self.prediction_type)
 
-    def teacher_eps(self, teacher, cond: Conditions, ref_scale=None, audio_scale=None):
-        """(z, n) -> the teacher's eps at DDPM indices n (B,): one conditional pass, or with scales
-        Eq 9's three passes as one batch. The reference bank is computed once, here."""
-        denoise = (conditional_denoiser(teacher, cond) if ref_scale is None
-                   else guided_denoiser(teacher, cond, ref_scale, audio_scale))
+    def eps_fn(self, net, cond: Conditions, ref_scale=None, audio_scale=None):
+        """(z, n) -> net's eps at DDPM indices n (B,): one conditional pass, or with scales Eq 9's
+        three passes as one batch. The reference bank is computed once, here."""
+        denoise = (conditional_denoiser(net, cond) if ref_scale is None
+                   else guided_denoiser(net, cond, ref_scale, audio_scale))
         return lambda z, n: S.to_eps(denoise(z, n), z, self.abar(n, z), self.prediction_type)
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -136,3 +151,43 @@ class Distiller(HyperparametersMixin, nn.Module):
 
     def scheduler(self):
         raise NotImplementedError
+
+
+GUIDANCE_MODES = ("balanced", "guided")
+
+
+class CFGDistiller(Distiller):
+    """A distiller whose teacher target comes one of two ways with multi-CFG (Eq 9):
+
+      balanced  the teacher runs unguided on the student's own conditions, dropped as in teacher
+                training: the student learns every CFG branch and samples with Eq 9 (3 passes a step)
+      guided    the teacher's output is Eq 9 at (ref_scale, audio_scale) on the full conditions:
+                the student learns the guided output and samples with one pass a step
+
+    Subclasses call `guided_teacher(teacher, cond, generator)` in `make_targets`.
+    """
+
+    def __init__(self, mode: str = "balanced", ref_scale: float = 2.5, audio_scale: float = 6.5,
+                 p_drop_audio: float = 0.05, p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05,
+                 sample_steps: int = 6):
+        super().__init__(sample_steps)
+        if mode not in GUIDANCE_MODES:
+            raise ValueError(f"{type(self).__name__} mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+        self.mode, self.ref_scale, self.audio_scale = mode, ref_scale, audio_scale
+        self.p_drop = (p_drop_audio, p_drop_ref_audio, p_drop_motion)
+
+    @property
+    def sample_cfg(self) -> bool:
+        return self.mode == "balanced"
+
+    def guidance_scales(self, batch_size: int, device, generator=None):
+        """(s_r, s_a) for the teacher's Eq 9 in guided mode: scalars or per-sample (B,) tensors."""
+        return self.ref_scale, self.audio_scale
+
+    def guided_teacher(self, teacher, cond: Conditions, generator=None):
+        """-> (the conditions the student sees, the teacher's eps function (z, n) -> eps) for the mode."""
+        if self.mode == "balanced":
+            cond = condition_dropout(cond, *self.p_drop, generator=generator)
+            return cond, self.eps_fn(teacher, cond)
+        batch_size = cond.ref.shape[0]
+        return cond, self.eps_fn(teacher, cond, *self.guidance_scales(batch_size, cond.ref.device, generator))

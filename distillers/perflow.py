@@ -2,11 +2,8 @@
 
 For t in window (t_e, t_s]: z_s = add_noise(z0, eps, n(t_s)); the frozen teacher solves DDIM for
 `solver_steps` steps t_s -> t_e giving z_e; the student sees z_t on the straight line z_s -> z_e at
-timestep T t and learns eps_target = (z_e - lambda_s z_s) / eta_s. Modes:
-  balanced  the teacher runs unguided on the student's own (dropped, as in teacher training)
-            conditions: the student learns every CFG branch and samples with Eq 9 (3 passes a step)
-  guided    the teacher's target is Eq 9 at (ref_scale, audio_scale) on the full conditions: the
-            student learns the guided output and samples with one pass a step
+timestep T t and learns eps_target = (z_e - lambda_s z_s) / eta_s. `mode` balanced (the student
+keeps Eq 9 at inference, 18 NFE at 6 steps) or guided (one pass a step), see `CFGDistiller`.
 min_snr_gamma weights the eps loss by min(snr_t, gamma) / snr_t (the min-SNR weighting of the
 teacher, read in eps space); None is SPEC's plain ||eps_theta - eps_target||^2.
 """
@@ -16,36 +13,20 @@ import torch
 
 from fada_lightning.diffusion import perflow as P
 from fada_lightning.diffusion import schedule as S
-from fada_lightning.diffusion.guidance import condition_dropout
 from fada_lightning.diffusion.scheduling_perflow import PeRFlowScheduler
 
-from .base import DistillTargets, Distiller
-
-MODES = ("balanced", "guided")
+from .base import CFGDistiller, DistillTargets
 
 
-class PeRFlow(Distiller):
+class PeRFlow(CFGDistiller):
     def __init__(self, num_windows: int = 4, solver_steps: int = 8, mode: str = "balanced",
                  ref_scale: float = 2.5, audio_scale: float = 6.5, p_drop_audio: float = 0.05,
                  p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05, min_snr_gamma: float | None = None,
                  sample_steps: int = 6):
-        super().__init__(sample_steps)
-        if mode not in MODES:
-            raise ValueError(f"PeRFlow mode must be one of {MODES}, got {mode!r}")
+        super().__init__(mode, ref_scale, audio_scale, p_drop_audio, p_drop_ref_audio, p_drop_motion, sample_steps)
         if sample_steps < num_windows:
             raise ValueError(f"sample_steps {sample_steps} < num_windows {num_windows}: PeRFlow takes a step per window")
-        self.num_windows, self.solver_steps, self.mode = num_windows, solver_steps, mode
-        self.ref_scale, self.audio_scale = ref_scale, audio_scale
-        self.p_drop = (p_drop_audio, p_drop_ref_audio, p_drop_motion)
-        self.min_snr_gamma = min_snr_gamma
-
-    @property
-    def sample_cfg(self) -> bool:
-        return self.mode == "balanced"
-
-    def guidance_scales(self, batch_size: int, device, generator=None):
-        """(s_r, s_a) for the teacher's Eq 9 in guided mode: scalars or per-sample (B,) tensors."""
-        return self.ref_scale, self.audio_scale
+        self.num_windows, self.solver_steps, self.min_snr_gamma = num_windows, solver_steps, min_snr_gamma
 
     def solve(self, teacher_eps, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Eq 3's Phi: DDIM along indices (B, N + 1), one teacher call a step."""
@@ -58,11 +39,7 @@ class PeRFlow(Distiller):
         t_s, t_e = P.window_bounds(t, self.num_windows)
         n_s, n_e = P.time_to_index(t_s, T), P.time_to_index(t_e, T)
         z_s = S.add_noise(z0, eps, self.abar(n_s, z0))  # Eq 2: the window start on the marginal
-        if self.mode == "balanced":
-            cond = condition_dropout(cond, *self.p_drop, generator=generator)
-            teacher_eps = self.teacher_eps(teacher, cond)
-        else:
-            teacher_eps = self.teacher_eps(teacher, cond, *self.guidance_scales(len(t), t.device, generator))
+        cond, teacher_eps = self.guided_teacher(teacher, cond, generator)
         z_e = self.solve(teacher_eps, z_s, P.solver_indices(t_s, t_e, self.solver_steps, T))
         lambda_s, eta_s = P.window_coefficients(self.alphas_cumprod[n_s], self.alphas_cumprod[n_e])
         abar_t = self.alphas_cumprod[P.time_to_index(t, T)]

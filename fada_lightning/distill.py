@@ -98,7 +98,8 @@ class DistillModule(AvatarModule):
                          settings["ref_scale"], settings["audio_scale"])
         self.hparams.update(teacher_ckpt=teacher_ckpt, distiller=distiller.spec())
         self.distiller = distiller
-        self.distiller.bind(self.schedule, self.hparams.prediction_type)
+        self.distiller.bind(self.schedule, self.hparams.prediction_type, 
+                            self.ema.module if self.ema is not None else None)
         self.teacher: AvatarDenoiser | None = None
 
     @staticmethod
@@ -140,8 +141,9 @@ class DistillModule(AvatarModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for frozen in (self.teacher, self.ema):  # they compute targets and samples, never train
+            if frozen is not None:
+                frozen.eval()
         return self
 
     def on_save_checkpoint(self, checkpoint: dict):
@@ -188,6 +190,10 @@ class DistillModule(AvatarModule):
     @property
     def samples_with_cfg(self) -> bool:
         return self.distiller.sample_cfg
+
+    @property
+    def sample_eta(self) -> float | None:
+        return self.distiller.sample_eta
 
     def configure_optimizers(self):
         return adamw_with_warmup(self.net.parameters(), self.hparams.lr, self.hparams.weight_decay,

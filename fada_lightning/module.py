@@ -92,6 +92,11 @@ class AvatarModule(L.LightningModule):
         """True: Eq 9's three passes a step at (ref_scale, audio_scale); False: one conditional pass."""
         return True
 
+    @property
+    def sample_eta(self) -> float | None:
+        """The eta (stochasticity) its scheduler's step is given by default; None: the scheduler's own."""
+        return None
+
     def sampling_scales(self, ref_scale: float | None, audio_scale: float | None) -> tuple:
         """The (s_r, s_a) to sample with: the given ones, else the model's; (None, None) for one pass."""
         if not self.samples_with_cfg:
@@ -105,8 +110,9 @@ class AvatarModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, ref: torch.Tensor, audio: torch.Tensor, steps: int | None = None,
                  ref_scale: float | None = None, audio_scale: float | None = None,
-                 generator: torch.Generator | None = None, progress: bool = False):
-        """ref (B, 3, H, W) pixels, audio (B, T, W, L, D) -> (video (B, T, 3, H, W) in [-1, 1], NFE per window)."""
+                 generator: torch.Generator | None = None, progress: bool = False, eta: float | None = None):
+        """ref (B, 3, H, W) pixels, audio (B, T, W, L, D) -> (video (B, T, 3, H, W) in [-1, 1], NFE per window).
+        eta: the scheduler step's stochasticity (TCD's gamma), default `sample_eta`."""
         ref_scale, audio_scale = self.sampling_scales(ref_scale, audio_scale)
         net = self.sampling_net
         was_training = net.training
@@ -114,7 +120,8 @@ class AvatarModule(L.LightningModule):
         ref_latent = self.codec.encode(ref)
         latents, nfe = generate_clips(
             net, self.scheduler(), ref_latent, audio, self.hparams.clip_frames, self.hparams.motion_frames,
-            steps or self.hparams.sample_steps, ref_scale, audio_scale, generator=generator, progress=progress)
+            steps or self.hparams.sample_steps, ref_scale, audio_scale, generator=generator, progress=progress,
+            eta=self.sample_eta if eta is None else eta)
         net.train(was_training)
         video = self.codec.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
         return video.clamp(-1, 1), nfe

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .diffusion.sampling import check_eta
 from .video_io import read_audio, read_image, write_mp4
 
 SAMPLE_RATE, FPS = 16000, 25
@@ -29,7 +30,7 @@ def load_module(ckpt: str | Path, map_location="cpu"):
 
 @torch.no_grad()
 def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_scale=None, audio_scale=None,
-                 seed: int = 0, progress: bool = True):
+                 seed: int = 0, progress: bool = True, eta: float | None = None):
     """image (H, W, 3) uint8, audio (samples,) float32 at 16 kHz -> (frames (T, H, W, 3) uint8, NFE per window)."""
     from datamodules.audio_features import audio_windows
 
@@ -42,21 +43,22 @@ def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_s
     ref = torch.tensor(image).permute(2, 0, 1).float().div(127.5).sub(1)[None]
     g = torch.Generator().manual_seed(seed)
     video, nfe = module.generate(ref.to(module.device), windows[None].to(module.device), steps, ref_scale,
-                                 audio_scale, generator=g, progress=progress)
+                                 audio_scale, generator=g, progress=progress, eta=eta)
     frames = ((video[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     return frames, nfe
 
 
 def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None, audio_scale=None, seed: int = 0,
-                progress: bool = True) -> dict:
+                progress: bool = True, eta: float | None = None) -> dict:
     """Checkpoint + image file + audio file -> an mp4 at `output`; returns what it cost:
     {"output", "frames", "nfe" (per clip window), "seconds" (sampling wall time), "module"}."""
     module = load_module(ckpt).eval()
     image = read_image(image_path, module.preset["frame_size"])
     audio = read_audio(audio_path, SAMPLE_RATE)
     module.sampling_scales(ref_scale, audio_scale)  # a one-pass student refuses CFG scales before any work
+    check_eta(module.scheduler(), eta)  # and a deterministic sampler refuses an eta
     start = time.perf_counter()
-    frames, nfe = sample_video(module, image, audio, steps, ref_scale, audio_scale, seed, progress)
+    frames, nfe = sample_video(module, image, audio, steps, ref_scale, audio_scale, seed, progress, eta)
     seconds = time.perf_counter() - start
     write_mp4(output, frames, audio, FPS, SAMPLE_RATE)
     return {"output": str(output), "frames": len(frames), "nfe": nfe, "seconds": seconds, "module": module}
@@ -71,11 +73,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--ref-cfg", type=float, default=None, help="reference CFG scale s_r (Eq 9)")
     p.add_argument("--audio-cfg", type=float, default=None, help="audio CFG scale s_a (Eq 9)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="sampler stochasticity: TCD's gamma (default: the distiller's), DDIM's eta (default 0)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
         done = sample_file(args.ckpt, args.image, args.audio, args.output, args.steps, args.ref_cfg, args.audio_cfg,
-                           args.seed)
+                           args.seed, eta=args.eta)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fada sample: {err}")
     print(f"wrote {done['output']}: {done['frames']} frames ({done['frames'] / FPS:.2f} s), "

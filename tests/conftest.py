@@ -1,17 +1,26 @@
-"""Shared test helpers: tiny WebDataset shards written inside a test's tmp_path."""
+"""Shared test helpers: tiny WebDataset shards, a tiny trained teacher, CPU trainers and batches."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import lightning as L
 import numpy as np
+import pytest
+import torch
 import webdataset as wds
 
+from datamodules.streaming import AvatarDataModule
 from datamodules.synthetic import write_shards
+from fada_lightning.diffusion import schedule as S
 from fada_lightning.presets import load_preset
 from fada_lightning.video_io import encode_mp4, encode_wav
 
 SAMPLES_PER_FRAME = 640
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per xdist worker: -n 2 on 2 cores, no oversubscription
+    torch.set_num_threads(1)
 
 
 def small_preset() -> dict:
@@ -58,3 +67,85 @@ def write_shard(path, samples: list[dict]) -> str:
         for sample in samples:
             writer.write(sample)
     return str(path)
+
+
+class ExactNet(torch.nn.Module):
+    """An exact teacher for the latents z0 it is given: at DDPM index n it outputs the true eps (or v)
+    of z_n, for every CFG pass. DDIM steps with it stay on the forward process of z0's noise."""
+
+    def __init__(self, z0: torch.Tensor, prediction_type: str):
+        super().__init__()
+        self.z0, self.prediction_type, self.abar = z0, prediction_type, S.alphas_cumprod().float()
+
+    def encode_reference(self, cond):
+        return {}
+
+    def forward(self, z, n, cond, reference=None):
+        z0 = self.z0.repeat(z.shape[0] // self.z0.shape[0], *[1] * (z.ndim - 1))
+        abar = S.expand_like(self.abar[torch.as_tensor(n).long().expand(z.shape[0])], z)
+        return S.from_eps(S.x0_to_eps(z, z0, abar), z, abar, self.prediction_type)
+
+
+class WobblyNet(torch.nn.Module):
+    """A deterministic non-linear stand-in network that reads z, n and every condition."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = gain
+
+    def encode_reference(self, cond):
+        return {}
+
+    def forward(self, z, n, cond, reference=None):
+        n = torch.as_tensor(n, dtype=z.dtype).expand(z.shape[0]).reshape(-1, 1, 1, 1, 1)
+        return (self.gain * torch.tanh(z) + torch.sin(n / 300) + 0.2 * cond.ref[:, None]
+                + 0.1 * cond.audio.mean((2, 3, 4))[..., None, None, None] + 0.1 * cond.motion.mean(1, keepdim=True))
+
+
+def random_latents(b: int = 5, seed: int = 0, size: int = 4):
+    """(z0, Conditions, eps) of random latents: B clips of 3 frames, 6 channels, size x size."""
+    from fada_lightning.diffusion.guidance import Conditions
+
+    g = torch.Generator().manual_seed(seed)
+    z0, eps = torch.randn(2, b, 3, 6, size, size, generator=g)
+    cond = Conditions(ref=torch.randn(b, 6, size, size, generator=g),
+                      motion=torch.randn(b, 2, 6, size, size, generator=g), audio=torch.randn(b, 3, 5, 1, 8, generator=g))
+    return z0, cond, eps
+
+
+def cpu_trainer(root, steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     limit_val_batches=0, enable_model_summary=False, default_root_dir=str(root), **kwargs)
+
+
+def shard_data(shards: list[str], batch_size: int = 4) -> AvatarDataModule:
+    return AvatarDataModule(train_shards=shards, val_shards=shards[:1], batch_size=batch_size, num_workers=2,
+                            epoch_samples=64, val_samples=4)
+
+
+def random_batch(b: int = 2, f: int = 4, m: int = 2, size: int = 32, seed: int = 0) -> dict:
+    """A batch as the data module makes it, of random pixels and audio features (micro's shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(frames=torch.rand(b, f, 3, size, size, generator=g) * 2 - 1,
+                motion=torch.rand(b, m, 3, size, size, generator=g) * 2 - 1,
+                ref=torch.rand(b, 3, size, size, generator=g) * 2 - 1,
+                audio=torch.randn(b, f, 5, 1, 128, generator=g))
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> list[str]:
+    return make_shards(tmp_path_factory.mktemp("distill"), n_clips=8, clips_per_shard=4, frames=16, size=32)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(shards, tmp_path_factory) -> str:
+    """A narrow micro teacher trained for 60 steps on the synthetic shards: a real `fada fit` checkpoint."""
+    from fada_lightning.module import TeacherModule
+
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    model = TeacherModule(preset=small_preset(), ema_decay=0.9, clip_frames=4, lr=2e-3, warmup_steps=5)
+    trainer = cpu_trainer(root, 60, enable_checkpointing=False)
+    trainer.fit(model, shard_data(shards))
+    trainer.save_checkpoint(root / "teacher.ckpt")
+    return str(root / "teacher.ckpt")

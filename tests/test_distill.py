@@ -2,12 +2,10 @@
 import shutil
 from dataclasses import replace
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.cli import instantiate_class
 
-from datamodules.streaming import AvatarDataModule
 from distillers.perflow import PeRFlow
 from fada_lightning import sample
 from fada_lightning.diffusion import PeRFlowScheduler
@@ -15,66 +13,14 @@ from fada_lightning.diffusion import schedule as S
 from fada_lightning.diffusion.guidance import Conditions
 from fada_lightning.distill import DistillModule
 from fada_lightning.models.denoiser import AvatarDenoiser
-from fada_lightning.module import TeacherModule
 from fada_lightning.presets import ConfigError
 
-from conftest import make_shards, small_preset
-
-
-def _trainer(root, steps, **kw):
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     limit_val_batches=0, enable_model_summary=False, default_root_dir=str(root), **kw)
-
-
-def _data(shards, batch_size=4):
-    return AvatarDataModule(train_shards=shards, val_shards=shards[:1], batch_size=batch_size, num_workers=2,
-                            epoch_samples=64, val_samples=4)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("distill"), n_clips=8, clips_per_shard=4, frames=16, size=32)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(shards, tmp_path_factory):
-    """A narrow micro teacher trained for 60 steps on the synthetic shards: a real `fada fit` checkpoint."""
-    root = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    model = TeacherModule(preset=small_preset(), ema_decay=0.9, clip_frames=4, lr=2e-3, warmup_steps=5)
-    trainer = _trainer(root, 60, enable_checkpointing=False)
-    trainer.fit(model, _data(shards))
-    trainer.save_checkpoint(root / "teacher.ckpt")
-    return str(root / "teacher.ckpt")
-
-
-def _batch(b=2, f=4, m=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(frames=torch.rand(b, f, 3, size, size, generator=g) * 2 - 1,
-                motion=torch.rand(b, m, 3, size, size, generator=g) * 2 - 1,
-                ref=torch.rand(b, 3, size, size, generator=g) * 2 - 1,
-                audio=torch.randn(b, f, 5, 1, 128, generator=g))
+from conftest import ExactNet, cpu_trainer, random_batch, shard_data, small_preset
 
 
 def _bound(distiller, prediction_type="v_prediction"):
     distiller.bind(S.SD15_SCHEDULE, prediction_type)
     return distiller
-
-
-class ExactTeacher(torch.nn.Module):
-    """Knows z0: at index n it outputs the exact eps (or v) of z_n, for every CFG pass."""
-
-    def __init__(self, z0, prediction_type):
-        super().__init__()
-        self.z0, self.prediction_type, self.abar = z0, prediction_type, S.alphas_cumprod().float()
-
-    def encode_reference(self, cond):
-        return {}
-
-    def forward(self, z, n, cond, reference=None):
-        z0 = self.z0.repeat(z.shape[0] // self.z0.shape[0], *[1] * (z.ndim - 1))
-        abar = S.expand_like(self.abar[torch.as_tensor(n).expand(z.shape[0])], z)
-        return S.from_eps(S.x0_to_eps(z, z0, abar), z, abar, self.prediction_type)
 
 
 @pytest.mark.parametrize("mode", ["balanced", "guided"])
@@ -86,7 +32,7 @@ def test_an_exact_teacher_gives_target_eps(mode, prediction_type):
     cond = Conditions(ref=torch.randn(6, 12, 4, 4), motion=torch.randn(6, 2, 12, 4, 4), audio=torch.randn(6, 4, 5, 1, 8))
     distiller = _bound(PeRFlow(mode=mode, solver_steps=3), prediction_type)
     t = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.26, 0.001])
-    job = distiller.make_targets(ExactTeacher(z0, prediction_type), z0, cond, t, eps)
+    job = distiller.make_targets(ExactNet(z0, prediction_type), z0, cond, t, eps)
     torch.testing.assert_close(job.eps_target, eps, rtol=0, atol=2e-4)
     assert job.timestep.tolist() == pytest.approx([1000, 900, 750, 500, 260, 1])
 
@@ -146,23 +92,6 @@ def test_vectorised_target_matches_a_slow_per_sample_reference(mode):
     torch.testing.assert_close(job.eps_target, target, rtol=1e-3, atol=1e-3)
 
 
-def test_training_changes_the_student_only(teacher_ckpt, shards, tmp_path):
-    torch.manual_seed(0)
-    model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), lr=1e-3, warmup_steps=1, ema_decay=0.9)
-    trainer = _trainer(tmp_path, 3, enable_checkpointing=False)
-    trainer.fit(model, _data(shards, batch_size=2))
-    teacher_weights = torch.load(teacher_ckpt, weights_only=True)["state_dict"]
-    for name, p in model.teacher.state_dict().items():  # bit-identical to the teacher's EMA weights
-        assert torch.equal(p, teacher_weights[f"ema.module.{name}"]), name
-    assert not any(p.requires_grad for p in model.teacher.parameters()) and not model.teacher.training
-    changed = [not torch.equal(p, teacher_weights[f"ema.module.{n}"]) for n, p in model.net.state_dict().items()]
-    assert sum(changed) > len(changed) // 2
-    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert optimised == {id(p) for p in model.net.parameters()}
-    assert not any(id(p) in optimised for p in model.teacher.parameters())
-    assert all(not s for s in (trainer.optimizers[0].state.get(p, {}) for p in model.teacher.parameters()))
-
-
 def test_the_student_starts_as_the_teacher(teacher_ckpt):
     model = DistillModule(teacher_ckpt, PeRFlow())
     model.load_teacher()
@@ -175,8 +104,8 @@ def test_distillation_loss_falls_on_the_synthetic_world(teacher_ckpt, shards, tm
     torch.manual_seed(0)
     model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2, min_snr_gamma=5.0), lr=3e-4, warmup_steps=5,
                           ema_decay=None)
-    dm = _data(shards)
-    trainer = _trainer(tmp_path, 40, enable_checkpointing=False)
+    dm = shard_data(shards)
+    trainer = cpu_trainer(tmp_path, 40, enable_checkpointing=False)
     dm.trainer = trainer
     dm.setup("fit")
     model.load_teacher()
@@ -193,7 +122,7 @@ def test_distillation_loss_falls_on_the_synthetic_world(teacher_ckpt, shards, tm
 
 
 def test_balanced_student_samples_at_18_nfe_and_guided_at_6(teacher_ckpt):
-    batch = _batch(b=1, f=6)
+    batch = random_batch(b=1, f=6)
     balanced = DistillModule(teacher_ckpt, PeRFlow()).eval()
     video, nfe = balanced.generate(batch["ref"], batch["audio"])
     assert nfe == 18 and video.shape == (1, 6, 3, 32, 32)  # 6 PeRFlow steps x 3 CFG passes, per clip window
@@ -209,8 +138,8 @@ def test_student_checkpoint_round_trips_without_its_teacher(teacher_ckpt, shards
     torch.manual_seed(0)
     model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2, num_windows=2, sample_steps=3), lr=1e-3,
                           ema_decay=0.9)
-    trainer = _trainer(tmp_path, 2, enable_checkpointing=False)
-    trainer.fit(model, _data(shards, batch_size=2))
+    trainer = cpu_trainer(tmp_path, 2, enable_checkpointing=False)
+    trainer.fit(model, shard_data(shards, batch_size=2))
     path = tmp_path / "student.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=True)
@@ -230,22 +159,8 @@ def test_student_checkpoint_round_trips_without_its_teacher(teacher_ckpt, shards
     again = PeRFlowScheduler.from_config(saved["scheduler_config"])
     assert dict(loaded.scheduler().config) == dict(again.config)
     assert loaded.distiller.solver_steps == 2 and loaded.hparams.sample_steps == 3
-    batch = _batch(b=1, f=4)
+    batch = random_batch(b=1, f=4)
     assert loaded.generate(batch["ref"], batch["audio"])[1] == 9
-
-
-def test_a_killed_run_resumes(teacher_ckpt, shards, tmp_path):
-    torch.manual_seed(0)
-    first = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), ema_decay=0.9)
-    trainer = _trainer(tmp_path, 2, enable_checkpointing=False)
-    trainer.fit(first, _data(shards, batch_size=2))
-    trainer.save_checkpoint(tmp_path / "two.ckpt")
-    resumed = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), ema_decay=0.9)
-    trainer = _trainer(tmp_path, 3, enable_checkpointing=False)
-    trainer.fit(resumed, _data(shards, batch_size=2), ckpt_path=str(tmp_path / "two.ckpt"))
-    assert trainer.global_step == 3
-    for (name, p), q in zip(resumed.teacher.state_dict().items(), first.teacher.state_dict().values()):
-        assert torch.equal(p, q), name
 
 
 def test_a_teacher_of_another_preset_is_refused(teacher_ckpt):
@@ -295,10 +210,10 @@ def test_bf16_mixed_runs_the_teacher_under_autocast_and_keeps_the_student_fp32(t
         seen.append((net is model.teacher, out.dtype, torch.is_inference_mode_enabled()))
         return out
 
-    trainer = _trainer(tmp_path, 1, enable_checkpointing=False, precision="bf16-mixed")
+    trainer = cpu_trainer(tmp_path, 1, enable_checkpointing=False, precision="bf16-mixed")
     AvatarDenoiser.forward = spy
     try:
-        trainer.fit(model, _data(shards, batch_size=1))
+        trainer.fit(model, shard_data(shards, batch_size=1))
     finally:
         AvatarDenoiser.forward = forward
     assert (True, torch.bfloat16, True) in seen  # the teacher's solve: autocast, no autograd at all
@@ -328,5 +243,5 @@ def test_a_subclass_records_its_arguments_and_reweights():
     assert "mode" not in spec["init_args"]  # a parent's argument the subclass does not take
     z0 = torch.randn(2, 4, 12, 4, 4)
     cond = Conditions(ref=torch.randn(2, 12, 4, 4), motion=torch.randn(2, 2, 12, 4, 4), audio=torch.randn(2, 4, 5, 1, 8))
-    job = mine.make_targets(ExactTeacher(z0, "v_prediction"), z0, cond, torch.tensor([1.0, 0.25]), torch.randn_like(z0))
+    job = mine.make_targets(ExactNet(z0, "v_prediction"), z0, cond, torch.tensor([1.0, 0.25]), torch.randn_like(z0))
     torch.testing.assert_close(job.weight, torch.tensor([4.0, 0.25]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .schedule import expand_like
+from .schedule import ddim_coefficients, expand_like
 
 # t on the 1/T grid is at least 1/T from any window boundary that it is not on, so a small
 # tolerance makes boundary lookups exact without mis-assigning interior points.
@@ -32,9 +32,7 @@ def window_bounds(t: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torc
 def window_coefficients(abar_s: torch.Tensor, abar_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq 5: z_e = lambda_s z_s + eta_s eps for a DDIM jump s -> e with noise eps:
     lambda_s = sqrt(abar_e / abar_s), eta_s = sqrt(1 - abar_e) - sqrt(abar_e (1 - abar_s) / abar_s)."""
-    lambda_s = (abar_e / abar_s) ** 0.5
-    eta_s = (1 - abar_e) ** 0.5 - (abar_e * (1 - abar_s) / abar_s) ** 0.5
-    return lambda_s, eta_s
+    return ddim_coefficients(abar_s, abar_e)
 
 
 def interpolate(z_s: torch.Tensor, z_e: torch.Tensor, t, t_s, t_e) -> torch.Tensor:

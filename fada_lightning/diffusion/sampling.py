@@ -2,6 +2,7 @@
 and clip-by-clip generation that carries motion frames from one clip to the next."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -54,26 +55,34 @@ def conditional_denoiser(net, cond: Conditions) -> DenoiseFn:
 
 @torch.no_grad()
 def sample_loop(denoise: DenoiseFn, noise: torch.Tensor, scheduler, num_steps: int,
-                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """z_T = noise; for t in scheduler.timesteps: z <- scheduler.step(denoise(z, t), t, z)."""
+                generator: torch.Generator | None = None, progress: bool = False, eta: float | None = None) -> torch.Tensor:
+    """z_T = noise; for t in scheduler.timesteps: z <- scheduler.step(denoise(z, t), t, z).
+    eta, when given, goes to every step (DDIM's eta, TCD's gamma), as diffusers' pipelines pass it."""
     scheduler.set_timesteps(num_steps, device=noise.device)
+    step_kwargs = {} if eta is None else {"eta": eta}
     z = noise * scheduler.init_noise_sigma
     for t in tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress):
-        z = scheduler.step(denoise(z, t), t, z, generator=generator).prev_sample
+        z = scheduler.step(denoise(z, t), t, z, generator=generator, **step_kwargs).prev_sample
     return z
+
+
+def check_eta(scheduler, eta: float | None) -> None:
+    if eta is not None and "eta" not in inspect.signature(scheduler.step).parameters:
+        raise ValueError(f"{type(scheduler).__name__} is deterministic: its step takes no eta (gamma)")
 
 
 @torch.no_grad()
 def generate_clips(net, scheduler, ref: torch.Tensor, audio: torch.Tensor, clip_frames: int, motion_frames: int,
                    num_steps: int, ref_scale: float | None = 2.5, audio_scale: float | None = 6.5,
-                   generator: torch.Generator | None = None, progress: bool = False):
+                   generator: torch.Generator | None = None, progress: bool = False, eta: float | None = None):
     """Latent video for audio of any length, one clip window at a time.
 
     ref (B, C, h, w) reference latents; audio (B, T, W, L, D) feature windows for all T frames.
     The first clip's motion frames are the reference repeated; each later clip takes the last
-    M frames generated. Scales None -> one conditional pass a step.
+    M frames generated. Scales None -> one conditional pass a step; eta goes to the scheduler's step.
     Returns (latents (B, T, C, h, w), NFE per clip window).
     """
+    check_eta(scheduler, eta)
     b, total = audio.shape[:2]
     counter = NFECounter(net, clips=b)
     motion = ref[:, None].expand(-1, motion_frames, -1, -1, -1)
@@ -86,7 +95,7 @@ def generate_clips(net, scheduler, ref: torch.Tensor, audio: torch.Tensor, clip_
         denoise = (conditional_denoiser(counter, cond) if ref_scale is None
                    else guided_denoiser(counter, cond, ref_scale, audio_scale))
         noise = torch.randn((b, clip_frames, *ref.shape[1:]), generator=generator, device=ref.device, dtype=ref.dtype)
-        clip = sample_loop(denoise, noise, scheduler, num_steps, generator, progress)
+        clip = sample_loop(denoise, noise, scheduler, num_steps, generator, progress, eta)
         clips.append(clip)
         motion = clip[:, -motion_frames:]
     latents = torch.cat(clips, dim=1)[:, :total]

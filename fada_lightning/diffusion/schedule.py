@@ -110,6 +110,14 @@ def min_snr_weight(abar: torch.Tensor, gamma: float | None, prediction_type: str
     return clipped / (s + 1)
 
 
+def ddim_coefficients(abar_from: torch.Tensor, abar_to: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DDIM jump (eta = 0) is affine in (z, eps): z_to = lam z + eta eps with
+    lam = sqrt(abar_to / abar_from), eta = sqrt(1 - abar_to) - sqrt(abar_to (1 - abar_from) / abar_from)."""
+    lam = (abar_to / abar_from) ** 0.5
+    eta = (1 - abar_to) ** 0.5 - (abar_to * (1 - abar_from) / abar_from) ** 0.5
+    return lam, eta
+
+
 def ddim_step(z: torch.Tensor, eps: torch.Tensor, abar_from: torch.Tensor, abar_to: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from noise level abar_from to abar_to with the same eps:
     z_to = sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps, x0_hat = eps_to_x0(z, eps, abar_from)."""

@@ -1,0 +1,79 @@
+"""Every shipped distiller keeps the contract (tests/distiller_contract.py); RFlow is PeRFlow with K = 1."""
+import pytest
+import torch
+import yaml
+
+from distillers.perflow import PeRFlow
+from distillers.rflow import RFlow
+from distillers.tcd import TCD
+from fada_lightning.diffusion import schedule as S
+from fada_lightning.presets import find_config
+
+from conftest import WobblyNet, random_latents
+from distiller_contract import DistillerContract
+
+
+class TestPeRFlow(DistillerContract):
+    def make_distiller(self):
+        return PeRFlow(solver_steps=2)
+
+
+class TestGuidedPeRFlow(DistillerContract):
+    def make_distiller(self):
+        return PeRFlow(solver_steps=1, mode="guided", num_windows=2, sample_steps=3)
+
+
+class TestRFlow(DistillerContract):
+    def make_distiller(self):
+        return RFlow(solver_steps=3, sample_steps=4)
+
+
+class TestTCD(DistillerContract):
+    def make_distiller(self):
+        return TCD(sample_steps=4)
+
+
+class TestBalancedHuberTCD(DistillerContract):
+    def make_distiller(self):
+        return TCD(mode="balanced", distance="huber", gamma=0.5)
+
+
+@pytest.mark.parametrize("mode", ["balanced", "guided"])
+def test_rflow_is_perflow_with_one_window(mode):
+    rflow, perflow = RFlow(solver_steps=4, mode=mode), PeRFlow(num_windows=1, solver_steps=4, mode=mode)
+    for d in (rflow, perflow):
+        d.bind(S.SD15_SCHEDULE, "v_prediction")
+    z0, cond, eps = random_latents(b=4)
+    t = torch.tensor([1.0, 0.7, 0.3, 0.001])
+    jobs = [d.make_targets(WobblyNet(0.7), z0, cond, t, eps, torch.Generator().manual_seed(1))
+            for d in (rflow, perflow)]
+    for field in ("z", "timestep", "eps_target", "abar", "weight"):
+        assert torch.equal(getattr(jobs[0], field), getattr(jobs[1], field)), field
+    assert dict(rflow.scheduler().config) == dict(perflow.scheduler().config)
+    scheduler = rflow.scheduler()
+    scheduler.set_timesteps(6)
+    assert scheduler.timesteps.tolist() == [1000, 833, 667, 500, 333, 167]  # one window: even steps
+    assert "num_windows" not in rflow.spec()["init_args"] and rflow.spec()["class_path"] == "distillers.rflow.RFlow"
+
+
+def test_distiller_configs_differ_only_in_the_distiller():
+    """distill_rflow.yaml and distill_tcd.yaml are distill_perflow.yaml with another method (TCD also sets the
+    EMA that is its target network) and their own run folder."""
+    configs = {name: yaml.safe_load(find_config(f"distill_{name}.yaml").read_text())
+               for name in ("perflow", "rflow", "tcd")}
+
+    def without_method(config, name):
+        config = yaml.safe_load(yaml.safe_dump(config))
+        config["model"]["init_args"].pop("distiller")
+        if name == "tcd":
+            assert config["model"]["init_args"].pop("ema_decay") == 0.95
+        else:
+            config["model"]["init_args"].pop("ema_decay")
+        text = yaml.safe_dump(config)
+        return yaml.safe_load(text.replace(f"runs/{name}", "runs/METHOD"))
+
+    base = without_method(configs["perflow"], "perflow")
+    for name in ("rflow", "tcd"):
+        assert without_method(configs[name], name) == base, name
+    assert configs["rflow"]["model"]["init_args"]["distiller"]["class_path"] == "distillers.rflow.RFlow"
+    assert configs["tcd"]["model"]["init_args"]["distiller"]["class_path"] == "distillers.tcd.TCD"
