@@ -4,8 +4,10 @@ on the same `micro` network and the same inputs.
     python bench/sampling.py [--teacher CKPT] [--clips 1] [--repeats 3]
 
 Rows: the teacher (25 DDIM steps x 3 CFG passes as one batch), the same teacher with its three
-passes run one after another, and the PeRFlow Balanced student (6 steps x 3 passes). Weights do
-not change the cost; without --teacher a random micro teacher is used.
+passes run one after another, and students of each distiller at 6 steps: PeRFlow Balanced, RFlow
+and TCD balanced (x 3 passes, FADA's 18-NFE table rows), TCD guided (1 pass, diffusers'
+TCDScheduler with gamma 0.3). Weights do not change the cost; without --teacher a random micro
+teacher is used.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from pathlib import Path
 import torch
 
 from distillers.perflow import PeRFlow
+from distillers.rflow import RFlow
+from distillers.tcd import TCD
 from fada_lightning.diffusion.guidance import Conditions, cfg_conditions, multi_cfg
-from fada_lightning.diffusion.sampling import NFECounter, guided_denoiser, sample_loop
+from fada_lightning.diffusion.sampling import NFECounter, conditional_denoiser, guided_denoiser, sample_loop
 from fada_lightning.distill import DistillModule
 from fada_lightning.module import TeacherModule
 from fada_lightning.sample import load_module
@@ -32,6 +36,12 @@ def sequential_cfg_denoiser(net, cond: Conditions, ref_scale: float, audio_scale
     banks = [net.encode_reference(c) for c in passes]
     return lambda z, t: multi_cfg(torch.cat([net(z, t, c, reference=b) for c, b in zip(passes, banks)]),
                                   ref_scale, audio_scale)
+
+
+def own_denoiser(module):
+    """How `module` samples: Eq 9's passes as one batch at its scales, or one conditional pass."""
+    s_r, s_a = module.sampling_scales(None, None)
+    return (lambda net, cond: guided_denoiser(net, cond, s_r, s_a)) if module.samples_with_cfg else conditional_denoiser
 
 
 def time_window(module, denoiser_factory, steps: int, clips: int, repeats: int) -> tuple[float, float]:
@@ -49,7 +59,7 @@ def time_window(module, denoiser_factory, steps: int, clips: int, repeats: int) 
         for i in range(repeats + 1):  # the first run warms up allocators and kernels
             counter = NFECounter(net, clips)
             start = time.perf_counter()
-            sample_loop(denoiser_factory(counter, cond), noise, module.scheduler(), steps)
+            sample_loop(denoiser_factory(counter, cond), noise, module.scheduler(), steps, eta=module.sample_eta)
             if i:
                 times.append(time.perf_counter() - start)
             nfe = counter.nfe
@@ -64,29 +74,30 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
     teacher = load_module(args.teacher) if args.teacher else TeacherModule(preset="micro", ema_decay=None)
-    with tempfile.TemporaryDirectory() as tmp:  # the student reads the teacher's settings from a checkpoint
+    with tempfile.TemporaryDirectory() as tmp:  # the students read the teacher's settings from a checkpoint
         path = args.teacher or str(Path(tmp) / "teacher.ckpt")
         if not args.teacher:
             torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, path)
-        student = DistillModule(path, PeRFlow(mode="balanced", sample_steps=6))
+        students = [(name, DistillModule(path, distiller)) for name, distiller in (
+            ("PeRFlow Balanced student, 6 x 3", PeRFlow(mode="balanced")),
+            ("RFlow student, 6 x 3", RFlow(mode="balanced")),
+            ("TCD balanced student, 6 x 3", TCD(mode="balanced")),
+            ("TCD guided student, 6 x 1", TCD(mode="guided")),
+        )]
     s_r, s_a = teacher.hparams.ref_scale, teacher.hparams.audio_scale
-    rows = [
-        ("teacher, DDIM 25 x 3 passes batched", teacher, lambda n, c: guided_denoiser(n, c, s_r, s_a), 25),
-        ("teacher, DDIM 25 x 3 passes one by one", teacher, lambda n, c: sequential_cfg_denoiser(n, c, s_r, s_a), 25),
-        ("Balanced student, PeRFlow 6 x 3 batched", student, lambda n, c: guided_denoiser(n, c, s_r, s_a), 6),
-    ]
+    rows = [("teacher, DDIM 25 x 3 passes batched", teacher, own_denoiser(teacher), 25),
+            ("teacher, DDIM 25 x 3 passes one by one", teacher, lambda n, c: sequential_cfg_denoiser(n, c, s_r, s_a), 25)]
+    rows += [(name, student, own_denoiser(student), student.hparams.sample_steps) for name, student in students]
     print(f"micro preset, {args.clips} clip(s) of {teacher.hparams.clip_frames} frames per window, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'':44s} {'NFE':>5s} {'s/window':>9s} {'speed-up':>9s}")
+    print(f"{'':40s} {'NFE':>5s} {'s/window':>9s} {'speed-up':>9s} {'fewer NFE':>10s}")
     measured = []
     for name, module, factory, steps in rows:
         seconds, nfe = time_window(module, factory, steps, args.clips, args.repeats)
         measured.append((seconds, nfe))
-        print(f"{name:44s} {nfe:5g} {seconds:9.3f} {measured[0][0] / seconds:8.2f}x", flush=True)
-    (teacher_s, teacher_nfe), (sequential_s, _), (student_s, student_nfe) = measured
-    print(f"CFG passes batched vs one by one: {sequential_s / teacher_s:.2f}x faster")
-    print(f"Balanced student vs teacher: {teacher_s / student_s:.2f}x faster in wall time, "
-          f"{teacher_nfe / student_nfe:.2f}x fewer NFE")
+        print(f"{name:40s} {nfe:5g} {seconds:9.3f} {measured[0][0] / seconds:8.2f}x {measured[0][1] / nfe:9.2f}x",
+              flush=True)
+    print(f"CFG passes batched vs one by one: {measured[1][0] / measured[0][0]:.2f}x faster")
 
 
 if __name__ == "__main__":

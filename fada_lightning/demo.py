@@ -74,7 +74,7 @@ def distil_student(out: Path, teacher: Path, steps: int, retrain: bool) -> Path:
     ckpt = out / "perflow" / "tb" / "demo" / "checkpoints" / "last.ckpt"
     if _reuse(ckpt, retrain, newer_than=teacher):
         return ckpt
-    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+    checkpoint = {"class_path": "fada_lightning.callbacks.FinalCheckpoint",
                   "init_args": {"save_last": True, "every_n_train_steps": steps, "filename": "step{step:06d}",
                                 "auto_insert_metric_name": False}}
     return _fit("distill_perflow.yaml", out / "perflow", steps, f"--model.init_args.teacher_ckpt={teacher}",
