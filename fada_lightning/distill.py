@@ -98,7 +98,7 @@ class DistillModule(AvatarModule):
                          settings["ref_scale"], settings["audio_scale"])
         self.hparams.update(teacher_ckpt=teacher_ckpt, distiller=distiller.spec())
         self.distiller = distiller
-        self.distiller.bind(self.schedule, self.hparams.prediction_type, 
+        self.distiller.bind(self.schedule, self.hparams.prediction_type,
                             self.ema.module if self.ema is not None else None)
         self.teacher: AvatarDenoiser | None = None
 

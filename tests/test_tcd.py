@@ -10,7 +10,8 @@ from distillers.tcd import TCD
 from fada_lightning.diffusion import schedule as S
 from fada_lightning.diffusion import tcd
 from fada_lightning.diffusion.guidance import Conditions
-from fada_lightning.diffusion.sampling import sample_loop
+from fada_lightning.diffusion import PeRFlowScheduler
+from fada_lightning.diffusion.sampling import check_eta, sample_loop
 from fada_lightning.presets import ConfigError
 
 from conftest import ExactNet, WobblyNet, random_latents
@@ -158,3 +159,7 @@ def test_tcd_settings_and_the_target_network_are_checked():
         TCD(gamma=1.5)
     with pytest.raises(ConfigError, match="ema_decay"):
         TCD().bind(S.SD15_SCHEDULE, "epsilon", None)
+    check_eta(TCDScheduler(), 0.5)  # `fada sample --eta`: schedulers that take one accept it
+    check_eta(S.ddim_scheduler(), 0.5)
+    with pytest.raises(ValueError, match="PeRFlowScheduler is deterministic"):
+        check_eta(PeRFlowScheduler(), 0.3)

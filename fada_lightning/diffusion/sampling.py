@@ -55,7 +55,8 @@ def conditional_denoiser(net, cond: Conditions) -> DenoiseFn:
 
 @torch.no_grad()
 def sample_loop(denoise: DenoiseFn, noise: torch.Tensor, scheduler, num_steps: int,
-                generator: torch.Generator | None = None, progress: bool = False, eta: float | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, progress: bool = False,
+                eta: float | None = None) -> torch.Tensor:
     """z_T = noise; for t in scheduler.timesteps: z <- scheduler.step(denoise(z, t), t, z).
     eta, when given, goes to every step (DDIM's eta, TCD's gamma), as diffusers' pipelines pass it."""
     scheduler.set_timesteps(num_steps, device=noise.device)
@@ -67,6 +68,7 @@ def sample_loop(denoise: DenoiseFn, noise: torch.Tensor, scheduler, num_steps: i
 
 
 def check_eta(scheduler, eta: float | None) -> None:
+    """A clear error for an eta given to a scheduler whose step takes none (PeRFlowScheduler)."""
     if eta is not None and "eta" not in inspect.signature(scheduler.step).parameters:
         raise ValueError(f"{type(scheduler).__name__} is deterministic: its step takes no eta (gamma)")
 
