@@ -138,6 +138,7 @@ def test_tcd_scheduler_timesteps_and_gamma_zero_is_ddim_to_the_next_timestep():
     assert scheduler.timesteps.tolist() == [999, 759, 499, 259]
     scheduler.set_timesteps(6)
     steps = scheduler.timesteps.tolist()
+    assert set(steps) <= set(tcd.solver_grid(50).tolist())  # the student samples at times it trained at
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 6, 4, 4, generator=g, dtype=torch.float64)
     eps_of = lambda z, t: torch.tanh(z) * (1 + t / 1000)  # noqa: E731  any eps-network
