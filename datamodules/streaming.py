@@ -282,6 +282,53 @@ class ClipStream(IterableDataset):
         return stream.next_items(self.samples_per_worker, rng)
 
 
+class TierMix(IterableDataset):
+    """Clips from several tiers (SPEC 5: the strict set A, the lenient additions of B), each item's
+    tier drawn with probability `weights[tier]` from a generator seeded by (seed, epoch, rank,
+    worker); every tier streams its own shards split over ranks and workers (`ClipStream`), and
+    every worker yields exactly `samples_per_worker` items an epoch. Items carry the tier of the
+    shard set they came from in "tier"."""
+
+    def __init__(self, tiers: dict[str, ClipStream], weights: dict[str, float], samples_per_worker: int):
+        super().__init__()
+        if set(weights) != set(tiers) or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"tier weights {weights} must be >= 0, not all 0, one per tier of {sorted(tiers)}")
+        self.tiers, self.samples_per_worker = tiers, samples_per_worker
+        total = sum(weights.values())
+        self.names = sorted(tiers)
+        self.probabilities = np.array([weights[name] / total for name in self.names])
+        first = tiers[self.names[0]]
+        self.rank, self.num_workers, self.seed, self.epoch = first.rank, first.num_workers, first.seed, 0
+        self._passes: dict[int, int] = {}  # epochs this process has drawn per worker (persistent workers)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_passes": {}}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for stream in self.tiers.values():
+            stream.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.samples_per_worker * self.num_workers
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.num_workers:
+            raise RuntimeError(f"TierMix was built for {self.num_workers} workers but the DataLoader has "
+                               f"{num_workers}; pass the same num_workers to both")
+        passes = self._passes.get(worker, 0)
+        self._passes[worker] = passes + 1
+        rng = np.random.default_rng([self.seed, self.epoch + passes, self.rank, worker, len(self.names)])
+        draws = rng.choice(len(self.names), size=self.samples_per_worker, p=self.probabilities)
+        streams = {name: self.tiers[name].iter_worker(worker) for name in self.names}
+        for i in draws:
+            item = next(streams[self.names[i]])
+            item["tier"] = self.names[i]
+            yield item
+
+
 # ---- validation ----------------------------------------------------------------------------------
 class FixedClips(Dataset):
     """The first `count` usable samples of `urls` (in order), each decoded with the fixed clip
@@ -329,24 +376,28 @@ class AvatarDataModule(L.LightningDataModule):
     Shards: a directory, a glob, brace notation, any URL webdataset opens, or a list. With
     `synthetic` (keyword arguments of `datamodules.synthetic.ensure_dataset`, e.g. {"root":
     "data/synthetic", "strict_clips": 512}) the synthetic world is generated on first use and
-    its strict shards train when `train_shards` is empty. An epoch is `epoch_samples` items per
+    its strict shards train when `train_shards` is empty. Tiers: `train_shards` as {tier: shards}
+    (or, with `synthetic`, the manifest's tiers) mixed by `tier_weights` ({"strict": 2, "lenient": 1}:
+    each item strict with probability 2/3); with `tier_weights` set each batch's "tier" names the shard
+    set every clip came from, and only the weighted tiers stream. An epoch is `epoch_samples` items per
     rank, rounded down to whole batches per worker (at least one), identical on every rank.
     Each batch is a dict: frames (B, F, 3, H, W), motion (B, M, 3, H, W), ref (B, 3, H, W),
     audio (B, F, 2r + 1, L, D), mouth_open (B, F), key / tier (lists of B str), start (B,),
     skipped (B,) (that worker's skipped samples so far), worker (B,) (global id; -1 in validation)."""
 
-    def __init__(self, train_shards: str | list[str] | None = None, val_shards: str | list[str] | None = None,
-                 audio_features: AudioFeatures | None = None, clip_frames: int | None = None,
-                 motion_frames: int | None = None, audio_radius: int = 2, frame_size: int | None = None,
-                 batch_size: int = 8, num_workers: int = 2, epoch_samples: int = 1024, val_samples: int = 16,
-                 seed: int = 0, synthetic: dict | None = None):
+    def __init__(self, train_shards: str | list[str] | dict[str, str | list[str]] | None = None,
+                 val_shards: str | list[str] | None = None, audio_features: AudioFeatures | None = None,
+                 clip_frames: int | None = None, motion_frames: int | None = None, audio_radius: int = 2,
+                 frame_size: int | None = None, batch_size: int = 8, num_workers: int = 2, epoch_samples: int = 1024,
+                 val_samples: int = 16, seed: int = 0, synthetic: dict | None = None,
+                 tier_weights: dict[str, float] | None = None):
         super().__init__()
         # clip shape and audio features default to the model's (see `_make_decoder`), so they are
         # not hparams of their own: Lightning would report a None here as a conflict with the model
         self.save_hyperparameters(ignore=["audio_features", "clip_frames", "motion_frames"])
         self.audio_features, self.clip_frames, self.motion_frames = audio_features, clip_frames, motion_frames
         self.decoder: ClipDecoder | None = None
-        self.train_set: ClipStream | None = None
+        self.train_set: ClipStream | TierMix | None = None
         self.val_set: FixedClips | None = None
 
     def _make_decoder(self) -> ClipDecoder:
@@ -380,16 +431,33 @@ class AvatarDataModule(L.LightningDataModule):
             if not self.hparams.val_shards:
                 ensure_dataset(**self._synthetic_val())
 
-    def _train_urls(self) -> list[str]:
-        urls = resolve_shards(self.hparams.train_shards)
-        if not urls and self.hparams.synthetic:
+    def _train_urls(self) -> dict[str, list[str]]:
+        """{tier: shard URLs}; one tier ("train") for a plain list of shards."""
+        spec, tiers = self.hparams.train_shards, self.hparams.tier_weights
+        if isinstance(spec, dict):
+            urls = {tier: resolve_shards(shards) for tier, shards in spec.items()}
+        elif spec:
+            urls = {"train": resolve_shards(spec)}
+        elif self.hparams.synthetic:
             root = self.hparams.synthetic["root"]
             manifest = os.path.join(root, "manifest.json")
             if not os.path.isfile(manifest):
                 raise FileNotFoundError(f"synthetic dataset {manifest} missing: prepare_data did not run here")
             with open(manifest) as f:
-                urls = [os.path.join(root, p) for p in json.load(f)["strict"]]
-        check_local_shards(urls, "train_shards")
+                listed = json.load(f)
+            names = [t for t in ("strict", "lenient") if t in listed] if tiers else ["strict"]
+            urls = {tier: [os.path.join(root, p) for p in listed[tier]] for tier in names}
+        else:
+            urls = {"train": []}
+        if tiers is not None:
+            unknown = sorted(set(tiers) - set(urls))
+            if unknown:
+                raise ValueError(f"tier_weights name tiers {unknown} that train_shards does not have ({sorted(urls)})")
+            urls = {tier: urls[tier] for tier in tiers}
+        elif len(urls) > 1:
+            raise ValueError(f"train_shards has tiers {sorted(urls)}: give tier_weights to mix them")
+        for tier, tier_urls in urls.items():
+            check_local_shards(tier_urls, f"train_shards[{tier}]" if tier != "train" else "train_shards")
         return urls
 
     def setup(self, stage: str | None = None):
@@ -402,8 +470,12 @@ class AvatarDataModule(L.LightningDataModule):
             if per_worker * workers != hp.epoch_samples:
                 warnings.warn(f"epoch_samples {hp.epoch_samples} -> {per_worker * workers} per rank "
                               f"(whole batches of {hp.batch_size} on each of {workers} workers)")
-            self.train_set = ClipStream(self._train_urls(), self.decoder, per_worker, rank, world_size,
-                                        hp.num_workers, hp.seed)
+            streams = {tier: ClipStream(urls, self.decoder, per_worker, rank, world_size, hp.num_workers, hp.seed)
+                       for tier, urls in self._train_urls().items()}
+            if hp.tier_weights is None:
+                (self.train_set,) = streams.values()
+            else:
+                self.train_set = TierMix(streams, hp.tier_weights, per_worker)
         val_shards = self.hparams.val_shards
         if not val_shards and self.hparams.synthetic:
             val_shards = os.path.join(self._synthetic_val()["root"], "strict")

@@ -11,7 +11,7 @@ import torch
 from conftest import burst_clip, frame_index, make_shards, write_shard
 
 from datamodules.audio_features import LogMelFeatures, Wav2Vec2Features, audio_windows
-from datamodules.streaming import (AvatarDataModule, BadSampleWarning, ClipDecoder, ClipStream,
+from datamodules.streaming import (AvatarDataModule, BadSampleWarning, ClipDecoder, ClipStream, TierMix,
                                    resolve_shards, split_shards)
 
 TINY_WAV2VEC2 = dict(
@@ -274,3 +274,65 @@ def test_datamodule_generates_synthetic_data_and_trains_on_its_strict_shards(tmp
     assert dm.train_set.urls == [str(root / "strict" / f"strict-{i:05d}.tar") for i in range(4)]
     batch = next(iter(dm.train_dataloader()))
     assert batch["frames"].shape == (2, 4, 3, 64, 64) and batch["ref"].shape == (2, 3, 64, 64)  # resized on decode
+
+
+@pytest.fixture(scope="module")
+def tiered(tmp_path_factory) -> str:
+    """A synthetic world of 8 strict and 8 lenient clips, 2 per shard."""
+    root = tmp_path_factory.mktemp("tiered") / "synthetic"
+    from datamodules.synthetic import write_shards
+
+    write_shards(root, strict_clips=8, lenient_clips=8, clips_per_shard=2, size=32, frames=12, progress=False,
+                 processes=1)
+    return str(root)
+
+
+def _tiered_data(root, **kwargs) -> AvatarDataModule:
+    settings = dict(synthetic=dict(root=root, strict_clips=8, lenient_clips=8, clips_per_shard=2, size=32,
+                                   frames=12, progress=False, processes=1),
+                    audio_features=LogMelFeatures(n_mels=8), clip_frames=4, batch_size=8, num_workers=0,
+                    val_shards=os.path.join(root, "strict"), val_samples=2)
+    return AvatarDataModule(**{**settings, **kwargs})
+
+
+def test_tiers_mix_by_their_weights_and_keep_their_tags(tiered):
+    dm = _tiered_data(tiered, tier_weights={"strict": 3, "lenient": 1}, epoch_samples=400)
+    dm.setup("fit")
+    assert isinstance(dm.train_set, TierMix) and len(dm.train_set) == 400
+    tiers, keys = [], []
+    for batch in dm.train_dataloader():
+        tiers += batch["tier"]
+        keys += batch["key"]
+    assert len(tiers) == 400
+    assert all(key.startswith(tier) for key, tier in zip(keys, tiers))  # each clip tagged with its shard set
+    strict = tiers.count("strict") / len(tiers)
+    assert abs(strict - 0.75) < 4 * (0.75 * 0.25 / 400) ** 0.5, strict  # the realised mix, within sampling error
+    assert {"strict", "lenient"} == set(tiers)
+
+
+def test_tier_mix_gives_every_rank_the_same_count_from_disjoint_shards(tiered):
+    urls = {tier: [os.path.join(tiered, tier, f"{tier}-{i:05d}.tar") for i in range(4)]
+            for tier in ("strict", "lenient")}
+    decoder = ClipDecoder(LogMelFeatures(n_mels=8), clip_frames=4)
+    seen = []
+    for rank in (0, 1):
+        streams = {tier: ClipStream(u, decoder, 12, rank, 2, 1) for tier, u in urls.items()}
+        mix = TierMix(streams, {"strict": 1, "lenient": 1}, 12)
+        items = list(mix)
+        assert len(items) == len(mix) == 12
+        seen.append({item["key"] for item in items})
+    assert not seen[0] & seen[1]
+
+
+def test_tier_weights_must_name_the_tiers_there_are(tiered):
+    dm = _tiered_data(tiered, tier_weights={"strict": 1, "lenient_b": 1})
+    with pytest.raises(ValueError, match=r"tiers \['lenient_b'\]"):
+        dm.setup("fit")
+    tiers = {"strict": os.path.join(tiered, "strict"), "lenient": os.path.join(tiered, "lenient")}
+    with pytest.raises(ValueError, match="give tier_weights"):
+        _tiered_data(tiered, train_shards=tiers).setup("fit")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        _tiered_data(tiered, train_shards=tiers, tier_weights={"strict": -1, "lenient": 1}).setup("fit")
+    only_strict = _tiered_data(tiered, train_shards=tiers, tier_weights={"strict": 1}, epoch_samples=16)
+    only_strict.setup("fit")
+    assert set(itertools.chain.from_iterable(b["tier"] for b in only_strict.train_dataloader())) == {"strict"}
