@@ -176,6 +176,16 @@ def _describe(exn: Exception, limit: int = 200) -> str:
 
 
 # ---- the training stream -----------------------------------------------------------------------
+def this_worker(dataset) -> int:
+    """The DataLoader worker this runs in (0 without workers), checked against the dataset's `num_workers`."""
+    info = get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    if num_workers != dataset.num_workers:
+        raise RuntimeError(f"{type(dataset).__name__} was built for {dataset.num_workers} workers but the DataLoader "
+                           f"has {num_workers}; pass the same num_workers to both")
+    return worker
+
+
 class _WorkerStream:
     """State one data worker keeps across epochs: its endless raw-sample stream and skip count."""
 
@@ -264,11 +274,7 @@ class ClipStream(IterableDataset):
         return {**self.__dict__, "_streams": {}}
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if num_workers != self.num_workers:
-            raise RuntimeError(f"ClipStream was built for {self.num_workers} workers but the DataLoader has "
-                               f"{num_workers}; pass the same num_workers to both")
+        worker = this_worker(self)
         return self.iter_worker(worker)
 
     def iter_worker(self, worker: int):
@@ -313,11 +319,7 @@ class TierMix(IterableDataset):
         return self.samples_per_worker * self.num_workers
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if num_workers != self.num_workers:
-            raise RuntimeError(f"TierMix was built for {self.num_workers} workers but the DataLoader has "
-                               f"{num_workers}; pass the same num_workers to both")
+        worker = this_worker(self)
         passes = self._passes.get(worker, 0)
         self._passes[worker] = passes + 1
         rng = np.random.default_rng([self.seed, self.epoch + passes, self.rank, worker, len(self.names)])
