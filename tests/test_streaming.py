@@ -336,3 +336,13 @@ def test_tier_weights_must_name_the_tiers_there_are(tiered):
     only_strict = _tiered_data(tiered, train_shards=tiers, tier_weights={"strict": 1}, epoch_samples=16)
     only_strict.setup("fit")
     assert set(itertools.chain.from_iterable(b["tier"] for b in only_strict.train_dataloader())) == {"strict"}
+
+
+def test_a_stream_built_for_other_worker_counts_says_so(tiered):
+    urls = [os.path.join(tiered, "strict", f"strict-{i:05d}.tar") for i in range(4)]
+    stream = ClipStream(urls, ClipDecoder(LogMelFeatures(n_mels=8), clip_frames=4), 2, num_workers=2)
+    with pytest.raises(RuntimeError, match="ClipStream was built for 2 workers but the DataLoader has 1"):
+        next(iter(stream))
+    mix = TierMix({"strict": stream}, {"strict": 1}, 2)
+    with pytest.raises(RuntimeError, match="TierMix was built for 2 workers"):
+        next(iter(mix))
