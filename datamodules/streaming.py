@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from .audio_features import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioFeatures, LogMelFeatures, audio_windows
 
 REQUIRED_FIELDS = ("mp4", "wav", "json")
+# the synthetic world's scores (datamodules/synthetic.py); real data names its own in `quality_keys`
+QUALITY_KEYS = ("av_offset_frames", "blur_sigma", "noise_std", "motion_amplitude")
 
 
 class BadSampleWarning(UserWarning):
@@ -108,10 +110,12 @@ class ClipDecoder:
     motion_frames: int = 2  # M
     audio_radius: int = 2  # r: windows of 2r + 1 frames
     frame_size: int | None = None  # resize on decode (decord); None keeps the shard's size
+    quality_keys: tuple[str, ...] = QUALITY_KEYS  # json["quality"] entries read into "quality" (Q,)
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
         """-> {"frames": (F, 3, H, W) in [-1, 1], "motion": (M, 3, H, W), "ref": (3, H, W),
                "audio": (F, 2r + 1, L, D), "mouth_open": (F,) (NaN if the json has none),
+               "quality": (Q,) json["quality"][k] for k in quality_keys (NaN where absent),
                "key": str, "tier": str, "start": int}"""
         missing = [k for k in REQUIRED_FIELDS if k not in sample]
         if missing:
@@ -143,12 +147,18 @@ class ClipDecoder:
         if mouth_open.shape != (f,):
             raise SkipSample(f"json mouth_open has {len(mouth)} entries for {n} frames")
         key = sample["__key__"]
+        scores = meta.get("quality") or {}
+        try:
+            quality = torch.tensor([float(scores.get(k, "nan")) for k in self.quality_keys])
+        except (AttributeError, TypeError, ValueError):
+            raise SkipSample(f"json quality {scores!r} is not a mapping of numbers")
         return {
             "frames": pixels[m:m + f],
             "motion": pixels[:m],
             "ref": pixels[-1],
             "audio": audio_windows(features, start, f, self.audio_radius),  # (F, 2r + 1, L, D)
             "mouth_open": mouth_open,
+            "quality": quality,
             "key": key,
             "tier": str(meta.get("tier", key.split("-")[0])),
             "start": start,
@@ -384,7 +394,8 @@ class AvatarDataModule(L.LightningDataModule):
     set every clip came from, and only the weighted tiers stream. An epoch is `epoch_samples` items per
     rank, rounded down to whole batches per worker (at least one), identical on every rank.
     Each batch is a dict: frames (B, F, 3, H, W), motion (B, M, 3, H, W), ref (B, 3, H, W),
-    audio (B, F, 2r + 1, L, D), mouth_open (B, F), key / tier (lists of B str), start (B,),
+    audio (B, F, 2r + 1, L, D), mouth_open (B, F), quality (B, Q) (the json's scores named by
+    `quality_keys`, default the synthetic world's; NaN where absent), key / tier (lists of B str), start (B,),
     skipped (B,) (that worker's skipped samples so far), worker (B,) (global id; -1 in validation)."""
 
     def __init__(self, train_shards: str | list[str] | dict[str, str | list[str]] | None = None,
@@ -392,7 +403,7 @@ class AvatarDataModule(L.LightningDataModule):
                  clip_frames: int | None = None, motion_frames: int | None = None, audio_radius: int = 2,
                  frame_size: int | None = None, batch_size: int = 8, num_workers: int = 2, epoch_samples: int = 1024,
                  val_samples: int = 16, seed: int = 0, synthetic: dict | None = None,
-                 tier_weights: dict[str, float] | None = None):
+                 tier_weights: dict[str, float] | None = None, quality_keys: list[str] | None = None):
         super().__init__()
         # clip shape and audio features default to the model's (see `_make_decoder`), so they are
         # not hparams of their own: Lightning would report a None here as a conflict with the model
@@ -414,8 +425,9 @@ class AvatarDataModule(L.LightningDataModule):
 
         features = self.audio_features or getattr(model, "audio_features", None) or LogMelFeatures()
         frame_size = self.hparams.frame_size or getattr(model, "preset", {}).get("frame_size")
+        quality = QUALITY_KEYS if self.hparams.quality_keys is None else tuple(self.hparams.quality_keys)
         return ClipDecoder(features, pick("clip_frames", 8), pick("motion_frames", 2), self.hparams.audio_radius,
-                           frame_size)
+                           frame_size, quality)
 
     def _synthetic_val(self) -> dict:
         """Held-out synthetic clips: another seed, so identities and audio the model never trained on."""

@@ -1,13 +1,16 @@
 """Audio features, shard streaming, bad-data handling and the DataModule (CPU, tiny shards)."""
 from __future__ import annotations
 
+import glob
 import itertools
+import json
 import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from conftest import burst_clip, frame_index, make_shards, write_shard
 
 from datamodules.audio_features import LogMelFeatures, Wav2Vec2Features, audio_windows
@@ -144,7 +147,9 @@ def test_bad_samples_and_truncated_tars_are_skipped_warned_and_counted(tmp_path)
     short = burst_clip("short-000000", frames=4, size=32, burst_frame=1)
     no_wav = {k: v for k, v in burst_clip("nowav-000000", frames=12, size=32).items() if k != "wav"}
     bad_json = {**burst_clip("badjson-000000", frames=12, size=32), "json": b"{not json"}
-    mixed = write_shard(tmp_path / "mixed.tar", [good[0], garbage, short, no_wav, bad_json, good[1]])
+    bad_quality = {**burst_clip("badquality-000000", frames=12, size=32),
+                   "json": json.dumps({"tier": "strict", "quality": {"blur_sigma": "sharp"}}).encode()}
+    mixed = write_shard(tmp_path / "mixed.tar", [good[0], garbage, short, no_wav, bad_json, bad_quality, good[1]])
     truncated = write_shard(tmp_path / "truncated.tar", [good[2], burst_clip("lost-000000", frames=12, size=32)])
     os.truncate(truncated, os.path.getsize(truncated) * 6 // 10)
 
@@ -154,10 +159,10 @@ def test_bad_samples_and_truncated_tars_are_skipped_warned_and_counted(tmp_path)
         items = list(stream)
     messages = [str(w.message) for w in caught if issubclass(w.category, BadSampleWarning)]
     assert len(items) == 3 and {i["key"] for i in items} <= {"good-000000", "good-000001", "good-000002"}
-    for key in ("bad-000000", "short-000000", "nowav-000000", "badjson-000000"):
+    for key in ("bad-000000", "short-000000", "nowav-000000", "badjson-000000", "badquality-000000"):
         assert any(key in m and mixed in m for m in messages), key
     assert any(truncated in m for m in messages)
-    assert items[-1]["skipped"] >= 5 and items[-1]["worker"] == 0
+    assert items[-1]["skipped"] >= 6 and items[-1]["worker"] == 0
     assert [i["skipped"] for i in items] == sorted(i["skipped"] for i in items)  # cumulative
 
 
@@ -308,6 +313,29 @@ def test_tiers_mix_by_their_weights_and_keep_their_tags(tiered):
     strict = tiers.count("strict") / len(tiers)
     assert abs(strict - 0.75) < 4 * (0.75 * 0.25 / 400) ** 0.5, strict  # the realised mix, within sampling error
     assert {"strict", "lenient"} == set(tiers)
+
+
+def test_items_carry_the_quality_scores_of_their_json(tiered):
+    from datamodules.streaming import QUALITY_KEYS
+
+    dm = _tiered_data(tiered, tier_weights={"strict": 1, "lenient": 1}, epoch_samples=16)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["quality"].shape == (8, len(QUALITY_KEYS))
+    manifest = {}
+    for tier in ("strict", "lenient"):
+        for url in sorted(glob.glob(os.path.join(tiered, tier, "*.tar"))):
+            for sample in wds.WebDataset(url, shardshuffle=False):
+                manifest[sample["__key__"]] = json.loads(sample["json"])["quality"]
+    for key, scores in zip(batch["key"], batch["quality"].tolist()):
+        assert scores == pytest.approx([manifest[key][k] for k in QUALITY_KEYS]), key
+    lenient = [q for q, t in zip(batch["quality"], batch["tier"]) if t == "lenient"]
+    assert all(q[0] != 0 or q[1] > 0 or q[2] > 0 or q[3] >= 0.1 for q in lenient)  # every lenient clip is degraded
+
+    named = _tiered_data(tiered, quality_keys=["blur_sigma", "no_such_score"], epoch_samples=8)
+    named.setup("fit")
+    quality = next(iter(named.train_dataloader()))["quality"]
+    assert quality.shape == (8, 2) and quality[:, 0].eq(0).all() and quality[:, 1].isnan().all()  # strict: no blur
 
 
 def test_tier_mix_gives_every_rank_the_same_count_from_disjoint_shards(tiered):
