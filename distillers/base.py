@@ -4,7 +4,7 @@
     eps = randn_like(z0)
     t = distiller.sample_time(B, device, generator)     # 1. how the training time is sampled
     with inference_mode():                              # 2. the frozen networks: one no-grad call
-        job = distiller.make_targets(teacher, z0, cond, t, eps, generator)
+        job = distiller.make_targets(teacher, z0, cond, t, eps, generator, tiers=batch["tier"])
     pred = student(job.z, job.timestep, job.cond)       #    the student's raw output
     loss, logs = distiller.loss(pred, job)              # 3. how the loss is reduced and weighted
     distiller.scheduler(), .sample_steps, .sample_cfg   # 4. how the student samples
@@ -12,7 +12,8 @@
 
 That loop is `DistillModule.training_step`; it never asks which distiller it runs. Besides the
 teacher, `make_targets` may use `self.student_ema` (the student's EMA, a consistency method's
-target network), which the module hands over in `bind`.
+target network), which the module hands over in `bind`; `tiers` names each clip's data tier
+(the shard set it came from, "strict" / "lenient"), for methods that treat tiers differently.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class DistillTargets:
 
     def clone(self) -> "DistillTargets":
         """Copies that autograd may use: tensors made under inference_mode may not be saved for backward."""
-        copy = lambda x: x.clone() if isinstance(x, torch.Tensor) else x.map(torch.Tensor.clone)  # noqa: E731
+        def copy(x):
+            return x.clone() if isinstance(x, torch.Tensor) else x.map(torch.Tensor.clone) if isinstance(x, Conditions) else x
         return type(self)(**{f.name: copy(getattr(self, f.name)) for f in fields(self)})
 
 
@@ -51,7 +53,7 @@ class Distiller(HyperparametersMixin, nn.Module):
 
     Hooks, each overridable on its own:
       sample_time(B, device, generator) -> t (B,) in (0, 1]       default: uniform on the 1/T grid
-      make_targets(teacher, z0, cond, t, eps, generator)           required: -> DistillTargets
+      make_targets(teacher, z0, cond, t, eps, generator, tiers)    required: -> DistillTargets
       loss(pred, job) -> (scalar, {name: scalar to log})           default: weighted ||eps_theta - eps_target||^2
       scheduler() -> a diffusers scheduler for the student          required
       sample_cfg: True -> Eq 9's three passes a step at inference, False -> one pass
@@ -71,8 +73,8 @@ class Distiller(HyperparametersMixin, nn.Module):
             def __init__(self, power: float = 1.0, num_windows: int = 4, solver_steps: int = 8):
                 super().__init__(num_windows=num_windows, solver_steps=solver_steps)
 
-            def make_targets(self, teacher, z0, cond, t, eps, generator=None):
-                job = super().make_targets(teacher, z0, cond, t, eps, generator)
+            def make_targets(self, teacher, z0, cond, t, eps, generator=None, tiers=None):
+                job = super().make_targets(teacher, z0, cond, t, eps, generator, tiers)
                 return replace(job, weight=job.weight * (2 * t) ** self.hparams.power)
 
     and in a copy of distill_perflow.yaml: `distiller: {class_path: my_distillers.NoisyFirst,
@@ -141,7 +143,7 @@ class Distiller(HyperparametersMixin, nn.Module):
         return n.to(device) / self.num_train_timesteps
 
     def make_targets(self, teacher, z0: torch.Tensor, cond: Conditions, t: torch.Tensor, eps: torch.Tensor,
-                     generator: torch.Generator | None = None) -> DistillTargets:
+                     generator: torch.Generator | None = None, tiers: list[str] | None = None) -> DistillTargets:
         raise NotImplementedError
 
     def loss(self, pred: torch.Tensor, job: DistillTargets) -> tuple[torch.Tensor, dict]:
@@ -164,15 +166,22 @@ class CFGDistiller(Distiller):
       guided    the teacher's output is Eq 9 at (ref_scale, audio_scale) on the full conditions:
                 the student learns the guided output and samples with one pass a step
 
+    In guided mode a scale may be a range [low, high]: each clip draws its scale uniformly from it
+    (multi-CFG distillation, SPEC Eq 10), and the student's conditions carry the scales drawn
+    (`cond.guidance`, (B, 2) = (s_r, s_a)) for a student that takes them as input.
     Subclasses call `guided_teacher(teacher, cond, generator)` in `make_targets`.
     """
 
-    def __init__(self, mode: str = "balanced", ref_scale: float = 2.5, audio_scale: float = 6.5,
-                 p_drop_audio: float = 0.05, p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05,
-                 sample_steps: int = 6):
+    def __init__(self, mode: str = "balanced", ref_scale: float | tuple[float, float] = 2.5,
+                 audio_scale: float | tuple[float, float] = 6.5, p_drop_audio: float = 0.05,
+                 p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05, sample_steps: int = 6):
         super().__init__(sample_steps)
         if mode not in GUIDANCE_MODES:
             raise ValueError(f"{type(self).__name__} mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+        for name, scale in (("ref_scale", ref_scale), ("audio_scale", audio_scale)):
+            if isinstance(scale, (tuple, list)) and (len(scale) != 2 or scale[0] > scale[1] or mode != "guided"):
+                raise ValueError(f"{type(self).__name__} {name} {list(scale)}: a range is [low, high] and only "
+                                 f"guided mode draws scales from one")
         self.mode, self.ref_scale, self.audio_scale = mode, ref_scale, audio_scale
         self.p_drop = (p_drop_audio, p_drop_ref_audio, p_drop_motion)
 
@@ -180,14 +189,23 @@ class CFGDistiller(Distiller):
     def sample_cfg(self) -> bool:
         return self.mode == "balanced"
 
-    def guidance_scales(self, batch_size: int, device, generator=None):
-        """(s_r, s_a) for the teacher's Eq 9 in guided mode: scalars or per-sample (B,) tensors."""
-        return self.ref_scale, self.audio_scale
+    def guidance_scales(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_r, s_a), each (B,), for the teacher's Eq 9 in guided mode: the fixed scales, or uniform
+        draws from their ranges."""
+        gen_device = generator.device if generator is not None else device
+
+        def draw(scale):
+            if not isinstance(scale, (tuple, list)):
+                return torch.full((batch_size,), float(scale), device=device)
+            u = torch.rand(batch_size, generator=generator, device=gen_device).to(device)
+            return scale[0] + (scale[1] - scale[0]) * u
+
+        return draw(self.ref_scale), draw(self.audio_scale)
 
     def guided_teacher(self, teacher, cond: Conditions, generator=None):
         """-> (the conditions the student sees, the teacher's eps function (z, n) -> eps) for the mode."""
         if self.mode == "balanced":
             cond = condition_dropout(cond, *self.p_drop, generator=generator)
             return cond, self.eps_fn(teacher, cond)
-        batch_size = cond.ref.shape[0]
-        return cond, self.eps_fn(teacher, cond, *self.guidance_scales(batch_size, cond.ref.device, generator))
+        ref_scale, audio_scale = self.guidance_scales(cond.ref.shape[0], cond.ref.device, generator)
+        return cond.with_guidance(ref_scale, audio_scale), self.eps_fn(teacher, cond, ref_scale, audio_scale)

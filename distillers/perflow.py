@@ -20,7 +20,8 @@ from .base import CFGDistiller, DistillTargets
 
 class PeRFlow(CFGDistiller):
     def __init__(self, num_windows: int = 4, solver_steps: int = 8, mode: str = "balanced",
-                 ref_scale: float = 2.5, audio_scale: float = 6.5, p_drop_audio: float = 0.05,
+                 ref_scale: float | tuple[float, float] = 2.5, audio_scale: float | tuple[float, float] = 6.5,
+                 p_drop_audio: float = 0.05,
                  p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05, min_snr_gamma: float | None = None,
                  sample_steps: int = 6):
         super().__init__(mode, ref_scale, audio_scale, p_drop_audio, p_drop_ref_audio, p_drop_motion, sample_steps)
@@ -34,18 +35,27 @@ class PeRFlow(CFGDistiller):
             z = S.ddim_step(z, teacher_eps(z, n), self.abar(n, z), self.abar(n_next, z))
         return z
 
-    def make_targets(self, teacher, z0, cond, t, eps, generator=None) -> DistillTargets:
-        T = self.num_train_timesteps
+    def window(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(t_s, t_e, n_s, n_e): the window (t_e, t_s] holding each t (B,) and its DDPM indices."""
         t_s, t_e = P.window_bounds(t, self.num_windows)
-        n_s, n_e = P.time_to_index(t_s, T), P.time_to_index(t_e, T)
+        T = self.num_train_timesteps
+        return t_s, t_e, P.time_to_index(t_s, T), P.time_to_index(t_e, T)
+
+    def make_targets(self, teacher, z0, cond, t, eps, generator=None, tiers=None) -> DistillTargets:
+        t_s, t_e, n_s, n_e = self.window(t)
         z_s = S.add_noise(z0, eps, self.abar(n_s, z0))  # Eq 2: the window start on the marginal
         cond, teacher_eps = self.guided_teacher(teacher, cond, generator)
-        z_e = self.solve(teacher_eps, z_s, P.solver_indices(t_s, t_e, self.solver_steps, T))
+        z_e = self.solve(teacher_eps, z_s, P.solver_indices(t_s, t_e, self.solver_steps, self.num_train_timesteps))
+        return self.segment_targets(z_s, z_e, t, cond)
+
+    def segment_targets(self, z_s: torch.Tensor, z_e: torch.Tensor, t: torch.Tensor, cond) -> DistillTargets:
+        """The student's input on the straight segment z_s -> z_e of t's window and its eps target."""
+        t_s, t_e, n_s, n_e = self.window(t)
         lambda_s, eta_s = P.window_coefficients(self.alphas_cumprod[n_s], self.alphas_cumprod[n_e])
-        abar_t = self.alphas_cumprod[P.time_to_index(t, T)]
+        abar_t = self.alphas_cumprod[P.time_to_index(t, self.num_train_timesteps)]
         return DistillTargets(
             z=P.interpolate(z_s, z_e, t, t_s, t_e),  # Eq 3
-            timestep=t * T,
+            timestep=t * self.num_train_timesteps,
             cond=cond,
             eps_target=P.ddim_eps_target(z_s, z_e, lambda_s, eta_s),  # Eq 4
             abar=abar_t,

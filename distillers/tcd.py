@@ -64,7 +64,7 @@ class TCD(CFGDistiller):
         i = torch.randint(0, self.grid_steps, (batch_size,), generator=generator, device=gen_device).to(device)
         return (tcd.solver_grid(self.grid_steps, self.num_train_timesteps, device)[i] + 1) / self.num_train_timesteps
 
-    def make_targets(self, teacher, z0, cond, t, eps, generator=None) -> ConsistencyTargets:
+    def make_targets(self, teacher, z0, cond, t, eps, generator=None, tiers=None) -> ConsistencyTargets:
         n = P.time_to_index(t, self.num_train_timesteps).clamp(min=1)  # t_{n+k}
         n_prev = (n - self.skip).clamp(min=0)  # t_n
         n_s = tcd.sample_end_index(n_prev, generator)  # s

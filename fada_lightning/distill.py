@@ -165,7 +165,7 @@ class DistillModule(AvatarModule):
         t = self.distiller.sample_time(z0.shape[0], z0.device, generator)
         eps = torch.randn(z0.shape, generator=generator, device=generator.device if generator else z0.device)
         with torch.inference_mode():
-            job = self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator)
+            job = self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator, batch.get("tier"))
         job = job.clone()
         pred = self.net(job.z, job.timestep, job.cond)
         return self.distiller.loss(pred, job)
@@ -175,9 +175,19 @@ class DistillModule(AvatarModule):
         b = len(batch["ref"])
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         for name, value in logs.items():
-            self.log(f"train/{name}", value, batch_size=b)
+            self.log_value(f"train/{name}", value, b)
         self.log_data_health(batch)
         return loss
+
+    def log_value(self, name: str, value: torch.Tensor, batch_size: int):
+        """A scalar as a metric; per-sample values (n,) as their mean and, on logging steps, a histogram."""
+        if value.ndim == 0:
+            self.log(name, value, batch_size=batch_size)
+            return
+        self.log(f"{name}_mean", value.float().mean(), batch_size=batch_size)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_histogram") and self.global_step % self.trainer.log_every_n_steps == 0:
+            experiment.add_histogram(name, value.detach().float().cpu(), self.global_step)
 
     def held_out_loss(self, batch, batch_idx) -> torch.Tensor:
         """The distillation loss at fixed t, noise and dropout per batch index."""

@@ -129,7 +129,7 @@ def random_batch(b: int = 2, f: int = 4, m: int = 2, size: int = 32, seed: int =
     return dict(frames=torch.rand(b, f, 3, size, size, generator=g) * 2 - 1,
                 motion=torch.rand(b, m, 3, size, size, generator=g) * 2 - 1,
                 ref=torch.rand(b, 3, size, size, generator=g) * 2 - 1,
-                audio=torch.randn(b, f, 5, 1, 128, generator=g))
+                audio=torch.randn(b, f, 5, 1, 128, generator=g), tier=[("strict", "lenient")[i % 2] for i in range(b)])
 
 
 @pytest.fixture(scope="session")

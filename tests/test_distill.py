@@ -228,8 +228,8 @@ class NoisyFirst(PeRFlow):
     def __init__(self, power: float = 1.0, num_windows: int = 4, solver_steps: int = 8):
         super().__init__(num_windows=num_windows, solver_steps=solver_steps)
 
-    def make_targets(self, teacher, z0, cond, t, eps, generator=None):
-        job = super().make_targets(teacher, z0, cond, t, eps, generator)
+    def make_targets(self, teacher, z0, cond, t, eps, generator=None, tiers=None):
+        job = super().make_targets(teacher, z0, cond, t, eps, generator, tiers)
         return replace(job, weight=job.weight * (2 * t) ** self.hparams.power)
 
 

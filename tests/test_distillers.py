@@ -3,6 +3,7 @@ import pytest
 import torch
 import yaml
 
+from distillers.mixed import Fixed, MixedPeRFlow
 from distillers.perflow import PeRFlow
 from distillers.rflow import RFlow
 from distillers.tcd import TCD
@@ -36,6 +37,16 @@ class TestTCD(DistillerContract):
 class TestBalancedHuberTCD(DistillerContract):
     def make_distiller(self):
         return TCD(mode="balanced", distance="huber", gamma=0.5)
+
+
+class TestMixedPeRFlow(DistillerContract):
+    def make_distiller(self):
+        return MixedPeRFlow(solver_steps=1, num_windows=2, sample_steps=2)
+
+
+class TestLenientOnlyMixedPeRFlow(DistillerContract):
+    def make_distiller(self):
+        return MixedPeRFlow(Fixed(0.2), gt_tiers=["lenient"], solver_steps=1, num_windows=2, sample_steps=2)
 
 
 @pytest.mark.parametrize("mode", ["balanced", "guided"])

@@ -14,21 +14,39 @@ import torch
 class Conditions:
     """c = (r, a, m) for a batch of B clips, in the network's latent space.
 
-    ref:    (B, C, h, w)        reference latent r
-    motion: (B, M, C, h, w)     latents of the M frames before the clip (m)
-    audio:  (B, F, W, L, D)     per-frame audio feature windows (a)
+    ref:      (B, C, h, w)        reference latent r
+    motion:   (B, M, C, h, w)     latents of the M frames before the clip (m)
+    audio:    (B, F, W, L, D)     per-frame audio feature windows (a)
+    guidance: (B, 2) or None      CFG scales (s_r, s_a) for a student that takes them as input (Eq 10);
+                                  networks without CFG conditioning ignore it
     """
 
     ref: torch.Tensor
     motion: torch.Tensor
     audio: torch.Tensor
+    guidance: torch.Tensor | None = None
 
     def map(self, fn) -> "Conditions":
-        return Conditions(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+        return Conditions(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                             for f in fields(self)})
 
     @staticmethod
     def cat(parts: list["Conditions"]) -> "Conditions":
-        return Conditions(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Conditions)})
+        def cat_field(name):
+            values = [getattr(p, name) for p in parts]
+            if all(v is None for v in values):
+                return None
+            if any(v is None for v in values):
+                raise ValueError(f"cannot concatenate Conditions where only some have {name}")
+            return torch.cat(values)
+        return Conditions(**{f.name: cat_field(f.name) for f in fields(Conditions)})
+
+    def with_guidance(self, ref_scale, audio_scale) -> "Conditions":
+        """These conditions with guidance (B, 2) = (s_r, s_a); scales are floats or (B,) tensors."""
+        b = self.ref.shape[0]
+        scales = [torch.as_tensor(s, dtype=self.ref.dtype, device=self.ref.device).expand(b)
+                  for s in (ref_scale, audio_scale)]
+        return replace(self, guidance=torch.stack(scales, dim=1))
 
 
 def _keep(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
