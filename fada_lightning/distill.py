@@ -77,7 +77,11 @@ class DistillModule(AvatarModule):
 
     preset, prediction_type, schedule, clip_frames, motion_frames, ref_scale and audio_scale
     default to the teacher's (None); the first three must equal the teacher's. sample_steps
-    defaults to the distiller's. The teacher is loaded in `setup` (only training and evaluation
+    defaults to the distiller's; ref_scale and audio_scale are the scales the student samples with
+    by default (for a student that takes them, the ones it is told).
+    cfg_conditioning (models/cfg.py): how a one-pass student is told the CFG scales it imitates,
+    "none", "time_embedding", "layer" or "layer_tokens" (FADA-Fast), with `cfg_tokens` tokens per
+    set; the parts it adds start at zero output, the rest of the student is the teacher's. The teacher is loaded in `setup` (only training and evaluation
     need it): frozen, in eval mode, outside the optimizer and out of the checkpoints.
     """
 
@@ -87,7 +91,8 @@ class DistillModule(AvatarModule):
                  warmup_steps: int = 50, ema_decay: float | None = 0.995, sample_steps: int | None = None,
                  preset: str | dict | None = None, prediction_type: str | None = None, schedule: dict | None = None,
                  clip_frames: int | None = None, motion_frames: int | None = None,
-                 ref_scale: float | None = None, audio_scale: float | None = None):
+                 ref_scale: float | None = None, audio_scale: float | None = None,
+                 cfg_conditioning: str = "none", cfg_tokens: int = 4):
         if isinstance(distiller, dict):  # a checkpoint written outside LightningCLI holds the spec
             distiller = instantiate_class((), distiller)
         given = dict(preset=preset, prediction_type=prediction_type, schedule=schedule, clip_frames=clip_frames,
@@ -97,6 +102,10 @@ class DistillModule(AvatarModule):
                          settings["clip_frames"], settings["motion_frames"], sample_steps or distiller.sample_steps,
                          settings["ref_scale"], settings["audio_scale"])
         self.hparams.update(teacher_ckpt=teacher_ckpt, distiller=distiller.spec())
+        if self.net.takes_guidance and distiller.sample_cfg:
+            raise ConfigError(f"cfg_conditioning {cfg_conditioning!r} tells a one-pass student its CFG scales, but "
+                             f"{type(distiller).__name__} samples with Eq 9's three passes: set the distiller's "
+                             f"mode: guided (and scale ranges to draw from), or cfg_conditioning: none")
         self.distiller = distiller
         self.distiller.bind(self.schedule, self.hparams.prediction_type,
                             self.ema.module if self.ema is not None else None)
@@ -119,6 +128,9 @@ class DistillModule(AvatarModule):
                              f"the student (preset {(ours['preset'] or {}).get('name', '?')!r}): " + "; ".join(problems))
         return {k: theirs.get(k) if given[k] is None else given[k] for k in FROM_TEACHER}
 
+    def net_options(self) -> dict:
+        return {"cfg_conditioning": self.hparams.cfg_conditioning, "cfg_tokens": self.hparams.cfg_tokens}
+
     # ---- the teacher -----------------------------------------------------------------------
     def setup(self, stage: str):
         if stage != "predict":  # fit, validate and test compute distillation losses; sampling needs no teacher
@@ -135,9 +147,11 @@ class DistillModule(AvatarModule):
         check_weights_fit(teacher, weights, path)
         teacher.load_state_dict(weights)
         self.teacher = teacher.requires_grad_(False).eval()
-        self.net.load_state_dict(weights)  # a resumed run then restores the trained student over this
-        if self.ema is not None:
-            self.ema.module.load_state_dict(weights)
+        # a resumed run then restores the trained student over this; the student's CFG conditioning
+        # parts (if any) are new and keep their zero-output initialisation
+        for student in (self.net, self.ema.module if self.ema is not None else None):
+            if student is not None:
+                student.load_state_dict(weights, strict=False)
 
     def train(self, mode: bool = True):
         super().train(mode)

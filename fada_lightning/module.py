@@ -58,7 +58,7 @@ class AvatarModule(L.LightningModule):
                 f"preset {self.preset.get('name', '?')!r}: audio_features give (L, D) = "
                 f"({self.audio_features.num_layers}, {self.audio_features.dim}), net.audio expects "
                 f"({audio['layers']}, {audio['dim']})")
-        self.net = AvatarDenoiser(**self.preset["net"])
+        self.net = AvatarDenoiser(**self.preset["net"], **self.net_options())
         if self.codec.latent_channels != self.net.denoising_net.config.in_channels:
             raise ValueError(f"preset {self.preset.get('name', '?')!r}: the codec makes {self.codec.latent_channels} "
                              f"latent channels, net.unet.in_channels is {self.net.denoising_net.config.in_channels}")
@@ -67,6 +67,10 @@ class AvatarModule(L.LightningModule):
             self.ema = AveragedModel(self.net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self.register_buffer("alphas_cumprod", S.alphas_cumprod(self.schedule).float(), persistent=False)
+
+    def net_options(self) -> dict:
+        """AvatarDenoiser arguments besides the preset's (a student's CFG conditioning)."""
+        return {}
 
     # ---- data -> latents --------------------------------------------------------------------
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, Conditions]:
@@ -98,8 +102,9 @@ class AvatarModule(L.LightningModule):
         return None
 
     def sampling_scales(self, ref_scale: float | None, audio_scale: float | None) -> tuple:
-        """The (s_r, s_a) to sample with: the given ones, else the model's; (None, None) for one pass."""
-        if not self.samples_with_cfg:
+        """The (s_r, s_a) to sample with: the given ones, else the model's; (None, None) for a one-pass
+        student that does not take scales."""
+        if not self.samples_with_cfg and not self.sampling_net.takes_guidance:
             if ref_scale is not None or audio_scale is not None:
                 raise ValueError(f"this {type(self).__name__} samples with one pass a step (its guidance is distilled "
                                  f"in); CFG scales do not apply to it")

@@ -10,7 +10,7 @@ from distillers.tcd import TCD
 from fada_lightning.diffusion import schedule as S
 from fada_lightning.presets import find_config
 
-from conftest import WobblyNet, random_latents
+from conftest import WobblyNet, random_batch, random_latents
 from distiller_contract import DistillerContract
 
 
@@ -47,6 +47,28 @@ class TestMixedPeRFlow(DistillerContract):
 class TestLenientOnlyMixedPeRFlow(DistillerContract):
     def make_distiller(self):
         return MixedPeRFlow(Fixed(0.2), gt_tiers=["lenient"], solver_steps=1, num_windows=2, sample_steps=2)
+
+
+class TestFADAFast(DistillerContract):
+    """Mixed supervision + multi-CFG distillation into a student with CFG layers and tokens."""
+
+    module_options = {"cfg_conditioning": "layer_tokens", "ref_scale": 2.0, "audio_scale": 6.5}
+
+    def make_distiller(self):
+        return MixedPeRFlow(mode="guided", ref_scale=(1.0, 3.0), audio_scale=(3.0, 9.0), solver_steps=1,
+                            num_windows=2, sample_steps=6)
+
+    def test_the_fast_student_samples_at_6_nfe_and_follows_the_scales(self, trained, tmp_path):
+        model, _, path = trained
+        assert model.distiller.nfe() == 6 and not model.samples_with_cfg
+        batch = random_batch(b=1, f=model.hparams.clip_frames)
+        model.eval()
+        runs = {scales: model.generate(batch["ref"], batch["audio"], None, *scales,
+                                       generator=torch.Generator().manual_seed(0))
+                for scales in [(2.0, 6.5), (1.0, 3.0), (None, None)]}
+        assert [nfe for _, nfe in runs.values()] == [6, 6, 6]
+        assert not torch.equal(runs[(2.0, 6.5)][0], runs[(1.0, 3.0)][0])  # the scales steer the one pass
+        assert torch.equal(runs[(2.0, 6.5)][0], runs[(None, None)][0])  # the defaults are the module's 2.0 / 6.5
 
 
 @pytest.mark.parametrize("mode", ["balanced", "guided"])

@@ -28,6 +28,10 @@ class NFECounter:
         return self.net.encode_reference(cond)  # the reference net runs at t = 0 once a clip: not a step
 
     @property
+    def takes_guidance(self) -> bool:
+        return takes_guidance(self.net)
+
+    @property
     def nfe(self) -> float:
         return self.evaluations / self.clips
 
@@ -51,6 +55,21 @@ def conditional_denoiser(net, cond: Conditions) -> DenoiseFn:
     """One pass a step, no guidance (students that learnt the guided output)."""
     bank = net.encode_reference(cond)
     return lambda z, t: net(z, t, cond, reference=bank)
+
+
+def takes_guidance(net) -> bool:
+    """True for a network that reads the CFG scales from `cond.guidance` (a multi-CFG distilled student)."""
+    return getattr(net, "takes_guidance", False)
+
+
+def denoiser_for(net, cond: Conditions, ref_scale: float | None, audio_scale: float | None) -> DenoiseFn:
+    """Scales None: one conditional pass. Scales and a net that takes them: one pass told the
+    scales (`cond.guidance`). Scales otherwise: Eq 9's three passes as one batch."""
+    if ref_scale is None:
+        return conditional_denoiser(net, cond)
+    if takes_guidance(net):
+        return conditional_denoiser(net, cond.with_guidance(ref_scale, audio_scale))
+    return guided_denoiser(net, cond, ref_scale, audio_scale)
 
 
 @torch.no_grad()
@@ -81,7 +100,8 @@ def generate_clips(net, scheduler, ref: torch.Tensor, audio: torch.Tensor, clip_
 
     ref (B, C, h, w) reference latents; audio (B, T, W, L, D) feature windows for all T frames.
     The first clip's motion frames are the reference repeated; each later clip takes the last
-    M frames generated. Scales None -> one conditional pass a step; eta goes to the scheduler's step.
+    M frames generated. Scales None -> one conditional pass a step, else `denoiser_for` (one pass
+    for a net that takes the scales, Eq 9's three otherwise); eta goes to the scheduler's step.
     Returns (latents (B, T, C, h, w), NFE per clip window).
     """
     check_eta(scheduler, eta)
@@ -94,8 +114,7 @@ def generate_clips(net, scheduler, ref: torch.Tensor, audio: torch.Tensor, clip_
         if window.shape[1] < clip_frames:  # pad the last window with null (zero) audio
             window = torch.cat([window, window.new_zeros(b, clip_frames - window.shape[1], *window.shape[2:])], 1)
         cond = Conditions(ref=ref, motion=motion, audio=window)
-        denoise = (conditional_denoiser(counter, cond) if ref_scale is None
-                   else guided_denoiser(counter, cond, ref_scale, audio_scale))
+        denoise = denoiser_for(counter, cond, ref_scale, audio_scale)
         noise = torch.randn((b, clip_frames, *ref.shape[1:]), generator=generator, device=ref.device, dtype=ref.dtype)
         clip = sample_loop(denoise, noise, scheduler, num_steps, generator, progress, eta)
         clips.append(clip)

@@ -14,6 +14,8 @@ transformer block does
  -> temporal self-attention over frames, K/V = [motion-frame features ; the F frames].
 The bank depends only on (r, m), so a sampler computes it once per clip (`encode_reference`)
 and reuses it at every step.
+A student distilled from multi-CFG may also take the guidance scales it imitates
+(`cfg_conditioning`, models/cfg.py): then `cond.guidance` (B, 2) is required.
 """
 from __future__ import annotations
 
@@ -26,16 +28,20 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from torch import nn
 
 from ..diffusion.guidance import Conditions
+from .cfg import (SCALE_EMBEDDING_DIM, AudioThenCFGProcessor, CFGLayer, CFGTokens, ScaleTokens,
+                  check_cfg_conditioning, scale_embedding)
 
 Bank = dict[str, torch.Tensor]
 
 
 class _Context:
-    """Per-forward state the hooked layers share: the reference bank and the frame count."""
+    """Per-forward state the hooked layers share: the reference bank, the frame count and the
+    CFG embedding (B F, N, d) of a student with CFG layers."""
 
     def __init__(self):
         self.bank: Bank = {}
         self.num_frames = 1
+        self.cfg_tokens: torch.Tensor | None = None
 
 
 class RecordingAttnProcessor(AttnProcessor2_0):
@@ -133,6 +139,10 @@ def _self_attentions(unet: UNet2DConditionModel):
     return [(n, m) for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn1")]
 
 
+def _audio_attentions(unet: UNet2DConditionModel):
+    return [(n, m) for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2")]
+
+
 class AudioProjection(nn.Module):
     """Audio feature windows (B, F, W, L, D) -> audio tokens (B F, W, cross_dim): all L layers
     of each window position are projected to one token, plus a learned position per token."""
@@ -161,10 +171,12 @@ class AvatarDenoiser(nn.Module):
     unet:  UNet2DConditionModel config (both nets share it; `cross_attention_dim` = audio token size)
     audio: {"layers": L, "dim": D, "window": W, "hidden": projection width}
     pretrained: a local diffusers folder whose `unet/` initialises both nets (SD1.5 for `sd15`).
+    cfg_conditioning: how a one-pass student is told its CFG scales, one of models.cfg.CFG_CONDITIONING
+    ("none" for a teacher); cfg_tokens: N, the tokens per set of the CFG embedding.
     """
 
     def __init__(self, unet: dict, audio: dict, temporal_heads: int = 8, max_frames: int = 32,
-                 pretrained: str | None = None):
+                 pretrained: str | None = None, cfg_conditioning: str = "none", cfg_tokens: int = 4):
         super().__init__()
         self.reference_net = self._load_unet(unet, pretrained)
         self.denoising_net = self._load_unet(unet, pretrained)
@@ -182,6 +194,25 @@ class AvatarDenoiser(nn.Module):
             slots[j] = RecordingTransformer(slots[j], self._ref_ctx, name)
         for name, slots, j in _transformer_slots(self.denoising_net):
             slots[j] = MotionTransformer(slots[j], self._ctx, name, temporal_heads, max_frames)
+        self.cfg_conditioning = check_cfg_conditioning(cfg_conditioning)
+        self._add_cfg_conditioning(cfg_tokens, cross_dim)
+
+    def _add_cfg_conditioning(self, num_tokens: int, dim: int):
+        """The parts of models/cfg.py that `cfg_conditioning` names, all zero at the start."""
+        if self.cfg_conditioning == "time_embedding":
+            time_embedding = self.denoising_net.time_embedding
+            time_embedding.cond_proj = nn.Linear(2 * SCALE_EMBEDDING_DIM, time_embedding.linear_1.in_features, bias=False)
+            nn.init.zeros_(time_embedding.cond_proj.weight)
+            self.denoising_net.register_to_config(time_cond_proj_dim=2 * SCALE_EMBEDDING_DIM)
+        elif self.cfg_conditioning in ("layer", "layer_tokens"):
+            self.cfg_embedding = (CFGTokens if self.cfg_conditioning == "layer_tokens" else ScaleTokens)(num_tokens, dim)
+            for _, attn in _audio_attentions(self.denoising_net):
+                attn.set_processor(AudioThenCFGProcessor(self._ctx, CFGLayer(attn.to_q.in_features, attn.heads, dim)))
+
+    @property
+    def takes_guidance(self) -> bool:
+        """True when the network reads the CFG scales it imitates from `cond.guidance`."""
+        return self.cfg_conditioning != "none"
 
     def _drop_unused_reference_layers(self):
         """Only the reference net's bank is used: drop what runs after its last transformer
@@ -218,10 +249,20 @@ class AvatarDenoiser(nn.Module):
             raise ValueError(f"{f} frames + {cond.motion.shape[1]} motion frames exceed max_frames={self.max_frames}")
         bank = self.encode_reference(cond) if reference is None else reference
         timestep = torch.as_tensor(timestep, device=sample.device).expand(b).repeat_interleave(f)
+        timestep_cond = None
+        if self.takes_guidance:
+            if cond.guidance is None:
+                raise ValueError(f"this network takes the CFG scales it imitates (cfg_conditioning "
+                                 f"{self.cfg_conditioning!r}): cond.guidance (B, 2) = (s_r, s_a) is missing")
+            guidance = cond.guidance.float().repeat_interleave(f, dim=0)  # (B F, 2), one row per frame
+            if self.cfg_conditioning == "time_embedding":
+                timestep_cond = scale_embedding(guidance)
+            else:
+                self._ctx.cfg_tokens = self.cfg_embedding(guidance)
         self._ctx.bank, self._ctx.num_frames = bank, f
         try:
-            out = self.denoising_net(sample.flatten(0, 1), timestep,
+            out = self.denoising_net(sample.flatten(0, 1), timestep, timestep_cond=timestep_cond,
                                      encoder_hidden_states=self.audio_projection(cond.audio)).sample
         finally:
-            self._ctx.bank = {}
+            self._ctx.bank, self._ctx.cfg_tokens = {}, None
         return out.unflatten(0, (b, f))

@@ -1,0 +1,92 @@
+"""Multi-CFG conditioning of a one-pass student (SPEC section 3, Eq 10) and its ablation variants.
+
+The student is told the guidance scales g = (s_r, s_a) it should imitate (`cond.guidance`, (B, 2)):
+
+  none            nothing: the student cannot see the scales
+  time_embedding  a sinusoidal embedding of each scale (LCM's w-condition) added to the UNet's time
+                  embedding through diffusers' `cond_proj` (`time_cond_proj_dim`), zero-initialised
+  layer           a CFG layer after every audio-attention layer, attending to N tokens that an MLP
+                  makes from the scales' embedding
+  layer_tokens    the CFG layer attending to FADA's learnable tokens combined like Eq 9:
+                  e_cfg = T_0 + s_r (T_r - T_0) + s_a (T_ar - T_r)                         (Eq 10)
+
+Every part starts at zero output, so a fresh student computes exactly what the teacher it is
+copied from computes.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from torch import nn
+
+CFG_CONDITIONING = ("none", "time_embedding", "layer", "layer_tokens")
+SCALE_EMBEDDING_DIM = 128  # per scale; the pair makes 256, LCM's w-embedding size
+
+
+def check_cfg_conditioning(kind: str) -> str:
+    if kind not in CFG_CONDITIONING:
+        raise ValueError(f"cfg_conditioning must be one of {CFG_CONDITIONING}, got {kind!r}")
+    return kind
+
+
+def scale_embedding(guidance: torch.Tensor, dim: int = SCALE_EMBEDDING_DIM) -> torch.Tensor:
+    """(B, 2) scales -> (B, 2 dim): each scale's sinusoidal embedding at 1000 s (as LCM embeds w)."""
+    return torch.cat([get_timestep_embedding(guidance[:, i] * 1000, dim) for i in range(guidance.shape[1])], dim=1)
+
+
+class CFGTokens(nn.Module):
+    """Eq 10: three learnable token sets T_0, T_r, T_ar (N, d) -> e_cfg (B, N, d) for scales (B, 2).
+    At (s_r, s_a) = (0, 0) it is T_0, at (1, 0) T_r, at (1, 1) T_ar, like Eq 9's three passes."""
+
+    def __init__(self, num_tokens: int, dim: int):
+        super().__init__()
+        self.uncond, self.ref, self.full = (nn.Parameter(torch.randn(num_tokens, dim) * dim**-0.5) for _ in range(3))
+
+    def forward(self, guidance: torch.Tensor) -> torch.Tensor:
+        s_r, s_a = guidance[:, 0, None, None], guidance[:, 1, None, None]
+        return self.uncond + s_r * (self.ref - self.uncond) + s_a * (self.full - self.ref)
+
+
+class ScaleTokens(nn.Module):
+    """The `layer` variant's embedding: scales (B, 2) -> (B, N, d) through an MLP of their
+    sinusoidal embedding, with no Eq 9 structure."""
+
+    def __init__(self, num_tokens: int, dim: int):
+        super().__init__()
+        self.num_tokens, self.dim = num_tokens, dim
+        self.mlp = TimestepEmbedding(2 * SCALE_EMBEDDING_DIM, dim, out_dim=num_tokens * dim)
+
+    def forward(self, guidance: torch.Tensor) -> torch.Tensor:
+        return self.mlp(scale_embedding(guidance).to(guidance.dtype)).unflatten(-1, (self.num_tokens, self.dim))
+
+
+class CFGLayer(nn.Module):
+    """Cross-attention from image tokens x (N, hw, C) to the CFG embedding (N, T, d) -> (N, hw, C),
+    pre-normed, zero-initialised output: a fresh layer adds nothing."""
+
+    def __init__(self, channels: int, heads: int, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.attn = Attention(query_dim=channels, cross_attention_dim=dim, heads=heads, dim_head=channels // heads,
+                              out_bias=True)
+        nn.init.zeros_(self.attn.to_out[0].weight)
+        nn.init.zeros_(self.attn.to_out[0].bias)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.norm(x), encoder_hidden_states=tokens)
+
+
+class AudioThenCFGProcessor(nn.Module):
+    """attn2 (the audio cross-attention) of a denoising-net block, followed by a CFG layer:
+        a = audio_attention(x);  return a + cfg_layer(x + a, e_cfg)
+    which the block adds to its residual stream. x is the block's normed input; e_cfg (B F, N, d)
+    comes from the shared context. A module: its layer's weights are attn2.processor.cfg_layer.*."""
+
+    def __init__(self, ctx, layer: CFGLayer):
+        super().__init__()
+        self.ctx, self.cfg_layer, self.audio = ctx, layer, AttnProcessor2_0()
+
+    def forward(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        audio = self.audio(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        return audio + self.cfg_layer(hidden_states + audio, self.ctx.cfg_tokens)
