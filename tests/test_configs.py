@@ -1,0 +1,82 @@
+"""The FADA configs: distill_mixed.yaml and distill_fada_fast.yaml against their bases, and the Table 3 / 4
+ablation rows, each an override that changes its base only where the row differs (checked on the config
+jsonargparse resolves, not on the YAML text)."""
+import pytest
+import yaml
+
+from fada_lightning.cli import main
+from fada_lightning.presets import bundled_config_dir
+
+ROWS = {"table3": ("distill_mixed.yaml", "model.init_args.distiller.init_args.gt_weight"),
+        "table4": ("distill_fada_fast.yaml", "model.init_args.cfg_conditioning")}
+ABLATIONS = sorted(f"{p.parent.name}/{p.stem}" for p in (bundled_config_dir() / "ablations").rglob("*.yaml"))
+
+
+def resolved(capsys, *configs) -> dict:
+    with pytest.raises(SystemExit):
+        main(["fit", *[arg for c in configs for arg in ("--config", c)], "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def differences(a, b, prefix="") -> dict[str, tuple]:
+    """{dotted key: (a's value, b's value)} where two nested configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: v for key in a.keys() | b.keys()
+                for k, v in differences(a.get(key), b.get(key), f"{prefix}{key}.").items()}
+    return {} if a == b else {prefix.rstrip("."): (a, b)}
+
+
+def test_the_paper_rows_are_all_there():
+    assert ABLATIONS == sorted(
+        [f"table3/{r}" for r in ("fixed_0", "fixed_0.2", "fixed_1.0", "adaptive_unlimited_0.5",
+                                 "adaptive_unlimited_0.25", "adaptive_0.5", "adaptive_0.25")]
+        + [f"table4/{r}" for r in ("no_cfg", "time_embedding", "cfg_layer", "cfg_layer_tokens")])
+
+
+@pytest.mark.parametrize("row", ABLATIONS)
+def test_an_ablation_row_differs_from_its_base_only_where_the_row_does(row, capsys):
+    table, name = row.split("/")
+    base_name, row_key = ROWS[table]
+    base = resolved(capsys, base_name)
+    mine = resolved(capsys, base_name, f"ablations/{row}.yaml")
+    changed = differences(base, mine)
+    run_dirs = {k: v for k, v in changed.items() if k in ("trainer.default_root_dir", "trainer.logger.init_args.save_dir")}
+    assert {v[1] for v in run_dirs.values()} == {f"runs/{row}"} and len(run_dirs) == 2  # its own run folder
+    assert all(k.startswith(row_key) for k in changed.keys() - run_dirs.keys()), changed
+
+
+def test_each_row_is_a_different_setting(capsys):
+    settings = {}
+    for row in ABLATIONS:
+        table = row.split("/")[0]
+        config = resolved(capsys, ROWS[table][0], f"ablations/{row}.yaml")
+        value = config
+        for key in ROWS[table][1].split("."):
+            value = value[key]
+        settings[row] = yaml.safe_dump(value)
+    assert len(set(settings.values())) == len(settings)
+    table4 = {r: yaml.safe_load(settings[r]) for r in settings if r.startswith("table4")}
+    assert table4 == {"table4/no_cfg": "none", "table4/time_embedding": "time_embedding", "table4/cfg_layer": "layer",
+                      "table4/cfg_layer_tokens": "layer_tokens"}
+
+
+def test_fada_configs_differ_from_their_bases_only_where_fada_does(capsys):
+    perflow, mixed, fast = (resolved(capsys, f"distill_{n}.yaml") for n in ("perflow", "mixed", "fada_fast"))
+    distiller = "model.init_args.distiller"
+    assert differences(perflow, mixed) == {
+        f"{distiller}.class_path": ("distillers.perflow.PeRFlow", "distillers.mixed.MixedPeRFlow"),
+        f"{distiller}.init_args.gt_weight": (None, {"class_path": "distillers.mixed.Adaptive",  # SPEC's defaults
+                                                    "init_args": {"alpha": 0.25, "beta": 0.2, "r_peak": 30.0,
+                                                                  "r_dead": 100.0}}),
+        "data.init_args.tier_weights": (None, {"strict": 0.5, "lenient": 0.5}),
+        "trainer.default_root_dir": ("runs/perflow", "runs/mixed"),
+        "trainer.logger.init_args.save_dir": ("runs/perflow", "runs/mixed")}
+
+    changed = differences(mixed, fast)
+    expected = {"model.init_args.cfg_conditioning": ("none", "layer_tokens"), "model.init_args.ref_scale": (None, 2.0),
+                "model.init_args.audio_scale": (None, 6.5), f"{distiller}.init_args.mode": ("balanced", "guided"),
+                f"{distiller}.init_args.ref_scale": (2.5, [1.0, 3.0]),
+                f"{distiller}.init_args.audio_scale": (6.5, [1.0, 9.0]),
+                "trainer.default_root_dir": ("runs/mixed", "runs/fada_fast"),
+                "trainer.logger.init_args.save_dir": ("runs/mixed", "runs/fada_fast")}
+    assert changed == expected
