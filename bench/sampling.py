@@ -4,10 +4,13 @@ on the same `micro` network and the same inputs.
     python bench/sampling.py [--teacher CKPT] [--clips 1] [--repeats 3]
 
 Rows: the teacher (25 DDIM steps x 3 CFG passes as one batch), the same teacher with its three
-passes run one after another, and students of each distiller at 6 steps: PeRFlow Balanced, RFlow
-and TCD balanced (x 3 passes, FADA's 18-NFE table rows), TCD guided (1 pass, diffusers'
-TCDScheduler with gamma 0.3). Weights do not change the cost; without --teacher a random micro
-teacher is used.
+passes run one after another, and students of each distiller at 6 steps: PeRFlow / FADA-Balanced,
+RFlow and TCD balanced (x 3 passes, FADA's 18-NFE table rows), TCD guided (1 pass, diffusers'
+TCDScheduler with gamma 0.3) and FADA-Fast (1 pass told the scales through CFG layers and tokens).
+Then the cost of one network call: a conditional pass, the teacher's three-pass batch, and a step
+of each Table 4 student variant; the bound FADA-Fast's end-to-end speed-up is held to is
+(three-pass batch / one pass) x 25 / 6. Weights do not change the cost; without --teacher a random
+micro teacher is used.
 """
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from distillers.mixed import MixedPeRFlow
 from distillers.perflow import PeRFlow
 from distillers.rflow import RFlow
 from distillers.tcd import TCD
 from fada_lightning.diffusion.guidance import Conditions, cfg_conditions, multi_cfg
-from fada_lightning.diffusion.sampling import NFECounter, conditional_denoiser, guided_denoiser, sample_loop
+from fada_lightning.diffusion.sampling import NFECounter, denoiser_for, sample_loop
+from fada_lightning.models.cfg import CFG_CONDITIONING
 from fada_lightning.distill import DistillModule
 from fada_lightning.module import TeacherModule
 from fada_lightning.sample import load_module
@@ -39,20 +44,26 @@ def sequential_cfg_denoiser(net, cond: Conditions, ref_scale: float, audio_scale
 
 
 def own_denoiser(module):
-    """How `module` samples: Eq 9's passes as one batch at its scales, or one conditional pass."""
+    """How `module` samples (`denoiser_for` at its default scales): Eq 9's passes as one batch, one
+    pass told the scales, or one conditional pass."""
     s_r, s_a = module.sampling_scales(None, None)
-    return (lambda net, cond: guided_denoiser(net, cond, s_r, s_a)) if module.samples_with_cfg else conditional_denoiser
+    return lambda net, cond: denoiser_for(net, cond, s_r, s_a)
 
 
-def time_window(module, denoiser_factory, steps: int, clips: int, repeats: int) -> tuple[float, float]:
-    """(median seconds, NFE) to sample one clip window for `clips` clips, reference bank included."""
+def window_inputs(module, clips: int) -> tuple[Conditions, torch.Tensor]:
+    """The same conditions and noise (clips, F, C, h, w) for every row."""
     a, f = module.preset["net"]["audio"], module.hparams.clip_frames
     latent = module.codec.encode(torch.zeros(1, 3, module.preset["frame_size"], module.preset["frame_size"]))
     g = torch.Generator().manual_seed(0)
     ref = torch.randn((clips, *latent.shape[1:]), generator=g)
     cond = Conditions(ref=ref, motion=ref[:, None].repeat(1, module.hparams.motion_frames, 1, 1, 1),
                       audio=torch.randn(clips, f, a["window"], a["layers"], a["dim"], generator=g))
-    noise = torch.randn((clips, f, *ref.shape[1:]), generator=g)
+    return cond, torch.randn((clips, f, *ref.shape[1:]), generator=g)
+
+
+def time_window(module, denoiser_factory, steps: int, clips: int, repeats: int) -> tuple[float, float]:
+    """(median seconds, NFE) to sample one clip window for `clips` clips, reference bank included."""
+    cond, noise = window_inputs(module, clips)
     net = module.sampling_net.eval()
     times, nfe = [], 0.0
     with torch.inference_mode():
@@ -64,6 +75,21 @@ def time_window(module, denoiser_factory, steps: int, clips: int, repeats: int) 
                 times.append(time.perf_counter() - start)
             nfe = counter.nfe
     return statistics.median(times), nfe
+
+
+def time_calls(calls: dict[str, tuple], rounds: int) -> dict[str, float]:
+    """{name: (net, z, cond)} -> {name: median seconds of one call at t = 500}, each call's reference
+    bank computed beforehand. The calls take turns, so drift in the machine's speed hits all alike."""
+    times = {name: [] for name in calls}
+    with torch.inference_mode():
+        banks = {name: net.encode_reference(cond) for name, (net, z, cond) in calls.items()}
+        for i in range(rounds + 1):  # round 0 warms up
+            for name, (net, z, cond) in calls.items():
+                start = time.perf_counter()
+                net(z, torch.tensor(500), cond, reference=banks[name])
+                if i:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -84,6 +110,10 @@ def main(argv=None):
             ("TCD balanced student, 6 x 3", TCD(mode="balanced")),
             ("TCD guided student, 6 x 1", TCD(mode="guided")),
         )]
+        fast = {kind: DistillModule(path, MixedPeRFlow(mode="guided", ref_scale=(1.0, 3.0), audio_scale=(1.0, 9.0)),
+                                    cfg_conditioning=kind, ref_scale=2.0, audio_scale=6.5)
+                for kind in CFG_CONDITIONING}
+        students.append(("FADA-Fast student (CFG tokens), 6 x 1", fast["layer_tokens"]))
     s_r, s_a = teacher.hparams.ref_scale, teacher.hparams.audio_scale
     rows = [("teacher, DDIM 25 x 3 passes batched", teacher, own_denoiser(teacher), 25),
             ("teacher, DDIM 25 x 3 passes one by one", teacher, lambda n, c: sequential_cfg_denoiser(n, c, s_r, s_a), 25)]
@@ -98,6 +128,26 @@ def main(argv=None):
         print(f"{name:40s} {nfe:5g} {seconds:9.3f} {measured[0][0] / seconds:8.2f}x {measured[0][1] / nfe:9.2f}x",
               flush=True)
     print(f"CFG passes batched vs one by one: {measured[1][0] / measured[0][0]:.2f}x faster")
+
+    # one network call: what a sampler step costs, and the bound it puts on FADA-Fast's speed-up
+    cond, z = window_inputs(teacher, args.clips)
+    told = cond.with_guidance(2.0, 6.5)
+    calls = {"conditional pass": (teacher.sampling_net.eval(), z, cond),
+             "teacher step: 3 passes as one batch": (teacher.sampling_net, z.repeat(3, 1, 1, 1, 1), cfg_conditions(cond))}
+    calls.update({f"student step, cfg_conditioning {kind}": (module.sampling_net.eval(), z, told)
+                  for kind, module in fast.items()})
+    rounds = args.repeats * 10
+    seconds = time_calls(calls, rounds)
+    one_pass = seconds["conditional pass"]
+    print(f"\none network call (median of {rounds}, taking turns), relative to a conditional pass of the teacher's net:")
+    for name, t in seconds.items():
+        print(f"{name:48s} {t * 1e3:7.1f} ms  {t / one_pass:.3f}")
+    three_pass = seconds["teacher step: 3 passes as one batch"]
+    fast_row = measured[-1]
+    bound = three_pass / one_pass * 25 / 6
+    print(f"\nFADA-Fast end to end: {measured[0][0] / fast_row[0]:.2f}x faster than the teacher "
+          f"({measured[0][1] / fast_row[1]:.1f}x fewer NFE); the pass counts allow "
+          f"(3-pass batch / 1 pass) x 25/6 = {bound:.2f}x")
 
 
 if __name__ == "__main__":

@@ -105,3 +105,25 @@ def test_a_student_told_its_scales_needs_a_guided_distiller(teacher_ckpt):
         DistillModule(teacher_ckpt, PeRFlow(mode="guided"), cfg_conditioning="tokens")
     with pytest.raises(ValueError, match="only guided mode"):
         PeRFlow(mode="balanced", audio_scale=(3.0, 9.0))
+
+
+def test_the_cfg_layer_is_cross_attention_of_every_frame_to_its_clip_tokens():
+    """Against diffusers' Attention run per frame on the clip's tokens repeated, with the same weights."""
+    from diffusers.models.attention_processor import Attention
+
+    from fada_lightning.models.cfg import CFGLayer
+
+    torch.manual_seed(0)
+    b, f, hw, c, heads, n, d = 2, 3, 10, 16, 4, 5, 12
+    layer = CFGLayer(c, heads, d)
+    torch.nn.init.normal_(layer.to_out.weight)
+    reference = Attention(query_dim=c, cross_attention_dim=d, heads=heads, dim_head=c // heads, out_bias=True)
+    with torch.no_grad():
+        reference.to_q.weight.copy_(layer.to_q.weight)
+        reference.to_k.weight.copy_(layer.to_kv.weight[:c])
+        reference.to_v.weight.copy_(layer.to_kv.weight[c:])
+        reference.to_out[0].weight.copy_(layer.to_out.weight)
+        reference.to_out[0].bias.copy_(layer.to_out.bias)
+    x, tokens = torch.randn(b * f, hw, c), torch.randn(b, n, d)
+    expected = reference(layer.norm(x), encoder_hidden_states=tokens.repeat_interleave(f, dim=0))
+    torch.testing.assert_close(layer(x, tokens), expected)

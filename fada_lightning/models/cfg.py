@@ -16,6 +16,7 @@ copied from computes.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from torch import nn
@@ -62,25 +63,43 @@ class ScaleTokens(nn.Module):
 
 
 class CFGLayer(nn.Module):
-    """Cross-attention from image tokens x (N, hw, C) to the CFG embedding (N, T, d) -> (N, hw, C),
-    pre-normed, zero-initialised output: a fresh layer adds nothing."""
+    """Cross-attention from image tokens to the CFG embedding, pre-normed, zero-initialised output
+    (a fresh layer adds nothing). x (B F, L, C), tokens (B, T, d) -> (B F, L, C); the F frames of a
+    clip share its tokens, so their queries attend as one (B, F L) sequence.
+
+    With T tokens the projections fold onto the token side: per head h,
+        softmax(x W_q,h k_h^T / sqrt(c)) v_h W_o,h = softmax(x A_h) V_h,  A_h = W_q,h k_h^T / sqrt(c) (C, T),
+                                                                           V_h = v_h W_o,h (T, C)
+    so the image side is x (C) -> h T logits -> C, instead of two C x C projections: ~C / (h T) times
+    fewer flops, and the same parameters (to_q, to_kv, to_out) as an ordinary attention layer."""
 
     def __init__(self, channels: int, heads: int, dim: int):
         super().__init__()
+        if channels % heads:
+            raise ValueError(f"CFG layer: {channels} channels do not split into {heads} heads")
+        self.heads = heads
         self.norm = nn.LayerNorm(channels)
-        self.attn = Attention(query_dim=channels, cross_attention_dim=dim, heads=heads, dim_head=channels // heads,
-                              out_bias=True)
-        nn.init.zeros_(self.attn.to_out[0].weight)
-        nn.init.zeros_(self.attn.to_out[0].bias)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * channels, bias=False)
+        self.to_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.attn(self.norm(x), encoder_hidden_states=tokens)
+        (b, t, _), h, channels = tokens.shape, self.heads, x.shape[-1]
+        c = channels // h
+        k, v = self.to_kv(tokens).view(b, t, 2, h, c).unbind(2)  # (B, T, h, c) each
+        a = torch.einsum("hci,bthc->biht", self.to_q.weight.view(h, c, channels), k * c**-0.5)  # (B, C, h, T)
+        values = torch.einsum("bthc,ohc->bhto", v, self.to_out.weight.view(channels, h, c))  # (B, h, T, C)
+        logits = self.norm(x).reshape(b, -1, channels) @ a.reshape(b, channels, h * t)  # (B, F L, h T)
+        weights = logits.unflatten(-1, (h, t)).softmax(-1).flatten(2)
+        return torch.baddbmm(self.to_out.bias, weights, values.reshape(b, h * t, channels)).reshape(x.shape)
 
 
 class AudioThenCFGProcessor(nn.Module):
     """attn2 (the audio cross-attention) of a denoising-net block, followed by a CFG layer:
         a = audio_attention(x);  return a + cfg_layer(x + a, e_cfg)
-    which the block adds to its residual stream. x is the block's normed input; e_cfg (B F, N, d)
+    which the block adds to its residual stream. x is the block's normed input; e_cfg (B, N, d)
     comes from the shared context. A module: its layer's weights are attn2.processor.cfg_layer.*."""
 
     def __init__(self, ctx, layer: CFGLayer):

@@ -36,7 +36,7 @@ Bank = dict[str, torch.Tensor]
 
 class _Context:
     """Per-forward state the hooked layers share: the reference bank, the frame count and the
-    CFG embedding (B F, N, d) of a student with CFG layers."""
+    CFG embedding (B, N, d) of a student with CFG layers."""
 
     def __init__(self):
         self.bank: Bank = {}
@@ -254,11 +254,11 @@ class AvatarDenoiser(nn.Module):
             if cond.guidance is None:
                 raise ValueError(f"this network takes the CFG scales it imitates (cfg_conditioning "
                                  f"{self.cfg_conditioning!r}): cond.guidance (B, 2) = (s_r, s_a) is missing")
-            guidance = cond.guidance.float().repeat_interleave(f, dim=0)  # (B F, 2), one row per frame
+            guidance = cond.guidance.float()
             if self.cfg_conditioning == "time_embedding":
-                timestep_cond = scale_embedding(guidance)
+                timestep_cond = scale_embedding(guidance).repeat_interleave(f, dim=0)  # (B F, 2 E): per frame
             else:
-                self._ctx.cfg_tokens = self.cfg_embedding(guidance)
+                self._ctx.cfg_tokens = self.cfg_embedding(guidance)  # (B, N, d), shared by a clip's frames
         self._ctx.bank, self._ctx.num_frames = bank, f
         try:
             out = self.denoising_net(sample.flatten(0, 1), timestep, timestep_cond=timestep_cond,
