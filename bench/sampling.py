@@ -132,8 +132,9 @@ def main(argv=None):
     # one network call: what a sampler step costs, and the bound it puts on FADA-Fast's speed-up
     cond, z = window_inputs(teacher, args.clips)
     told = cond.with_guidance(2.0, 6.5)
-    calls = {"conditional pass": (teacher.sampling_net.eval(), z, cond),
-             "teacher step: 3 passes as one batch": (teacher.sampling_net, z.repeat(3, 1, 1, 1, 1), cfg_conditions(cond))}
+    net = teacher.sampling_net.eval()
+    calls = {"conditional pass": (net, z, cond),
+             "teacher step: 3 passes as one batch": (net, z.repeat(3, 1, 1, 1, 1), cfg_conditions(cond))}
     calls.update({f"student step, cfg_conditioning {kind}": (module.sampling_net.eval(), z, told)
                   for kind, module in fast.items()})
     rounds = args.repeats * 10

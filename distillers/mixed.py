@@ -122,16 +122,17 @@ class MixedPeRFlow(PeRFlow):
         z_s, z_e = S.add_noise(z0, eps, self.abar(n_s, z0)), S.add_noise(z0, eps, self.abar(n_e, z0))
         gt_cond = distill.cond if distill.cond.guidance is None else distill.cond.with_guidance(1.0, 1.0)
         gt = replace(self.segment_targets(z_s, z_e, t, gt_cond), eps_target=eps)  # Eq 4 of this segment is eps
-        both = {f: torch.cat([getattr(distill, f), getattr(gt, f)]) for f in ("z", "timestep", "eps_target", "abar",
-                                                                              "weight")}
+        both = {f: torch.cat([getattr(distill, f), getattr(gt, f)])
+                for f in ("z", "timestep", "eps_target", "abar", "weight")}
         return MixedTargets(**both, cond=Conditions.cat([distill.cond, gt_cond]),
-                            gt_mask=self.gt_mask(tiers, len(t), z0.device), tiers=None if tiers is None else tuple(tiers))
+                            gt_mask=self.gt_mask(tiers, len(t), z0.device),
+                            tiers=None if tiers is None else tuple(tiers))
 
     def loss(self, pred: torch.Tensor, job: MixedTargets) -> tuple[torch.Tensor, dict]:
         """mean_B [L_distill + w(R) L_gt] with R = L_gt / L_distill per sample, detached.
         Logs the means and (B,) tensors (histograms) of R and w over the clips that take the GT loss."""
-        per_sample = job.weight * (self.to_eps(pred.float(), job.z, job.abar) - job.eps_target).pow(2).flatten(1).mean(1)
-        l_distill, l_gt = per_sample.chunk(2)
+        error = (self.to_eps(pred.float(), job.z, job.abar) - job.eps_target).pow(2).flatten(1).mean(1)
+        l_distill, l_gt = (job.weight * error).chunk(2)  # (B,) each
         ratio = (l_gt / l_distill.clamp(min=torch.finfo(l_distill.dtype).tiny)).detach()
         weight = self.gt_weight(ratio) * job.gt_mask
         logs = {"loss_distill": l_distill.mean().detach(), "loss_gt": l_gt.mean().detach()}

@@ -16,7 +16,6 @@ copied from computes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from torch import nn
