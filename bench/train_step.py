@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from distillers.mixed import MixedPeRFlow
 from distillers.perflow import PeRFlow
 from distillers.rflow import RFlow
 from distillers.tcd import TCD
@@ -58,7 +59,8 @@ def fixed_batches(module, batch_size: int, count: int) -> list[dict]:
     return [dict(frames=torch.rand(batch_size, frames, 3, size, size, generator=g) * 2 - 1,
                  motion=torch.rand(batch_size, m, 3, size, size, generator=g) * 2 - 1,
                  ref=torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1,
-                 audio=torch.randn(batch_size, frames, a["window"], a["layers"], a["dim"], generator=g))
+                 audio=torch.randn(batch_size, frames, a["window"], a["layers"], a["dim"], generator=g),
+                 tier=[("strict", "lenient")[i % 2] for i in range(batch_size)])
             for _ in range(count)]
 
 
@@ -93,7 +95,11 @@ def main(argv=None):
         ("RFlow balanced (K 1, N 32)", lambda: RFlow(mode="balanced")),
         ("TCD guided (1 step + EMA)", lambda: TCD(mode="guided")),
         ("TCD balanced (1 step + EMA)", lambda: TCD(mode="balanced")),
+        ("FADA-Balanced (mixed, 2B student)", lambda: MixedPeRFlow(mode="balanced")),
+        ("FADA-Fast (mixed, guided, tokens)", lambda: MixedPeRFlow(mode="guided", ref_scale=(1.0, 3.0),
+                                                                   audio_scale=(1.0, 9.0))),
     ]
+    options = {"FADA-Fast (mixed, guided, tokens)": {"cfg_conditioning": "layer_tokens"}}
     batches = fixed_batches(teacher, args.batch, args.steps + 1)
     print(f"micro preset, batch {args.batch} clips of {teacher.hparams.clip_frames} frames, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps")
@@ -104,7 +110,8 @@ def main(argv=None):
         path = str(Path(tmp) / "teacher.ckpt")
         torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, path)
         for name, make in distillers:
-            seconds, passes = time_steps(DistillModule(path, make(), ema_decay=0.95), batches)
+            module = DistillModule(path, make(), ema_decay=0.95, **options.get(name, {}))
+            seconds, passes = time_steps(module, batches)
             print(f"{name:32s} {passes:15g} {seconds:8.3f} {seconds / base:10.2f}x", flush=True)
 
 

@@ -130,3 +130,28 @@ def test_pretrained_unet_loads_from_a_local_folder(tmp_path):
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     torch.testing.assert_close(net.denoising_net.conv_in.weight, saved.conv_in.weight)
     torch.testing.assert_close(net.reference_net.conv_in.weight, saved.conv_in.weight)
+
+
+@pytest.mark.parametrize("kind", ["time_embedding", "layer", "layer_tokens"])
+def test_sd15_fast_student_on_meta_device_costs_about_one_pass(kind):
+    """At SD1.5 size a step of a student told its CFG scales costs (in flops, counted on meta tensors)
+    within 1% of the teacher network's conditional pass: the CFG conditioning is nearly free."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net_cfg = {k: v for k, v in load_preset("sd15")["net"].items() if k != "pretrained"}
+    cond = Conditions(ref=torch.empty(1, 4, 64, 64, device="meta"), motion=torch.empty(1, 2, 4, 64, 64, device="meta"),
+                      audio=torch.empty(1, 8, 5, 12, 768, device="meta"), guidance=torch.empty(1, 2, device="meta"))
+    z, t = torch.empty(1, 8, 4, 64, 64, device="meta"), torch.tensor([500], device="meta")
+    flops = {}
+    for variant in ("none", kind):
+        with torch.device("meta"):
+            net = AvatarDenoiser(**net_cfg, cfg_conditioning=variant)
+        bank = net.encode_reference(cond)
+        with FlopCounterMode(display=False) as counter:
+            out = net(z, t, cond, reference=bank)
+        flops[variant] = counter.get_total_flops()
+        assert out.shape == z.shape
+    assert 1.0 <= flops[kind] / flops["none"] < 1.01
+    if kind != "time_embedding":
+        cfg_layers = [n for n, _ in net.named_modules() if n.endswith("processor.cfg_layer")]
+        assert len(cfg_layers) == 16  # one after each of SD1.5's 16 audio attentions
