@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from distillers.mixed import MixedPeRFlow
 from distillers.perflow import PeRFlow
@@ -61,20 +62,22 @@ def window_inputs(module, clips: int) -> tuple[Conditions, torch.Tensor]:
     return cond, torch.randn((clips, f, *ref.shape[1:]), generator=g)
 
 
-def time_window(module, denoiser_factory, steps: int, clips: int, repeats: int) -> tuple[float, float]:
-    """(median seconds, NFE) to sample one clip window for `clips` clips, reference bank included."""
-    cond, noise = window_inputs(module, clips)
-    net = module.sampling_net.eval()
-    times, nfe = [], 0.0
+def time_windows(rows: list[tuple], clips: int, repeats: int) -> list[tuple[float, float]]:
+    """rows of (module, denoiser factory, steps) -> (median seconds, NFE) to sample one clip window for
+    `clips` clips, reference bank included. The rows take turns, so drift in the machine's speed hits
+    all alike; the first round warms up allocators and kernels."""
+    inputs = [window_inputs(module, clips) for module, _, _ in rows]
+    times, nfe = [[] for _ in rows], [0.0] * len(rows)
     with torch.inference_mode():
-        for i in range(repeats + 1):  # the first run warms up allocators and kernels
-            counter = NFECounter(net, clips)
-            start = time.perf_counter()
-            sample_loop(denoiser_factory(counter, cond), noise, module.scheduler(), steps, eta=module.sample_eta)
-            if i:
-                times.append(time.perf_counter() - start)
-            nfe = counter.nfe
-    return statistics.median(times), nfe
+        for i in range(repeats + 1):
+            for j, ((module, factory, steps), (cond, noise)) in enumerate(zip(rows, inputs)):
+                counter = NFECounter(module.sampling_net.eval(), clips)
+                start = time.perf_counter()
+                sample_loop(factory(counter, cond), noise, module.scheduler(), steps, eta=module.sample_eta)
+                if i:
+                    times[j].append(time.perf_counter() - start)
+                nfe[j] = counter.nfe
+    return [(statistics.median(t), n) for t, n in zip(times, nfe)]
 
 
 def time_calls(calls: dict[str, tuple], rounds: int) -> dict[str, float]:
@@ -90,6 +93,15 @@ def time_calls(calls: dict[str, tuple], rounds: int) -> dict[str, float]:
                 if i:
                     times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def count_flops(net, z: torch.Tensor, cond: Conditions) -> int:
+    """Flops of one network call (torch's FlopCounterMode: matmuls and convolutions): noise-free."""
+    with torch.inference_mode():
+        bank = net.encode_reference(cond)
+        with FlopCounterMode(display=False) as counter:
+            net(z, torch.tensor(500), cond, reference=bank)
+    return counter.get_total_flops()
 
 
 def main(argv=None):
@@ -119,14 +131,11 @@ def main(argv=None):
             ("teacher, DDIM 25 x 3 passes one by one", teacher, lambda n, c: sequential_cfg_denoiser(n, c, s_r, s_a), 25)]
     rows += [(name, student, own_denoiser(student), student.hparams.sample_steps) for name, student in students]
     print(f"micro preset, {args.clips} clip(s) of {teacher.hparams.clip_frames} frames per window, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}, rows taking turns")
     print(f"{'':40s} {'NFE':>5s} {'s/window':>9s} {'speed-up':>9s} {'fewer NFE':>10s}")
-    measured = []
-    for name, module, factory, steps in rows:
-        seconds, nfe = time_window(module, factory, steps, args.clips, args.repeats)
-        measured.append((seconds, nfe))
-        print(f"{name:40s} {nfe:5g} {seconds:9.3f} {measured[0][0] / seconds:8.2f}x {measured[0][1] / nfe:9.2f}x",
-              flush=True)
+    measured = time_windows([row[1:] for row in rows], args.clips, args.repeats)
+    for (name, *_), (seconds, nfe) in zip(rows, measured):
+        print(f"{name:40s} {nfe:5g} {seconds:9.3f} {measured[0][0] / seconds:8.2f}x {measured[0][1] / nfe:9.2f}x")
     print(f"CFG passes batched vs one by one: {measured[1][0] / measured[0][0]:.2f}x faster")
 
     # one network call: what a sampler step costs, and the bound it puts on FADA-Fast's speed-up
@@ -137,12 +146,14 @@ def main(argv=None):
              "teacher step: 3 passes as one batch": (net, z.repeat(3, 1, 1, 1, 1), cfg_conditions(cond))}
     calls.update({f"student step, cfg_conditioning {kind}": (module.sampling_net.eval(), z, told)
                   for kind, module in fast.items()})
-    rounds = args.repeats * 10
+    rounds = args.repeats * 30
     seconds = time_calls(calls, rounds)
+    flops = {name: count_flops(*call) for name, call in calls.items()}
     one_pass = seconds["conditional pass"]
     print(f"\none network call (median of {rounds}, taking turns), relative to a conditional pass of the teacher's net:")
+    print(f"{'':48s} {'time':>10s} {'ratio':>6s} {'flops ratio':>12s}")
     for name, t in seconds.items():
-        print(f"{name:48s} {t * 1e3:7.1f} ms  {t / one_pass:.3f}")
+        print(f"{name:48s} {t * 1e3:7.1f} ms {t / one_pass:6.3f} {flops[name] / flops['conditional pass']:12.4f}")
     three_pass = seconds["teacher step: 3 passes as one batch"]
     fast_row = measured[-1]
     bound = three_pass / one_pass * 25 / 6

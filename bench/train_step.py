@@ -95,11 +95,11 @@ def main(argv=None):
         ("RFlow balanced (K 1, N 32)", lambda: RFlow(mode="balanced")),
         ("TCD guided (1 step + EMA)", lambda: TCD(mode="guided")),
         ("TCD balanced (1 step + EMA)", lambda: TCD(mode="balanced")),
-        ("FADA-Balanced (mixed, 2B student)", lambda: MixedPeRFlow(mode="balanced")),
-        ("FADA-Fast (mixed, guided, tokens)", lambda: MixedPeRFlow(mode="guided", ref_scale=(1.0, 3.0),
+        ("FADA-Balanced (mixed, 2B)", lambda: MixedPeRFlow(mode="balanced")),
+        ("FADA-Fast (guided, CFG tokens)", lambda: MixedPeRFlow(mode="guided", ref_scale=(1.0, 3.0),
                                                                    audio_scale=(1.0, 9.0))),
     ]
-    options = {"FADA-Fast (mixed, guided, tokens)": {"cfg_conditioning": "layer_tokens"}}
+    options = {"FADA-Fast (guided, CFG tokens)": {"cfg_conditioning": "layer_tokens"}}
     batches = fixed_batches(teacher, args.batch, args.steps + 1)
     print(f"micro preset, batch {args.batch} clips of {teacher.hparams.clip_frames} frames, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps")

@@ -126,4 +126,4 @@ def test_the_cfg_layer_is_cross_attention_of_every_frame_to_its_clip_tokens():
         reference.to_out[0].bias.copy_(layer.to_out.bias)
     x, tokens = torch.randn(b * f, hw, c), torch.randn(b, n, d)
     expected = reference(layer.norm(x), encoder_hidden_states=tokens.repeat_interleave(f, dim=0))
-    torch.testing.assert_close(layer(x, tokens), expected)
+    torch.testing.assert_close(layer(x, layer.fold(tokens)), expected)

@@ -70,7 +70,8 @@ class CFGLayer(nn.Module):
         softmax(x W_q,h k_h^T / sqrt(c)) v_h W_o,h = softmax(x A_h) V_h,  A_h = W_q,h k_h^T / sqrt(c) (C, T),
                                                                            V_h = v_h W_o,h (T, C)
     so the image side is x (C) -> h T logits -> C, instead of two C x C projections: ~C / (h T) times
-    fewer flops, and the same parameters (to_q, to_kv, to_out) as an ordinary attention layer."""
+    fewer flops, and the same parameters (to_q, to_kv, to_out) as an ordinary attention layer. The
+    token side (`fold`) does not depend on x: a sampler computes it once per clip window."""
 
     def __init__(self, channels: int, heads: int, dim: int):
         super().__init__()
@@ -84,27 +85,37 @@ class CFGLayer(nn.Module):
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        (b, t, _), h, channels = tokens.shape, self.heads, x.shape[-1]
+    def fold(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T, d) -> (A (B, C, h T), V (B, h T, C)): everything that does not depend on x,
+        computed once per clip window when sampling (it rides in the reference bank)."""
+        (b, t, _), h, channels = tokens.shape, self.heads, self.to_q.in_features
         c = channels // h
         k, v = self.to_kv(tokens).view(b, t, 2, h, c).unbind(2)  # (B, T, h, c) each
-        a = torch.einsum("hci,bthc->biht", self.to_q.weight.view(h, c, channels), k * c**-0.5)  # (B, C, h, T)
-        values = torch.einsum("bthc,ohc->bhto", v, self.to_out.weight.view(channels, h, c))  # (B, h, T, C)
-        logits = self.norm(x).reshape(b, -1, channels) @ a.reshape(b, channels, h * t)  # (B, F L, h T)
-        weights = logits.unflatten(-1, (h, t)).softmax(-1).flatten(2)
-        return torch.baddbmm(self.to_out.bias, weights, values.reshape(b, h * t, channels)).reshape(x.shape)
+        a = torch.einsum("hci,bthc->biht", self.to_q.weight.view(h, c, channels), k * c**-0.5)
+        values = torch.einsum("bthc,ohc->bhto", v, self.to_out.weight.view(channels, h, c))
+        return a.reshape(b, channels, h * t), values.reshape(b, h * t, channels)
+
+    def forward(self, x: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (B F, L, C) and `fold(tokens)` -> (B F, L, C)."""
+        a, values = folded
+        b, channels, heads_tokens = a.shape
+        logits = self.norm(x).reshape(b, -1, channels) @ a  # (B, F L, h T)
+        weights = logits.unflatten(-1, (self.heads, -1)).softmax(-1).flatten(2)
+        return torch.baddbmm(self.to_out.bias, weights, values).reshape(x.shape)
 
 
 class AudioThenCFGProcessor(nn.Module):
     """attn2 (the audio cross-attention) of a denoising-net block, followed by a CFG layer:
         a = audio_attention(x);  return a + cfg_layer(x + a, e_cfg)
-    which the block adds to its residual stream. x is the block's normed input; e_cfg (B, N, d)
-    comes from the shared context. A module: its layer's weights are attn2.processor.cfg_layer.*."""
+    which the block adds to its residual stream. x is the block's normed input; the CFG layer's
+    token side (`CFGLayer.fold` of e_cfg) comes from the reference bank under `bank_key`.
+    A module: its layer's weights are attn2.processor.cfg_layer.*."""
 
-    def __init__(self, ctx, layer: CFGLayer):
+    def __init__(self, ctx, layer: CFGLayer, bank_key: str):
         super().__init__()
-        self.ctx, self.cfg_layer, self.audio = ctx, layer, AttnProcessor2_0()
+        self.ctx, self.cfg_layer, self.bank_key, self.audio = ctx, layer, bank_key, AttnProcessor2_0()
 
     def forward(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         audio = self.audio(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        return audio + self.cfg_layer(hidden_states + audio, self.ctx.cfg_tokens)
+        folded = self.ctx.bank[f"{self.bank_key}.a"], self.ctx.bank[f"{self.bank_key}.values"]
+        return audio + self.cfg_layer(hidden_states + audio, folded)

@@ -35,13 +35,12 @@ Bank = dict[str, torch.Tensor]
 
 
 class _Context:
-    """Per-forward state the hooked layers share: the reference bank, the frame count and the
-    CFG embedding (B, N, d) of a student with CFG layers."""
+    """Per-forward state the hooked layers share: the reference bank (with CFG layers, also their
+    token side) and the frame count."""
 
     def __init__(self):
         self.bank: Bank = {}
         self.num_frames = 1
-        self.cfg_tokens: torch.Tensor | None = None
 
 
 class RecordingAttnProcessor(AttnProcessor2_0):
@@ -206,8 +205,9 @@ class AvatarDenoiser(nn.Module):
             self.denoising_net.register_to_config(time_cond_proj_dim=2 * SCALE_EMBEDDING_DIM)
         elif self.cfg_conditioning in ("layer", "layer_tokens"):
             self.cfg_embedding = (CFGTokens if self.cfg_conditioning == "layer_tokens" else ScaleTokens)(num_tokens, dim)
-            for _, attn in _audio_attentions(self.denoising_net):
-                attn.set_processor(AudioThenCFGProcessor(self._ctx, CFGLayer(attn.to_q.in_features, attn.heads, dim)))
+            for name, attn in _audio_attentions(self.denoising_net):
+                layer = CFGLayer(attn.to_q.in_features, attn.heads, dim)
+                attn.set_processor(AudioThenCFGProcessor(self._ctx, layer, f"cfg:{name}"))
 
     @property
     def takes_guidance(self) -> bool:
@@ -234,13 +234,25 @@ class AvatarDenoiser(nn.Module):
         return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, local_files_only=True)
 
     def encode_reference(self, cond: Conditions) -> Bank:
-        """Run the reference net on [r ; m] at t = 0 -> the bank for `forward(reference=...)`."""
+        """Run the reference net on [r ; m] at t = 0 -> the bank for `forward(reference=...)`; with
+        CFG layers also the token side of each for cond.guidance (it does not change over the steps)."""
         images = torch.cat([cond.ref[:, None], cond.motion], dim=1).flatten(0, 1)  # (B (1+M), C, h, w)
         null_text = images.new_zeros(images.shape[0], 1, self.reference_net.config.cross_attention_dim)
         self._ref_ctx.bank = {}
         self.reference_net(images, 0, encoder_hidden_states=null_text)
         bank, self._ref_ctx.bank = self._ref_ctx.bank, {}
+        if self.cfg_conditioning in ("layer", "layer_tokens"):
+            tokens = self.cfg_embedding(self._guidance(cond))  # e_cfg (B, N, d)
+            for name, attn in _audio_attentions(self.denoising_net):
+                bank[f"{attn.processor.bank_key}.a"], bank[f"{attn.processor.bank_key}.values"] = \
+                    attn.processor.cfg_layer.fold(tokens)
         return bank
+
+    def _guidance(self, cond: Conditions) -> torch.Tensor:
+        if cond.guidance is None:
+            raise ValueError(f"this network takes the CFG scales it imitates (cfg_conditioning "
+                             f"{self.cfg_conditioning!r}): cond.guidance (B, 2) = (s_r, s_a) is missing")
+        return cond.guidance.float()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditions,
                 reference: Bank | None = None) -> torch.Tensor:
@@ -250,19 +262,12 @@ class AvatarDenoiser(nn.Module):
         bank = self.encode_reference(cond) if reference is None else reference
         timestep = torch.as_tensor(timestep, device=sample.device).expand(b).repeat_interleave(f)
         timestep_cond = None
-        if self.takes_guidance:
-            if cond.guidance is None:
-                raise ValueError(f"this network takes the CFG scales it imitates (cfg_conditioning "
-                                 f"{self.cfg_conditioning!r}): cond.guidance (B, 2) = (s_r, s_a) is missing")
-            guidance = cond.guidance.float()
-            if self.cfg_conditioning == "time_embedding":
-                timestep_cond = scale_embedding(guidance).repeat_interleave(f, dim=0)  # (B F, 2 E): per frame
-            else:
-                self._ctx.cfg_tokens = self.cfg_embedding(guidance)  # (B, N, d), shared by a clip's frames
+        if self.cfg_conditioning == "time_embedding":
+            timestep_cond = scale_embedding(self._guidance(cond)).repeat_interleave(f, dim=0)  # (B F, 2 E)
         self._ctx.bank, self._ctx.num_frames = bank, f
         try:
             out = self.denoising_net(sample.flatten(0, 1), timestep, timestep_cond=timestep_cond,
                                      encoder_hidden_states=self.audio_projection(cond.audio)).sample
         finally:
-            self._ctx.bank, self._ctx.cfg_tokens = {}, None
+            self._ctx.bank = {}
         return out.unflatten(0, (b, f))
