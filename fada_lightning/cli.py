@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
+
+import yaml
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -21,19 +24,41 @@ class FadaCLI(LightningCLI):
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
-    """Rewrite `--config NAME` / `--config=NAME` so a bare name finds the bundled config."""
-    out, i = [], 0
+    """Rewrite `--config NAME` / `--config=NAME` so a bare name finds the bundled config; the first
+    config must be a whole one (an override, such as an ablation row, comes after its base)."""
+    out, i, configs = [], 0, 0
     while i < len(argv):
         arg = argv[i]
         if arg == "--config" and i + 1 < len(argv):
-            out += [arg, str(find_config(argv[i + 1]))]
+            path = find_config(argv[i + 1])
+            if not configs:
+                check_whole_config(path)
+            out += [arg, str(path)]
+            configs += 1
             i += 2
             continue
         if arg.startswith("--config="):
-            arg = "--config=" + str(find_config(arg.split("=", 1)[1]))
+            path = find_config(arg.split("=", 1)[1])
+            if not configs:
+                check_whole_config(path)
+            arg, configs = f"--config={path}", configs + 1
         out.append(arg)
         i += 1
     return out
+
+
+def check_whole_config(path) -> None:
+    """A config whose model or data names no class_path only overrides another: say how to use it."""
+    text = Path(path).read_text()
+    config = yaml.safe_load(text)
+    if not isinstance(config, dict):
+        return
+    partial = [k for k in ("model", "data") if isinstance(config.get(k), dict) and "class_path" not in config[k]]
+    if partial:
+        usage = next((line.lstrip("# ").strip() for line in text.splitlines() if line.lstrip("# ").startswith("fada fit")),
+                     f"fada fit --config BASE.yaml --config {path}")
+        raise ConfigError(f"{path} overrides a base config ({' and '.join(partial)} name no class_path): "
+                          f"give the base first, as in: {usage}")
 
 
 def main(argv: list[str] | None = None):
@@ -47,7 +72,7 @@ def main(argv: list[str] | None = None):
         return
     try:
         argv = resolve_config_args(argv)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConfigError) as err:
         sys.exit(f"fada: {err}")
     # Each data worker yields exactly its share, so a streaming dataset's __len__ is exact here.
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")

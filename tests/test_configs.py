@@ -80,3 +80,11 @@ def test_fada_configs_differ_from_their_bases_only_where_fada_does(capsys):
                 "trainer.default_root_dir": ("runs/mixed", "runs/fada_fast"),
                 "trainer.logger.init_args.save_dir": ("runs/mixed", "runs/fada_fast")}
     assert changed == expected
+
+
+def test_an_ablation_row_alone_says_to_give_its_base_first():
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", "ablations/table4/cfg_layer.yaml", "--print_config"])
+    message = str(done.value.code)
+    assert "overrides a base config" in message
+    assert "fada fit --config distill_fada_fast.yaml --config ablations/table4/cfg_layer.yaml" in message
