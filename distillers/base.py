@@ -148,8 +148,11 @@ class Distiller(HyperparametersMixin, nn.Module):
 
     def loss(self, pred: torch.Tensor, job: DistillTargets) -> tuple[torch.Tensor, dict]:
         """mean_B weight * mean ||eps_theta(z_t) - eps_target||^2, the student's output read as eps."""
-        per_sample = (self.to_eps(pred.float(), job.z, job.abar) - job.eps_target).pow(2).flatten(1).mean(1)
-        return (job.weight * per_sample).mean(), {}
+        return (job.weight * self.eps_error(pred, job)).mean(), {}
+
+    def eps_error(self, pred: torch.Tensor, job: DistillTargets) -> torch.Tensor:
+        """(B,) mean ||eps_theta(z_t) - eps_target||^2 per sample, the student's output read as eps."""
+        return (self.to_eps(pred.float(), job.z, job.abar) - job.eps_target).pow(2).flatten(1).mean(1)
 
     def scheduler(self):
         raise NotImplementedError

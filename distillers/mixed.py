@@ -131,8 +131,7 @@ class MixedPeRFlow(PeRFlow):
     def loss(self, pred: torch.Tensor, job: MixedTargets) -> tuple[torch.Tensor, dict]:
         """mean_B [L_distill + w(R) L_gt] with R = L_gt / L_distill per sample, detached.
         Logs the means and (B,) tensors (histograms) of R and w over the clips that take the GT loss."""
-        error = (self.to_eps(pred.float(), job.z, job.abar) - job.eps_target).pow(2).flatten(1).mean(1)
-        l_distill, l_gt = (job.weight * error).chunk(2)  # (B,) each
+        l_distill, l_gt = (job.weight * self.eps_error(pred, job)).chunk(2)  # (B,) each
         ratio = (l_gt / l_distill.clamp(min=torch.finfo(l_distill.dtype).tiny)).detach()
         weight = self.gt_weight(ratio) * job.gt_mask
         logs = {"loss_distill": l_distill.mean().detach(), "loss_gt": l_gt.mean().detach()}

@@ -63,8 +63,9 @@ class ScaleTokens(nn.Module):
 
 class CFGLayer(nn.Module):
     """Cross-attention from image tokens to the CFG embedding, pre-normed, zero-initialised output
-    (a fresh layer adds nothing). x (B F, L, C), tokens (B, T, d) -> (B F, L, C); the F frames of a
-    clip share its tokens, so their queries attend as one (B, F L) sequence.
+    (a fresh layer adds nothing). x (B F, L, C) attends to tokens (B, T, d), given as `fold(tokens)`,
+    -> (B F, L, C); the F frames of a clip share its tokens, so their queries attend as one (B, F L)
+    sequence.
 
     With T tokens the projections fold onto the token side: per head h,
         softmax(x W_q,h k_h^T / sqrt(c)) v_h W_o,h = softmax(x A_h) V_h,  A_h = W_q,h k_h^T / sqrt(c) (C, T),
@@ -98,7 +99,7 @@ class CFGLayer(nn.Module):
     def forward(self, x: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (B F, L, C) and `fold(tokens)` -> (B F, L, C)."""
         a, values = folded
-        b, channels, heads_tokens = a.shape
+        b, channels, _ = a.shape
         logits = self.norm(x).reshape(b, -1, channels) @ a  # (B, F L, h T)
         weights = logits.unflatten(-1, (self.heads, -1)).softmax(-1).flatten(2)
         return torch.baddbmm(self.to_out.bias, weights, values).reshape(x.shape)
@@ -114,6 +115,11 @@ class AudioThenCFGProcessor(nn.Module):
     def __init__(self, ctx, layer: CFGLayer, bank_key: str):
         super().__init__()
         self.ctx, self.cfg_layer, self.bank_key, self.audio = ctx, layer, bank_key, AttnProcessor2_0()
+
+    def fold(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The bank entries of this layer's token side for e_cfg (B, N, d)."""
+        a, values = self.cfg_layer.fold(tokens)
+        return {f"{self.bank_key}.a": a, f"{self.bank_key}.values": values}
 
     def forward(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         audio = self.audio(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)

@@ -194,6 +194,7 @@ class AvatarDenoiser(nn.Module):
         for name, slots, j in _transformer_slots(self.denoising_net):
             slots[j] = MotionTransformer(slots[j], self._ctx, name, temporal_heads, max_frames)
         self.cfg_conditioning = check_cfg_conditioning(cfg_conditioning)
+        self._cfg_processors: list[AudioThenCFGProcessor] = []  # plain list: each is registered under its attn2
         self._add_cfg_conditioning(cfg_tokens, cross_dim)
 
     def _add_cfg_conditioning(self, num_tokens: int, dim: int):
@@ -208,6 +209,7 @@ class AvatarDenoiser(nn.Module):
             for name, attn in _audio_attentions(self.denoising_net):
                 layer = CFGLayer(attn.to_q.in_features, attn.heads, dim)
                 attn.set_processor(AudioThenCFGProcessor(self._ctx, layer, f"cfg:{name}"))
+                self._cfg_processors.append(attn.processor)
 
     @property
     def takes_guidance(self) -> bool:
@@ -241,11 +243,10 @@ class AvatarDenoiser(nn.Module):
         self._ref_ctx.bank = {}
         self.reference_net(images, 0, encoder_hidden_states=null_text)
         bank, self._ref_ctx.bank = self._ref_ctx.bank, {}
-        if self.cfg_conditioning in ("layer", "layer_tokens"):
+        if self._cfg_processors:
             tokens = self.cfg_embedding(self._guidance(cond))  # e_cfg (B, N, d)
-            for name, attn in _audio_attentions(self.denoising_net):
-                bank[f"{attn.processor.bank_key}.a"], bank[f"{attn.processor.bank_key}.values"] = \
-                    attn.processor.cfg_layer.fold(tokens)
+            for processor in self._cfg_processors:
+                bank.update(processor.fold(tokens))
         return bank
 
     def _guidance(self, cond: Conditions) -> torch.Tensor:
