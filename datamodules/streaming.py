@@ -111,12 +111,13 @@ class ClipDecoder:
     audio_radius: int = 2  # r: windows of 2r + 1 frames
     frame_size: int | None = None  # resize on decode (decord); None keeps the shard's size
     quality_keys: tuple[str, ...] = QUALITY_KEYS  # json["quality"] entries read into "quality" (Q,)
+    with_wav: bool = False  # also hand back the clip's own audio samples (evaluation: Sync-D)
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
         """-> {"frames": (F, 3, H, W) in [-1, 1], "motion": (M, 3, H, W), "ref": (3, H, W),
                "audio": (F, 2r + 1, L, D), "mouth_open": (F,) (NaN if the json has none),
                "quality": (Q,) json["quality"][k] for k in quality_keys (NaN where absent),
-               "key": str, "tier": str, "start": int}"""
+               "key": str, "tier": str, "start": int}, and with `with_wav` "wav": (F * 640,) float32 at 16 kHz"""
         missing = [k for k in REQUIRED_FIELDS if k not in sample]
         if missing:
             raise SkipSample(f"missing {', '.join(missing)}")
@@ -152,7 +153,7 @@ class ClipDecoder:
             quality = torch.tensor([float(scores.get(k, "nan")) for k in self.quality_keys])
         except (AttributeError, TypeError, ValueError):
             raise SkipSample(f"json quality {scores!r} is not a mapping of numbers")
-        return {
+        item = {
             "frames": pixels[m:m + f],
             "motion": pixels[:m],
             "ref": pixels[-1],
@@ -163,6 +164,10 @@ class ClipDecoder:
             "tier": str(meta.get("tier", key.split("-")[0])),
             "start": start,
         }
+        if self.with_wav:  # the clip's samples, zero-padded if the wav ends up to a frame early
+            own = torch.from_numpy(wav[start * SAMPLES_PER_FRAME:(start + f) * SAMPLES_PER_FRAME])
+            item["wav"] = torch.nn.functional.pad(own, (0, f * SAMPLES_PER_FRAME - len(own)))
+        return item
 
 
 def _numpy(array) -> np.ndarray:

@@ -1,11 +1,14 @@
-"""`fada`: LightningCLI's fit / validate / test / predict, plus `sample`.
+"""`fada`: LightningCLI's fit / validate / test / predict, plus `sample`, `evaluate` and `ablate`.
 
     fada fit --config teacher.yaml            # bare name: a bundled config; a path: that file
     fada fit --config teacher.yaml --print_config
     fada sample --ckpt CKPT --image face.png --audio speech.wav -o out.mp4
+    fada evaluate --ckpt CKPT                 # FID, FVD, Sync-D/C, E-FID, IQA, NFE-D on held-out clips
+    fada ablate --config ablation/distillers.yaml
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -17,6 +20,10 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from .presets import ConfigError, find_config
+
+
+TOOLS = {"sample": "fada_lightning.sample:main", "evaluate": "fada_lightning.evaluate:main",
+         "ablate": "fada_lightning.ablate:main"}
 
 
 class FadaCLI(LightningCLI):
@@ -65,10 +72,9 @@ def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.getcwd() not in sys.path:  # a user's own module in the current directory, named by class_path
         sys.path.insert(0, os.getcwd())
-    if argv and argv[0] == "sample":
-        from .sample import main as sample_main
-
-        sample_main(argv[1:])
+    if argv and argv[0] in TOOLS:
+        module_name, function = TOOLS[argv[0]].split(":")
+        getattr(importlib.import_module(module_name), function)(argv[1:])
         return
     try:
         argv = resolve_config_args(argv)
