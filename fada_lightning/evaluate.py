@@ -100,8 +100,10 @@ def eval_clips(module, clips: int, frames: int, shards: str | list[str] | None, 
             raise ValueError("give data.shards (held-out WebDataset shards) or data.synthetic")
         spec = dict(synthetic)
         root = Path(spec.pop("root", "data/synthetic")) / "test"
-        ensure_dataset(root, seed=spec.pop("seed", 0) + 2000, strict_clips=clips, lenient_clips=0,
-                       clips_per_shard=min(clips, 64), size=size, frames=max(frames, spec.pop("frames", 50)),
+        # at least 100 clips, so evaluations of up to 100 clips (a --quick one, a full one) share one split
+        count = max(clips, 100)
+        ensure_dataset(root, seed=spec.pop("seed", 0) + 2000, strict_clips=count, lenient_clips=0,
+                       clips_per_shard=min(count, 64), size=size, frames=max(frames, spec.pop("frames", 50)),
                        progress=False)
         shards = str(root / "strict")
     urls = resolve_shards(shards)
