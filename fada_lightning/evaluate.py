@@ -132,6 +132,7 @@ def evaluate(ckpt: str, evaluator: VideoEvaluator, clips: int = 100, frames: int
     began = time.perf_counter()
     ckpt_path = Path(ckpt)
     module = load_module(ckpt_path, map_location=device).eval()
+    scales = module.sampling_scales(ref_scale, audio_scale)  # a one-pass student refuses scales before any work
     data = data or {"synthetic": {"root": "data/synthetic"}}
     dataset, urls = eval_clips(module, clips, frames, data.get("shards"), data.get("synthetic"))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
@@ -154,7 +155,6 @@ def evaluate(ckpt: str, evaluator: VideoEvaluator, clips: int = 100, frames: int
     metrics = evaluator.compute()
     if len(set(nfe)) != 1:
         raise RuntimeError(f"NFE per clip window varied between batches: {nfe}")
-    scales = module.sampling_scales(ref_scale, audio_scale)
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     result = {
         "checkpoint": str(ckpt_path), "step": int(checkpoint.get("global_step", 0)), "model": type(module).__name__,

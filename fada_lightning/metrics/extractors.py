@@ -102,7 +102,7 @@ class ScriptedFrameModel(nn.Module):
             raise FileNotFoundError(f"TorchScript model {path} does not exist")
         self.net = torch.jit.load(str(path), map_location="cpu").eval()
         self.size, self.batch_size = size, batch_size
-        self.describe = {"extractor": "TorchScript", "weights": str(path), "input": f"frames in [-1, 1]"
+        self.describe = {"extractor": "TorchScript", "weights": str(path), "input": "frames in [-1, 1]"
                          + (f" at {size}x{size}" if size else " at the clip's resolution")}
 
     @torch.no_grad()
@@ -111,4 +111,4 @@ class ScriptedFrameModel(nn.Module):
         if self.size:
             frames = F.interpolate(frames, size=(self.size, self.size), mode="bilinear", align_corners=False)
         out = torch.cat([self.net(chunk) for chunk in frames.split(self.batch_size)])
-        return out.reshape(len(frames), -1).squeeze(-1) if out.ndim == 1 or out.shape[-1] == 1 else out
+        return out.squeeze(-1) if out.ndim == 2 and out.shape[-1] == 1 else out  # (N, P), or (N,) for one score
