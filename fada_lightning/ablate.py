@@ -155,10 +155,7 @@ class Ablation:
         settings = {**self.spec.get("eval_overrides", {}), **row.get("evaluate", {}),
                     **(QUICK["eval_overrides"] if self.quick else {})}
         args += [f"--{key}={json.dumps(value)}" for key, value in settings.items()]
-        p = evaluate.parser()
-        init = p.instantiate_classes(p.parse_args([str(find_config(a)) if i and args[i - 1] == "--config" else a
-                                                   for i, a in enumerate(args)]))
-        return evaluate.evaluate(**{k: v for k, v in init.items() if k != "config"}, progress=self.progress)
+        return evaluate.run(args, progress=self.progress)
 
     # ---- the table -------------------------------------------------------------------------------
     def write_outputs(self) -> list[Path]:

@@ -211,16 +211,20 @@ def parser() -> ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = list(argv or [])
+def run(args: list[str], progress: bool = True) -> dict:
+    """`fada evaluate`'s arguments (a bundled `--config` found by name) -> `evaluate`'s result."""
     args = [str(find_config(a)) if i and args[i - 1] == "--config" else a for i, a in enumerate(args)]
     p = parser()
-    cfg = p.parse_args(args)
-    init = p.instantiate_classes(cfg)
+    init = p.instantiate_classes(p.parse_args(args))
+    return evaluate(**{k: v for k, v in init.items() if k != "config"}, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> dict:
     try:
-        result = evaluate(**{k: v for k, v in init.items() if k != "config"})
+        result = run(list(argv or []))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fada evaluate: {err}")
     print(f"{result['checkpoint']}: {format_metrics(result)}")
-    print(f"wrote {result['json']} (and sample clips beside it; TensorBoard: eval/* in {run_dir(Path(cfg.ckpt))})")
+    print(f"wrote {result['json']} (and sample clips beside it; TensorBoard: eval/* in "
+          f"{run_dir(Path(result['checkpoint']))})")
     return result
