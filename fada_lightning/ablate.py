@@ -125,19 +125,10 @@ class Ablation:
         root, ckpt = self.run_dir(row), self.checkpoint(row)
         if (root / "trained").exists():
             return
-        args = ["fit"]
-        for config in row["fit"]:
-            args += ["--config", config]
-        overrides = {**row.get("overrides", {}), **(QUICK["fit_overrides"] if self.quick else {})}
-        if "teacher" in row:
-            teacher = self.checkpoint(self.by_name[row["teacher"]])
-            if not teacher.exists():
-                raise FileNotFoundError(f"row {row['name']!r} distils {row['teacher']!r}, whose checkpoint {teacher} "
-                                        f"does not exist yet: run that row first")
-            overrides["model.init_args.teacher_ckpt"] = str(teacher)
-        overrides.update({"trainer.default_root_dir": str(root), "trainer.logger.init_args.save_dir": str(root),
-                          "trainer.logger.init_args.name": "tb", "trainer.logger.init_args.version": "run"})
-        args += [f"--{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in overrides.items()]
+        if "teacher" in row and not self.checkpoint(self.by_name[row["teacher"]]).exists():
+            raise FileNotFoundError(f"row {row['name']!r} distils {row['teacher']!r}, whose checkpoint "
+                                    f"{self.checkpoint(self.by_name[row['teacher']])} does not exist yet: run that row first")
+        args = self.fit_args(row)
         if ckpt.exists():
             print(f"[ablate] {row['name']}: resuming from {ckpt}")
             args.append(f"--ckpt_path={ckpt}")
@@ -147,6 +138,20 @@ class Ablation:
             raise RuntimeError(f"row {row['name']!r}: training ended without {ckpt} (does its config keep a "
                                f"last checkpoint? the row needs FinalCheckpoint with save_last)")
         (root / "trained").touch()
+
+    def fit_args(self, row: dict) -> list[str]:
+        """The `fada fit` command line of a training row: its configs, overrides, teacher and run folder."""
+        root = self.run_dir(row)
+        args = ["fit"]
+        for config in row["fit"]:
+            args += ["--config", config]
+        overrides = {**row.get("overrides", {}), **(QUICK["fit_overrides"] if self.quick else {})}
+        if "teacher" in row:
+            overrides["model.init_args.teacher_ckpt"] = str(self.checkpoint(self.by_name[row["teacher"]]))
+        overrides.update({"trainer.default_root_dir": str(root), "trainer.logger.init_args.save_dir": str(root),
+                          "trainer.logger.init_args.name": "tb", "trainer.logger.init_args.version": "run"})
+        return args + [f"--{key}={json.dumps(value) if not isinstance(value, str) else value}"
+                       for key, value in overrides.items()]
 
     def evaluate(self, row: dict) -> dict:
         args = ["--ckpt", str(self.checkpoint(row)), "--out", str(self.run_dir(row) / "eval" / "result.json")]

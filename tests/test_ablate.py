@@ -19,18 +19,17 @@ def test_the_issue_s_ablations_are_bundled():
 @pytest.mark.parametrize("name", ABLATION_SPECS)
 def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, capsys):
     spec = ablate.load_ablation(f"ablation/{name}")
+    ablation = ablate.Ablation(spec)
     for row in spec["rows"]:
         if "fit" not in row:
             assert row["checkpoint_of"] in {r["name"] for r in spec["rows"]}
             continue
-        overrides = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in row.get("overrides", {}).items()]
-        if "teacher" in row:
-            overrides.append("--model.init_args.teacher_ckpt=runs/x.ckpt")
-        with pytest.raises(SystemExit) as done:
-            fada(["fit", *[a for c in row["fit"] for a in ("--config", c)], *overrides, "--print_config"])
+        with pytest.raises(SystemExit) as done:  # the very command line `fada ablate` runs, printed instead
+            fada([*ablation.fit_args(row), "--print_config"])
         assert done.value.code in (0, None), row["name"]
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["trainer"]["max_steps"] == row["overrides"]["trainer.max_steps"]
+        assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(ablation.run_dir(row))
 
 
 def test_the_sweep_expands_into_evaluation_rows_of_one_checkpoint():

@@ -141,10 +141,14 @@ def train_world_net(seed: int = 0, size: int = 32, clips: int = 400, steps: int 
     return net
 
 
+def world_net_path(seed: int, size: int, cache: str) -> Path:
+    return Path(cache) / f"world_net-seed{seed}-{size}px.pt"
+
+
 @functools.lru_cache(maxsize=None)
 def world_net(seed: int = 0, size: int = 32, cache: str = "data/extractors") -> WorldNet:
-    """The trained WorldNet for (seed, size), from `cache` or trained there once (~1 min)."""
-    path = Path(cache) / f"world_net-seed{seed}-{size}px.pt"
+    """The trained WorldNet for (seed, size), from `cache` or trained there once (~100 s)."""
+    path = world_net_path(seed, size, cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:  # one trainer at a time (test workers, ablation jobs)
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -172,7 +176,7 @@ class _WorldRole(nn.Module):
         super().__init__()
         self.net = world_net(seed, size, cache)
         self.describe = {"extractor": "synthetic-world WorldNet", "role": self.role, "seed": seed,
-                         "input": f"frames at {size}x{size}", "weights": str(Path(cache) / f"world_net-seed{seed}-{size}px.pt")}
+                         "input": f"frames at {size}x{size}", "weights": str(world_net_path(seed, size, cache))}
 
     @torch.no_grad()
     def predict(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
