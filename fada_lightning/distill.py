@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import instantiate_class
+from torch.distributed.fsdp import FSDPModule
 
 from distillers.base import Distiller
 
@@ -92,7 +93,7 @@ class DistillModule(AvatarModule):
                  preset: str | dict | None = None, prediction_type: str | None = None, schedule: dict | None = None,
                  clip_frames: int | None = None, motion_frames: int | None = None,
                  ref_scale: float | None = None, audio_scale: float | None = None,
-                 cfg_conditioning: str = "none", cfg_tokens: int = 4):
+                 cfg_conditioning: str = "none", cfg_tokens: int = 4, activation_checkpointing: bool = False):
         if isinstance(distiller, dict):  # a checkpoint written outside LightningCLI holds the spec
             distiller = instantiate_class((), distiller)
         given = dict(preset=preset, prediction_type=prediction_type, schedule=schedule, clip_frames=clip_frames,
@@ -100,7 +101,7 @@ class DistillModule(AvatarModule):
         settings = self._teacher_settings(teacher_ckpt, given)
         super().__init__(settings["preset"], settings["prediction_type"], settings["schedule"], ema_decay,
                          settings["clip_frames"], settings["motion_frames"], sample_steps or distiller.sample_steps,
-                         settings["ref_scale"], settings["audio_scale"])
+                         settings["ref_scale"], settings["audio_scale"], activation_checkpointing)
         self.hparams.update(teacher_ckpt=teacher_ckpt, distiller=distiller.spec())
         if self.net.takes_guidance and distiller.sample_cfg:
             raise ConfigError(f"cfg_conditioning {cfg_conditioning!r} tells a one-pass student its CFG scales, but "
@@ -109,7 +110,22 @@ class DistillModule(AvatarModule):
         self.distiller = distiller
         self.distiller.bind(self.schedule, self.hparams.prediction_type,
                             self.ema.module if self.ema is not None else None)
-        self.teacher: AvatarDenoiser | None = None
+        self._keep_teacher(None)
+
+    # The teacher follows the module's device and dtype (`_apply`) but is not one of its submodules:
+    # strategies never wrap it with the trainable weights (DDP does not broadcast it, FSDP shards it
+    # on its own, see `networks`), and checkpoints never hold it.
+    def _keep_teacher(self, net: AvatarDenoiser | None):
+        self.__dict__["teacher"] = net  # `self.teacher = net` would register it as a submodule
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn, recurse)
+        return self
+
+    def networks(self) -> dict[str, AvatarDenoiser]:
+        return {**super().networks(), **({"teacher": self.teacher} if self.teacher is not None else {})}
 
     @staticmethod
     def _teacher_settings(teacher_ckpt, given: dict) -> dict:
@@ -146,7 +162,7 @@ class DistillModule(AvatarModule):
         teacher = AvatarDenoiser(**self.preset["net"])
         check_weights_fit(teacher, weights, path)
         teacher.load_state_dict(weights)
-        self.teacher = teacher.requires_grad_(False).eval()
+        self._keep_teacher(teacher.requires_grad_(False).eval())
         # a resumed run then restores the trained student over this; the student's CFG conditioning
         # parts (if any) are new and keep their zero-output initialisation
         for student in (self.net, self.ema.module if self.ema is not None else None):
@@ -162,13 +178,7 @@ class DistillModule(AvatarModule):
 
     def on_save_checkpoint(self, checkpoint: dict):
         super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["scheduler_config"] = dict(self.scheduler().config)
-
-    def on_load_checkpoint(self, checkpoint: dict):
-        super().on_load_checkpoint(checkpoint)
-        if self.teacher is not None:  # resuming: the teacher is not in the checkpoint, keep the loaded one
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
     # ---- the loop --------------------------------------------------------------------------
     def distillation_loss(self, batch: dict, generator: torch.Generator | None = None):
@@ -178,7 +188,10 @@ class DistillModule(AvatarModule):
         z0, cond = self.encode_batch(batch)
         t = self.distiller.sample_time(z0.shape[0], z0.device, generator)
         eps = torch.randn(z0.shape, generator=generator, device=generator.device if generator else z0.device)
-        with torch.inference_mode():
+        # a sharded teacher (FSDP2) runs under no_grad: unsharding keeps version counters, which
+        # inference tensors do not have (it fails on a 1-process mesh)
+        frozen = torch.no_grad() if isinstance(self.teacher, FSDPModule) else torch.inference_mode()
+        with frozen:
             job = self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator, batch.get("tier"))
         job = job.clone()
         pred = self.net(job.z, job.timestep, job.cond)

@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import instantiate_class
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
 
 from .diffusion import schedule as S
@@ -23,9 +24,15 @@ def ema_with_warmup(decay: float):
     def update(ema_params, params, num_averaged):
         n = float(num_averaged)
         d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema_params, params, 1 - d)
+        torch._foreach_lerp_(_local(ema_params), _local(params), 1 - d)
 
     return update
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sharded tensors (FSDP2's DTensors) as this rank's shards: the EMA's shards and the student's are
+    laid out alike, so the average is a local lerp, shard onto shard."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _instantiate(spec: dict):
@@ -34,13 +41,16 @@ def _instantiate(spec: dict):
 
 class AvatarModule(L.LightningModule):
     """What every avatar model shares: preset -> (codec, audio features, net), batch encoding,
-    the sampler, and a sample video at validation. Subclasses define `training_step`."""
+    the sampler, and a sample video at validation. Subclasses define `training_step`.
+    activation_checkpointing: recompute the trained network's attention activations in backward
+    (AvatarDenoiser.set_activation_checkpointing): the memory of sd15 at 16 frames, at ~1/3 more compute."""
 
     hparams_ignore: tuple[str, ...] = ()  # constructor arguments that are modules, recorded another way
 
     def __init__(self, preset: str | dict = "micro", prediction_type: str = "v_prediction",
                  schedule: dict | None = None, ema_decay: float | None = 0.999, clip_frames: int = 8,
-                 motion_frames: int = 2, sample_steps: int = 25, ref_scale: float = 2.5, audio_scale: float = 6.5):
+                 motion_frames: int = 2, sample_steps: int = 25, ref_scale: float = 2.5, audio_scale: float = 6.5,
+                 activation_checkpointing: bool = False):
         super().__init__()
         S.check_prediction_type(prediction_type)
         self.preset = load_preset(preset)
@@ -59,6 +69,7 @@ class AvatarModule(L.LightningModule):
                 f"({self.audio_features.num_layers}, {self.audio_features.dim}), net.audio expects "
                 f"({audio['layers']}, {audio['dim']})")
         self.net = AvatarDenoiser(**self.preset["net"], **self.net_options())
+        self.net.set_activation_checkpointing(activation_checkpointing)
         if self.codec.latent_channels != self.net.denoising_net.config.in_channels:
             raise ValueError(f"preset {self.preset.get('name', '?')!r}: the codec makes {self.codec.latent_channels} "
                              f"latent channels, net.unet.in_channels is {self.net.denoising_net.config.in_channels}")
@@ -71,6 +82,20 @@ class AvatarModule(L.LightningModule):
     def net_options(self) -> dict:
         """AvatarDenoiser arguments besides the preset's (a student's CFG conditioning)."""
         return {}
+
+    def networks(self) -> dict[str, AvatarDenoiser]:
+        """The denoisers a sharding strategy shards, each on its own: the trained `net` and its EMA
+        (fada_lightning/strategies.py)."""
+        return {"net": self.net, **({"ema": self.ema.module} if self.ema is not None else {})}
+
+    def configure_model(self):
+        """Lightning's hook for sharding: a strategy with `parallelize(module)` (fada_lightning.strategies.FSDP2)
+        shards the networks here, after `setup` and before the optimizer is made. Also called, without
+        a Trainer, by `load_from_checkpoint`: nothing to shard then."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        parallelize = getattr(strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self)
 
     # ---- data -> latents --------------------------------------------------------------------
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, Conditions]:
@@ -207,9 +232,10 @@ class TeacherModule(AvatarModule):
                  min_snr_gamma: float | None = 5.0, p_drop_audio: float = 0.05, p_drop_ref_audio: float = 0.05,
                  p_drop_motion: float = 0.05, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 100,
                  schedule: dict | None = None, ema_decay: float | None = 0.999, clip_frames: int = 8,
-                 motion_frames: int = 2, sample_steps: int = 25, ref_scale: float = 2.5, audio_scale: float = 6.5):
+                 motion_frames: int = 2, sample_steps: int = 25, ref_scale: float = 2.5, audio_scale: float = 6.5,
+                 activation_checkpointing: bool = False):
         super().__init__(preset, prediction_type, schedule, ema_decay, clip_frames, motion_frames,
-                         sample_steps, ref_scale, audio_scale)
+                         sample_steps, ref_scale, audio_scale, activation_checkpointing)
 
     def diffusion_loss(self, net, z0, cond, n, eps) -> torch.Tensor:
         abar = self.abar(n, z0)

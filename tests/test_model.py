@@ -155,3 +155,24 @@ def test_sd15_fast_student_on_meta_device_costs_about_one_pass(kind):
     if kind != "time_embedding":
         cfg_layers = [n for n, _ in net.named_modules() if n.endswith("processor.cfg_layer")]
         assert len(cfg_layers) == 16  # one after each of SD1.5's 16 audio attentions
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputed slots see the context of their own forward, even after another forward replaced it."""
+    torch.manual_seed(0)
+    net = AvatarDenoiser(**MICRO["net"], cfg_conditioning="layer_tokens")
+    for module in net.modules():  # zero-initialised outputs would hide a wrong bank in recomputation
+        if isinstance(module, TemporalAttention):
+            torch.nn.init.normal_(module.attn.to_out[0].weight, std=0.02)
+    z, t, cond = _micro_inputs()
+    cond = Conditions(**{**cond.__dict__, "guidance": torch.tensor([[2.0, 6.5], [1.0, 3.0]])})
+    grads = []
+    for checkpointing in (False, True):
+        net.zero_grad(set_to_none=True)
+        out = net.set_activation_checkpointing(checkpointing)(z, t, cond)
+        net(*_micro_inputs(seed=1)[:2], cond)  # another forward in between: a new bank in the shared context
+        out.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(net.parameters()))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)

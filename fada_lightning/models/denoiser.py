@@ -26,6 +26,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..diffusion.guidance import Conditions
 from .cfg import (SCALE_EMBEDDING_DIM, AudioThenCFGProcessor, CFGLayer, CFGTokens, ScaleTokens,
@@ -96,20 +97,48 @@ class TemporalAttention(nn.Module):
         return frames.reshape(b, h * w, num_frames, c).permute(0, 2, 3, 1).reshape(bf, c, h, w)
 
 
-class RecordingTransformer(nn.Module):
+class _CheckpointedSlot(nn.Module):
+    """A transformer slot that can recompute its activations in backward (activation checkpointing).
+
+    Its layers read and write the shared context (bank, frame count), which later forwards replace,
+    so a recomputation runs in the context of the original forward, captured when it ran, and
+    writes into a copy of its bank (the first run's entries are the ones the graph holds)."""
+
+    checkpointing = False
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not (self.checkpointing and torch.is_grad_enabled()):
+            return self.run(hidden_states, *args, **kwargs)
+        bank, frames = self.ctx.bank, self.ctx.num_frames
+        runs = 0
+
+        def run_in_context(*args, **kwargs):
+            nonlocal runs
+            runs += 1
+            outer = self.ctx.bank, self.ctx.num_frames
+            self.ctx.bank, self.ctx.num_frames = (bank if runs == 1 else dict(bank)), frames
+            try:
+                return self.run(*args, **kwargs)
+            finally:
+                self.ctx.bank, self.ctx.num_frames = outer
+
+        return checkpoint(run_in_context, hidden_states, *args, use_reentrant=False, **kwargs)
+
+
+class RecordingTransformer(_CheckpointedSlot):
     """Reference net: a Transformer2DModel whose output (N, C, H, W) is stored in the bank."""
 
     def __init__(self, transformer: nn.Module, ctx: _Context, name: str):
         super().__init__()
         self.transformer, self.ctx, self.name = transformer, ctx, name
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def run(self, hidden_states, *args, **kwargs):
         out = self.transformer(hidden_states, *args, **kwargs)[0]
         self.ctx.bank[self.name] = out
         return (out,)
 
 
-class MotionTransformer(nn.Module):
+class MotionTransformer(_CheckpointedSlot):
     """Denoising net: a Transformer2DModel followed by temporal attention with motion frames."""
 
     def __init__(self, transformer: nn.Module, ctx: _Context, name: str, heads: int, max_frames: int):
@@ -117,7 +146,7 @@ class MotionTransformer(nn.Module):
         self.transformer, self.ctx, self.name = transformer, ctx, name
         self.temporal = TemporalAttention(transformer.config.in_channels, heads, max_frames)
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def run(self, hidden_states, *args, **kwargs):
         out = self.transformer(hidden_states, *args, **kwargs)[0]
         feats = self.ctx.bank[self.name]  # (B (1+M), C, H, W): [reference, motion frames]
         b = out.shape[0] // self.ctx.num_frames
@@ -211,6 +240,20 @@ class AvatarDenoiser(nn.Module):
                 attn.set_processor(AudioThenCFGProcessor(self._ctx, layer, f"cfg:{name}"))
                 self._cfg_processors.append(attn.processor)
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> "AvatarDenoiser":
+        """Recompute every transformer slot's activations (spatial, audio, temporal and CFG attention,
+        the bulk of activation memory) in backward instead of keeping them: less memory, ~1/3 more compute."""
+        for module in self.modules():
+            if isinstance(module, _CheckpointedSlot):
+                module.checkpointing = enabled
+        return self
+
+    def sharding_units(self) -> list[nn.Module]:
+        """The pieces FSDP gathers one at a time (fada_lightning/strategies.py): every block of both
+        UNets; what is left (embeddings, conv in/out, audio projection) goes with the whole network."""
+        return [block for unet in (self.reference_net, self.denoising_net)
+                for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if block is not None]
+
     @property
     def takes_guidance(self) -> bool:
         """True when the network reads the CFG scales it imitates from `cond.guidance`."""
@@ -237,7 +280,11 @@ class AvatarDenoiser(nn.Module):
 
     def encode_reference(self, cond: Conditions) -> Bank:
         """Run the reference net on [r ; m] at t = 0 -> the bank for `forward(reference=...)`; with
-        CFG layers also the token side of each for cond.guidance (it does not change over the steps)."""
+        CFG layers also the token side of each for cond.guidance (it does not change over the steps).
+        A sampler's entry point (FSDP gathers the weights for it as for forward, see strategies.py)."""
+        return self._reference_bank(cond)
+
+    def _reference_bank(self, cond: Conditions) -> Bank:
         images = torch.cat([cond.ref[:, None], cond.motion], dim=1).flatten(0, 1)  # (B (1+M), C, h, w)
         null_text = images.new_zeros(images.shape[0], 1, self.reference_net.config.cross_attention_dim)
         self._ref_ctx.bank = {}
@@ -260,7 +307,7 @@ class AvatarDenoiser(nn.Module):
         b, f, c, h, w = sample.shape
         if f + cond.motion.shape[1] > self.max_frames:
             raise ValueError(f"{f} frames + {cond.motion.shape[1]} motion frames exceed max_frames={self.max_frames}")
-        bank = self.encode_reference(cond) if reference is None else reference
+        bank = self._reference_bank(cond) if reference is None else reference  # not the FSDP-hooked entry point
         timestep = torch.as_tensor(timestep, device=sample.device).expand(b).repeat_interleave(f)
         timestep_cond = None
         if self.cfg_conditioning == "time_embedding":

@@ -1,0 +1,106 @@
+"""What the distributed tests (tests/test_distributed.py) run inside `fada fit` processes.
+
+A run of 1 process with batch B and a run of P processes with batch B / P see the same clips a step
+(`IndexedClips`: map-style, so the Trainer's DistributedSampler deals clip i to rank i mod P) and
+draw the same t, noise and dropout for each clip (`SeededDistill`: one generator per clip, seeded by
+step and clip index), so their loss trajectories and weights agree up to float summation order.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datamodules.streaming import ClipDecoder, FixedClips, resolve_shards
+from fada_lightning.distill import DistillModule
+
+
+class _Indexed(Dataset):
+    def __init__(self, clips: FixedClips):
+        self.clips = clips
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        return {**self.clips[i], "index": i}
+
+
+class IndexedClips(L.LightningDataModule):
+    """The first `count` clips of `shards`, in order, each with its index (fixed crops: rng=None)."""
+
+    def __init__(self, shards: str, count: int = 8, batch_size: int = 4):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str):
+        model = self.trainer.lightning_module
+        decoder = ClipDecoder(model.audio_features, model.hparams.clip_frames, model.hparams.motion_frames,
+                              frame_size=model.preset.get("frame_size"))
+        self.clips = _Indexed(FixedClips(resolve_shards(self.hparams.shards), decoder, self.hparams.count))
+
+    def train_dataloader(self):  # in order: rank r gets clips r, r + P, ... (Lightning's own sampler shuffles)
+        sampler = DistributedSampler(self.clips, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return DataLoader(self.clips, batch_size=self.hparams.batch_size, sampler=sampler)
+
+
+class SeededDistill(DistillModule):
+    """The distillation loss with each clip's random draws seeded by (global step, clip index)."""
+
+    def training_step(self, batch, batch_idx):
+        losses = []
+        for i, index in enumerate(batch["index"].tolist()):
+            g = torch.Generator().manual_seed(1000 * self.global_step + index)
+            losses.append(self.distillation_loss({k: v[i:i + 1] for k, v in batch.items()}, g)[0])
+        loss = torch.stack(losses).mean()
+        self.log("train/loss", loss, batch_size=len(losses))
+        return loss
+
+
+def _gather(obj):
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank calls it: sharded tensors are gathered whole."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in module.state_dict().items()}
+
+
+class Record(L.Callback):
+    """Writes `out`/record.json ({losses: mean over ranks per step, keys: [rank][step] clip keys,
+    dtypes: trained weights' dtypes}), `out`/weights.pt (the module's whole state at the end) and
+    `out`/start.pt (at the start of training, after a checkpoint was restored) from rank 0."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.losses, self.keys = [], []
+        self.start = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = full_state(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+        self.keys.append(list(batch["key"]))
+
+    def on_train_end(self, trainer, pl_module):
+        state = full_state(pl_module)
+        keys = _gather(self.keys)
+        dtypes = sorted({str(p.dtype) for p in pl_module.net.parameters()})
+        if trainer.global_rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            record = dict(losses=self.losses, keys=keys, dtypes=dtypes, world_size=trainer.world_size,
+                          global_step=trainer.global_step)
+            (self.out / "record.json").write_text(json.dumps(record))
+            torch.save(state, self.out / "weights.pt")
+            torch.save(self.start, self.out / "start.pt")

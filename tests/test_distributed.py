@@ -1,0 +1,124 @@
+"""DDP, FSDP2 and bf16-mixed on CPU: two `fada fit` processes talking over gloo against one process.
+
+The runs use tests/dist_helpers.py (same clips and same random draws a step whatever the number of
+processes), so one process with batch 4 and two with batch 2 must agree: per-step losses to 1e-5
+relative and the weights after 3 AdamW steps to 1e-4 (float summation order differs: DDP averages
+gradients in buckets, FSDP2 reduce-scatters them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fada_lightning.presets import find_config
+
+HERE = Path(__file__).parent
+FADA = str(Path(sys.executable).parent / "fada")
+STEPS = 3
+
+pytestmark = pytest.mark.slow
+
+
+def fit(tmp_path: Path, name: str, teacher_ckpt: str, shards: list[str], *args: str, devices: int = 1,
+        batch_size: int = 4, data: dict | None = None) -> dict:
+    """`fada fit` of SeededDistill for STEPS steps on `devices` CPU processes -> record.json (+ "dir")."""
+    out = tmp_path / name
+    config = {
+        "seed_everything": 0,
+        "trainer": dict(accelerator="cpu", devices=devices, max_steps=STEPS, limit_val_batches=0, num_sanity_val_steps=0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
+                        callbacks=[{"class_path": "dist_helpers.Record", "init_args": {"out": str(out)}},
+                                   {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                    "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True}}]),
+        "model": {"class_path": "dist_helpers.SeededDistill", "init_args": {
+            "teacher_ckpt": teacher_ckpt, "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.9,
+            "distiller": {"class_path": "distillers.perflow.PeRFlow", "init_args": {"solver_steps": 2}}}},
+        "data": data or {"class_path": "dist_helpers.IndexedClips",
+                         "init_args": {"shards": shards[0].rsplit("/", 1)[0], "batch_size": batch_size}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([FADA, "fit", "--config", str(path), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {**json.loads((out / "record.json").read_text()), "dir": out}
+
+
+def weights(run: dict, when: str = "weights") -> dict[str, torch.Tensor]:
+    """The module's whole state at the end of the run ("weights") or at its start ("start")."""
+    return torch.load(run["dir"] / f"{when}.pt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=k)
+
+
+def two_processes(tmp_path, name, teacher_ckpt, shards, strategy, *args):
+    return fit(tmp_path, name, teacher_ckpt, shards, "--config", str(find_config(f"strategies/{strategy}.yaml")),
+               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
+               "--data.init_args.batch_size=2", *args, devices=2)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, teacher_ckpt, shards):
+    return fit(tmp_path_factory.mktemp("one"), "one", teacher_ckpt, shards)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory, teacher_ckpt, shards):
+    return two_processes(tmp_path_factory.mktemp("fsdp2"), "fsdp2", teacher_ckpt, shards, "fsdp2")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, teacher_ckpt, shards):
+    return two_processes(tmp_path_factory.mktemp("ddp"), "ddp", teacher_ckpt, shards, "ddp")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_follow_one_process_with_the_same_global_batch(strategy, one_process, teacher_ckpt, request):
+    """Losses to 1e-5 relative; weights (student and EMA) to 1e-4 absolute, a tenth of one AdamW step at
+    lr 1e-3 (Adam's normalisation turns float noise in near-zero gradients into update noise)."""
+    run = request.getfixturevalue(f"{strategy}_run")
+    assert run["world_size"] == 2 and len(run["losses"]) == len(one_process["losses"]) == STEPS
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(one_process["losses"]), rtol=1e-5, atol=1e-8)
+    mine, theirs = weights(run), weights(one_process)
+    assert_same_weights(mine, theirs, atol=1e-4)
+    start = torch.load(teacher_ckpt, weights_only=True)["state_dict"]
+    moved = max((theirs[f"net.{k[len('ema.module.'):]}"] - v).abs().max().item()
+                for k, v in start.items() if k.startswith("ema.module."))
+    assert moved > 2e-3  # the runs trained: the tolerance is far below how far the weights moved
+    keys = run["keys"]  # each rank saw its own clips (clip i on rank i mod 2), as many batches each
+    assert len(keys[0]) == len(keys[1]) == STEPS
+    assert {k for step in keys[0] for k in step}.isdisjoint({k for step in keys[1] for k in step})
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process(fsdp2_run, teacher_ckpt, shards, tmp_path):
+    """The FSDP2 run's last.ckpt (a folder of 2 shards) loads into 1 process: the same weights, EMA and
+    step, and training goes on from there."""
+    last = fsdp2_run["dir"] / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2
+    run = fit(tmp_path, "resumed", teacher_ckpt, shards, "--config", str(find_config("strategies/fsdp2.yaml")),
+              "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+              f"--trainer.max_steps={STEPS + 1}", f"--ckpt_path={last}")
+    assert run["world_size"] == 1 and run["global_step"] == STEPS + 1 and len(run["losses"]) == 1
+    assert_same_weights(weights(run, "start"), weights(fsdp2_run), atol=0)
+
+
+def test_bf16_mixed_keeps_float32_weights(one_process, teacher_ckpt, shards, tmp_path):
+    """bf16-mixed on CPU (autocast), sharded with weights gathered in bf16: float32 shards, losses near float32's."""
+    run = two_processes(tmp_path, "bf16", teacher_ckpt, shards, "fsdp2", "--trainer.precision=bf16-mixed",
+                        "--trainer.strategy.init_args.param_dtype=bfloat16")
+    assert run["dtypes"] == ["torch.float32"]
+    bf16, fp32 = torch.tensor(run["losses"]), torch.tensor(one_process["losses"])
+    assert torch.isfinite(bf16).all() and not torch.equal(bf16, fp32)  # autocast did run in bf16
+    torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0)
