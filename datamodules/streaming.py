@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import os
+import random
 import warnings
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from .audio_features import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioFeatures, LogMelFeatures, audio_windows
 
 REQUIRED_FIELDS = ("mp4", "wav", "json")
+CACHE_FIELDS = ("latents.npy", "audio.npy")  # added by `fada cache` (datamodules/cache.py)
 # the synthetic world's scores (datamodules/synthetic.py); real data names its own in `quality_keys`
 QUALITY_KEYS = ("av_offset_frames", "blur_sigma", "noise_std", "motion_amplitude")
 
@@ -112,35 +114,44 @@ class ClipDecoder:
     frame_size: int | None = None  # resize on decode (decord); None keeps the shard's size
     quality_keys: tuple[str, ...] = QUALITY_KEYS  # json["quality"] entries read into "quality" (Q,)
     with_wav: bool = False  # also hand back the clip's own audio samples (evaluation: Sync-D)
+    cache: dict | None = None  # read `fada cache`'s latents.npy / audio.npy made by exactly this (cache_spec)
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
         """-> {"frames": (F, 3, H, W) in [-1, 1], "motion": (M, 3, H, W), "ref": (3, H, W),
                "audio": (F, 2r + 1, L, D), "mouth_open": (F,) (NaN if the json has none),
                "quality": (Q,) json["quality"][k] for k in quality_keys (NaN where absent),
-               "key": str, "tier": str, "start": int}, and with `with_wav` "wav": (F * 640,) float32 at 16 kHz"""
+               "key": str, "tier": str, "start": int}, and with `with_wav` "wav": (F * 640,) float32 at 16 kHz.
+        With `cache`, "latents": (M + F + 1, C, h, w) [motion, clip, reference] in place of the pixels
+        (nothing is decoded: the GPUs do no decoding or encoding work)."""
         missing = [k for k in REQUIRED_FIELDS if k not in sample]
         if missing:
             raise SkipSample(f"missing {', '.join(missing)}")
         f, m = self.clip_frames, self.motion_frames
         meta = json.loads(sample["json"])
-        size = self.frame_size or -1
-        video = decord.VideoReader(io.BytesIO(sample["mp4"]), width=size, height=size, num_threads=1)
-        n = len(video)
+        if self.cache is not None:
+            latents, features = self._cached(sample, meta)
+            n = len(latents)
+        else:
+            size = self.frame_size or -1
+            video = decord.VideoReader(io.BytesIO(sample["mp4"]), width=size, height=size, num_threads=1)
+            n = len(video)
         if n < m + f:
             raise SkipSample(f"{n} frames, fewer than motion + clip = {m + f}")
         start = int(rng.integers(m, n - f + 1)) if rng is not None else m
         ref = int(rng.integers(0, n)) if rng is not None else n - 1
+        wanted = np.concatenate([np.arange(start - m, start + f), [ref]])  # motion [s - M, s), clip [s, s + F), ref
 
-        # motion frames [s - M, s), clip [s, s + F), reference: decoded in order, once each
-        wanted = np.concatenate([np.arange(start - m, start + f), [ref]])
-        unique, inverse = np.unique(wanted, return_inverse=True)
-        pixels = torch.as_tensor(_numpy(video.get_batch(unique.tolist())))[torch.from_numpy(inverse)]
-        pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (M + F + 1, 3, H, W) in [-1, 1]
-
-        wav = _read_wav(sample["wav"])  # (samples,) float32 at 16 kHz
-        if abs(len(wav) - n * SAMPLES_PER_FRAME) > SAMPLES_PER_FRAME:
-            raise SkipSample(f"wav has {len(wav)} samples, {n} frames need {n * SAMPLES_PER_FRAME}")
-        features = self.audio_features(torch.from_numpy(wav), n)  # (n, L, D), whole clip as in sampling
+        if self.cache is not None:
+            pixels = None
+            wav = _read_wav(sample["wav"]) if self.with_wav else None
+        else:  # decode each wanted frame once, in order
+            unique, inverse = np.unique(wanted, return_inverse=True)
+            pixels = torch.as_tensor(_numpy(video.get_batch(unique.tolist())))[torch.from_numpy(inverse)]
+            pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (M + F + 1, 3, H, W) in [-1, 1]
+            wav = _read_wav(sample["wav"])  # (samples,) float32 at 16 kHz
+            if abs(len(wav) - n * SAMPLES_PER_FRAME) > SAMPLES_PER_FRAME:
+                raise SkipSample(f"wav has {len(wav)} samples, {n} frames need {n * SAMPLES_PER_FRAME}")
+            features = self.audio_features(torch.from_numpy(wav), n)  # (n, L, D), whole clip as in sampling
 
         mouth = meta.get("mouth_open")
         mouth_open = (torch.tensor(mouth[start:start + f], dtype=torch.float32) if mouth is not None
@@ -154,9 +165,6 @@ class ClipDecoder:
         except (AttributeError, TypeError, ValueError):
             raise SkipSample(f"json quality {scores!r} is not a mapping of numbers")
         item = {
-            "frames": pixels[m:m + f],
-            "motion": pixels[:m],
-            "ref": pixels[-1],
             "audio": audio_windows(features, start, f, self.audio_radius),  # (F, 2r + 1, L, D)
             "mouth_open": mouth_open,
             "quality": quality,
@@ -164,10 +172,34 @@ class ClipDecoder:
             "tier": str(meta.get("tier", key.split("-")[0])),
             "start": start,
         }
+        if pixels is None:
+            item["latents"] = latents[torch.from_numpy(wanted)].float()
+        else:
+            item.update(frames=pixels[m:m + f], motion=pixels[:m], ref=pixels[-1])
         if self.with_wav:  # the clip's samples, zero-padded if the wav ends up to a frame early
             own = torch.from_numpy(wav[start * SAMPLES_PER_FRAME:(start + f) * SAMPLES_PER_FRAME])
             item["wav"] = torch.nn.functional.pad(own, (0, f * SAMPLES_PER_FRAME - len(own)))
         return item
+
+
+    def _cached(self, sample: dict, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fada cache`'s members -> latents (n, C, h, w), audio features (n, L, D), checked against `cache`."""
+        made_by = meta.get("cache")
+        if made_by != self.cache:
+            raise SkipSample(f"its cached latents / audio features were made by {made_by}, this model needs "
+                             f"{self.cache}: run `fada cache` for this model's preset on these shards")
+        missing = [k for k in CACHE_FIELDS if k not in sample]
+        if missing:
+            raise SkipSample(f"json names a cache, but {', '.join(missing)} is missing")
+        latents, features = (torch.from_numpy(np.load(io.BytesIO(sample[k]), allow_pickle=False)) for k in CACHE_FIELDS)
+        if len(latents) != len(features):
+            raise SkipSample(f"latents.npy has {len(latents)} frames, audio.npy {len(features)}")
+        return latents, features.float()
+
+
+def cache_spec(preset: dict) -> dict:
+    """What cached latents and audio features depend on: the codec, the audio features and the frame size."""
+    return {"codec": preset["codec"], "audio_features": preset["audio_features"], "frame_size": preset["frame_size"]}
 
 
 def _numpy(array) -> np.ndarray:
@@ -215,8 +247,11 @@ class _WorkerStream:
         self.visit = 0  # shards opened so far; unreadable data is counted once per visit
         self.failed_visit = -1
         self.epochs = 0
-        pipeline = wds.DataPipeline(self.shard_cycle, wds.tarfile_to_samples(handler=self.on_tar_error))
-        self.raw = iter(pipeline)
+        stages = [self.shard_cycle, wds.tarfile_to_samples(handler=self.on_tar_error)]
+        if data.shuffle_buffer > 1:  # mix samples across this worker's recent shards, seeded per worker
+            seed = np.random.SeedSequence([data.seed, data.epoch, data.rank, worker]).generate_state(1)[0]
+            stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer, rng=random.Random(int(seed))))
+        self.raw = iter(wds.DataPipeline(*stages))
 
     def shard_cycle(self):
         """{"url": ...} over this worker's shards, endlessly; a new seeded order each pass."""
@@ -266,12 +301,13 @@ class ClipStream(IterableDataset):
     `get_worker_info()` and `num_workers` must match the DataLoader's (0 counts as 1). Each
     worker keeps its stream position across epochs (persistent workers, or num_workers=0); clip
     starts are drawn from a generator seeded by (seed, epoch, rank, worker). Without persistent
-    workers call `set_epoch` every epoch, or every epoch replays the first."""
+    workers call `set_epoch` every epoch, or every epoch replays the first. shuffle_buffer: samples
+    held and drawn from at random (webdataset's shuffle, seeded alike), so a batch mixes shards."""
 
     def __init__(self, urls: list[str], decoder: ClipDecoder, samples_per_worker: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 1, seed: int = 0):
+                 world_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle_buffer: int = 0):
         super().__init__()
-        self.urls, self.decoder = list(urls), decoder
+        self.urls, self.decoder, self.shuffle_buffer = list(urls), decoder, shuffle_buffer
         self.samples_per_worker = samples_per_worker
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.seed = seed
@@ -401,14 +437,19 @@ class AvatarDataModule(L.LightningDataModule):
     Each batch is a dict: frames (B, F, 3, H, W), motion (B, M, 3, H, W), ref (B, 3, H, W),
     audio (B, F, 2r + 1, L, D), mouth_open (B, F), quality (B, Q) (the json's scores named by
     `quality_keys`, default the synthetic world's; NaN where absent), key / tier (lists of B str), start (B,),
-    skipped (B,) (that worker's skipped samples so far), worker (B,) (global id; -1 in validation)."""
+    skipped (B,) (that worker's skipped samples so far), worker (B,) (global id; -1 in validation).
+    At scale: `cached` trains on the VAE latents and audio features `fada cache` added to the shards
+    (batches then hold latents (B, M + F + 1, C, h, w) in place of frames / motion / ref; validation
+    still decodes, for its sample videos); `shuffle_buffer` mixes clips of a worker's recent shards;
+    `prefetch_factor` batches each worker prepares ahead (DataLoader's, default 2)."""
 
     def __init__(self, train_shards: str | list[str] | dict[str, str | list[str]] | None = None,
                  val_shards: str | list[str] | None = None, audio_features: AudioFeatures | None = None,
                  clip_frames: int | None = None, motion_frames: int | None = None, audio_radius: int = 2,
                  frame_size: int | None = None, batch_size: int = 8, num_workers: int = 2, epoch_samples: int = 1024,
                  val_samples: int = 16, seed: int = 0, synthetic: dict | None = None,
-                 tier_weights: dict[str, float] | None = None, quality_keys: list[str] | None = None):
+                 tier_weights: dict[str, float] | None = None, quality_keys: list[str] | None = None,
+                 cached: bool = False, shuffle_buffer: int = 0, prefetch_factor: int | None = None):
         super().__init__()
         # clip shape and audio features default to the model's (see `_make_decoder`), so they are
         # not hparams of their own: Lightning would report a None here as a conflict with the model
@@ -418,9 +459,10 @@ class AvatarDataModule(L.LightningDataModule):
         self.train_set: ClipStream | TierMix | None = None
         self.val_set: FixedClips | None = None
 
-    def _make_decoder(self) -> ClipDecoder:
+    def _make_decoder(self, cached: bool = False) -> ClipDecoder:
         """Audio features and clip shape the model was built for, unless given here: the model owns
-        them (its audio projection and temporal layers depend on them)."""
+        them (its audio projection and temporal layers depend on them). `cached`: read the latents and
+        audio features of the model's preset from the shards instead."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         model_hp = getattr(model, "hparams", {})
 
@@ -431,8 +473,13 @@ class AvatarDataModule(L.LightningDataModule):
         features = self.audio_features or getattr(model, "audio_features", None) or LogMelFeatures()
         frame_size = self.hparams.frame_size or getattr(model, "preset", {}).get("frame_size")
         quality = QUALITY_KEYS if self.hparams.quality_keys is None else tuple(self.hparams.quality_keys)
+        cache = None
+        if cached:
+            if not isinstance(getattr(model, "preset", None), dict):
+                raise ValueError("data.cached reads latents made for the model's preset: it needs a model with a preset")
+            cache = cache_spec(model.preset)
         return ClipDecoder(features, pick("clip_frames", 8), pick("motion_frames", 2), self.hparams.audio_radius,
-                           frame_size, quality)
+                           frame_size, quality, cache=cache)
 
     def _synthetic_val(self) -> dict:
         """Held-out synthetic clips: another seed, so identities and audio the model never trained on."""
@@ -489,7 +536,9 @@ class AvatarDataModule(L.LightningDataModule):
             if per_worker * workers != hp.epoch_samples:
                 warnings.warn(f"epoch_samples {hp.epoch_samples} -> {per_worker * workers} per rank "
                               f"(whole batches of {hp.batch_size} on each of {workers} workers)")
-            streams = {tier: ClipStream(urls, self.decoder, per_worker, rank, world_size, hp.num_workers, hp.seed)
+            decoder = self._make_decoder(cached=True) if hp.cached else self.decoder
+            streams = {tier: ClipStream(urls, decoder, per_worker, rank, world_size, hp.num_workers, hp.seed,
+                                        hp.shuffle_buffer)
                        for tier, urls in self._train_urls().items()}
             if hp.tier_weights is None:
                 (self.train_set,) = streams.values()
@@ -505,8 +554,9 @@ class AvatarDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, **kw) -> DataLoader:
         workers = self.hparams.num_workers
+        prefetch = {"prefetch_factor": self.hparams.prefetch_factor} if workers > 0 else {}
         return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **kw)
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **prefetch, **kw)
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:  # a resumed run continues with fresh clip draws

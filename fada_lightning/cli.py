@@ -5,6 +5,7 @@
     fada sample --ckpt CKPT --image face.png --audio speech.wav -o out.mp4
     fada evaluate --ckpt CKPT                 # FID, FVD, Sync-D/C, E-FID, IQA, NFE-D on held-out clips
     fada ablate --config ablation/distillers.yaml
+    fada cache SHARDS --preset sd15 --out cached/   # add VAE latents + audio features to shards
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .presets import ConfigError, find_config
 
 
 TOOLS = {"sample": "fada_lightning.sample:main", "evaluate": "fada_lightning.evaluate:main",
-         "ablate": "fada_lightning.ablate:main"}
+         "ablate": "fada_lightning.ablate:main", "cache": "datamodules.cache:main"}
 
 
 class FadaCLI(LightningCLI):

@@ -199,7 +199,7 @@ class DistillModule(AvatarModule):
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.distillation_loss(batch)
-        b = len(batch["ref"])
+        b = len(batch["audio"])
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         for name, value in logs.items():
             self.log_value(f"train/{name}", value, b)

@@ -99,7 +99,12 @@ class AvatarModule(L.LightningModule):
 
     # ---- data -> latents --------------------------------------------------------------------
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, Conditions]:
-        """Pixels in [-1, 1] -> z0 (B, F, C, h, w) and Conditions in latent space."""
+        """Pixels in [-1, 1] -> z0 (B, F, C, h, w) and Conditions in latent space; a batch of `fada cache`'s
+        latents (B, M + F + 1, C, h, w) = [motion, clip, reference] is already there."""
+        if "latents" in batch:
+            latents, f = batch["latents"], batch["audio"].shape[1]
+            m = latents.shape[1] - f - 1
+            return latents[:, m:m + f], Conditions(ref=latents[:, -1], motion=latents[:, :m], audio=batch["audio"])
         frames, motion, ref = batch["frames"], batch["motion"], batch["ref"]
         b, f, m = frames.shape[0], frames.shape[1], motion.shape[1]
         latents = self.codec.encode(torch.cat([frames, motion, ref[:, None]], 1).flatten(0, 1)).unflatten(0, (b, f + m + 1))

@@ -140,6 +140,24 @@ def test_epochs_continue_the_stream_and_reshuffle(tmp_path):
     assert seen[:6] != seen[6:12]  # in a new order
 
 
+def test_a_shuffle_buffer_mixes_shards_reproducibly(tmp_path):
+    """Two shards of 4 clips: without a buffer a worker reads shard by shard; with one, clips of both
+    shards interleave, in the same order for the same seed and another for another seed."""
+    shards = make_shards(tmp_path, n_clips=8, clips_per_shard=4, frames=12, size=32)
+    decoder = ClipDecoder(LogMelFeatures(n_mels=8), 4, 2)
+
+    def keys(buffer, seed=0):
+        return [item["key"] for item in ClipStream(shards, decoder, 8, seed=seed, shuffle_buffer=buffer)]
+
+    plain, mixed = keys(0), keys(8, seed=1)
+    assert sorted(plain) == [f"strict-{i:06d}" for i in range(8)]
+    assert set(mixed) <= set(plain)  # (the buffer reads ahead into the next pass: a clip may come twice)
+    shard_of = [int(k[-6:]) // 4 for k in plain]
+    assert shard_of in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4)
+    assert mixed == keys(8, seed=1) and mixed != keys(8, seed=2)
+    assert [int(k[-6:]) // 4 for k in mixed] not in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4)
+
+
 # ---- bad data -------------------------------------------------------------------------------------
 def test_bad_samples_and_truncated_tars_are_skipped_warned_and_counted(tmp_path):
     good = [burst_clip(f"good-{i:06d}", frames=12, size=32) for i in range(3)]
