@@ -45,7 +45,8 @@ class CFGTokens(nn.Module):
 
     def forward(self, guidance: torch.Tensor) -> torch.Tensor:
         s_r, s_a = guidance[:, 0, None, None], guidance[:, 1, None, None]
-        return self.uncond + s_r * (self.ref - self.uncond) + s_a * (self.full - self.ref)
+        tokens = self.uncond + s_r * (self.ref - self.uncond) + s_a * (self.full - self.ref)
+        return tokens.to(self.uncond.dtype)  # float32 scales, the tokens' dtype out (bf16 weights too)
 
 
 class ScaleTokens(nn.Module):
@@ -58,7 +59,8 @@ class ScaleTokens(nn.Module):
         self.mlp = TimestepEmbedding(2 * SCALE_EMBEDDING_DIM, dim, out_dim=num_tokens * dim)
 
     def forward(self, guidance: torch.Tensor) -> torch.Tensor:
-        return self.mlp(scale_embedding(guidance).to(guidance.dtype)).unflatten(-1, (self.num_tokens, self.dim))
+        embedding = scale_embedding(guidance).to(self.mlp.linear_1.weight.dtype)
+        return self.mlp(embedding).unflatten(-1, (self.num_tokens, self.dim))
 
 
 class CFGLayer(nn.Module):

@@ -312,6 +312,7 @@ class AvatarDenoiser(nn.Module):
         timestep_cond = None
         if self.cfg_conditioning == "time_embedding":
             timestep_cond = scale_embedding(self._guidance(cond)).repeat_interleave(f, dim=0)  # (B F, 2 E)
+            timestep_cond = timestep_cond.to(self.denoising_net.dtype)
         self._ctx.bank, self._ctx.num_frames = bank, f
         try:
             out = self.denoising_net(sample.flatten(0, 1), timestep, timestep_cond=timestep_cond,

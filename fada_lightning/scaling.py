@@ -1,0 +1,189 @@
+"""Memory and cost of training at scale, read off the model itself on the meta device (docs/scaling.md).
+
+    python -m fada_lightning.scaling [--preset sd15] [--frames 16] [--gpus 32] [--tflops 312] [--mfu 0.4]
+
+Nothing is allocated: parameters are counted, saved activations are summed by a saved-tensors hook
+during a forward on meta tensors, and FLOPs come from torch's FlopCounterMode on the same forward.
+Teacher passes per training clip are counted on `micro` (the count depends on the distiller only).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from .diffusion.guidance import Conditions
+from .models.denoiser import AvatarDenoiser
+from .presets import load_preset
+
+GIB = 2 ** 30
+FPS = 25
+# bytes per parameter: trainable fp32 weight + fp32 gradient + AdamW's two fp32 moments; EMA fp32;
+# the frozen teacher as stored (fp32) or cast to bf16
+TRAINED, EMA, TEACHER_FP32, TEACHER_BF16 = 4 + 4 + 8, 4, 4, 2
+
+
+def meta_denoiser(preset: str | dict = "sd15", cfg_conditioning: str = "none") -> AvatarDenoiser:
+    net = {k: v for k, v in load_preset(preset)["net"].items() if k != "pretrained"}
+    with torch.device("meta"):
+        return AvatarDenoiser(**net, cfg_conditioning=cfg_conditioning)
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def example_inputs(net: AvatarDenoiser, batch: int, frames: int, motion: int = 2, device="meta", dtype=torch.float32):
+    """(z, t, cond) of the shapes training feeds the net: latents (B, F, C, h, w), audio windows."""
+    config = net.denoising_net.config
+    c, s = config.in_channels, config.sample_size
+    a = net.audio_projection
+    z = torch.randn(batch, frames, c, s, s, device=device, dtype=dtype)
+    cond = Conditions(ref=torch.randn(batch, c, s, s, device=device, dtype=dtype),
+                      motion=torch.randn(batch, motion, c, s, s, device=device, dtype=dtype),
+                      audio=torch.randn(batch, frames, a.window, 1, a.in_dim, device=device, dtype=dtype),
+                      guidance=torch.ones(batch, 2, device=device, dtype=dtype) if net.takes_guidance else None)
+    return z, torch.full((batch,), 500, device=device), cond
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel (flash / memory-efficient, and the CPU's) keeps for backward:
+    q, k, v, the output and one float32 log-sum-exp per query, never the (L, L) probabilities. On the
+    meta device SDPA decomposes into the math path, which would keep them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("only counts what a fused kernel saves")
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    return _FusedAttention.apply(q, k, v)
+
+
+def saved_activation_bytes(net: AvatarDenoiser, batch: int, frames: int, checkpointing: bool = False,
+                           dtype=torch.bfloat16, device="meta") -> int:
+    """Bytes autograd keeps for backward over one training forward, in `dtype` (bf16: as under
+    autocast), attention as a fused kernel keeps it (every saved tensor counted, views each time)."""
+    net = net.to(dtype).set_activation_checkpointing(checkpointing)
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    z, t, cond = example_inputs(net, batch, frames, device=device, dtype=dtype)
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            net(z.requires_grad_(), t, cond)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        net.set_activation_checkpointing(False)
+    return total
+
+
+def forward_flops(net: AvatarDenoiser, batch: int, frames: int, device="meta") -> int:
+    """FLOPs of one forward (reference net + denoising net) for `batch` clips of `frames` frames."""
+    z, t, cond = example_inputs(net, batch, frames, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(z, t, cond)
+    return counter.get_total_flops()
+
+
+def teacher_passes() -> dict[str, float]:
+    """Frozen-network forward passes (teacher, and the EMA for TCD) per training clip, per distiller,
+    counted on `micro`: a random teacher checkpoint, one `make_targets` of 4 clips."""
+    from distillers.mixed import MixedPeRFlow
+    from distillers.perflow import PeRFlow
+    from distillers.rflow import RFlow
+    from distillers.tcd import TCD
+
+    from .distill import DistillModule
+    from .module import TeacherModule
+
+    distillers = {"PeRFlow balanced (FADA-Balanced)": PeRFlow(mode="balanced"),
+                  "PeRFlow guided (FADA-Fast)": MixedPeRFlow(mode="guided", ref_scale=(1.0, 3.0), audio_scale=(1.0, 9.0)),
+                  "RFlow balanced": RFlow(mode="balanced"), "TCD guided": TCD(mode="guided"),
+                  "TCD balanced": TCD(mode="balanced")}
+    teacher = TeacherModule(preset="micro", ema_decay=None, clip_frames=2)
+    passes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "teacher.ckpt"
+        torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, path)
+        for name, distiller in distillers.items():
+            module = DistillModule(str(path), distiller, ema_decay=0.9)
+            module.load_teacher()
+            rows = 0
+
+            def counted(net, args, output):
+                nonlocal rows
+                rows += args[0].shape[0]
+
+            hooks = [net.register_forward_hook(counted) for net in (module.teacher, module.ema.module)]
+            z, _, cond = example_inputs(module.net, 4, 2, device="cpu")
+            with torch.no_grad():
+                distiller.make_targets(module.teacher, z, cond, distiller.sample_time(4, z.device), torch.randn_like(z),
+                                       tiers=["strict", "lenient"] * 2)
+            for hook in hooks:
+                hook.remove()
+            passes[name] = rows / 4
+    return passes
+
+
+def state_gib_per_gpu(student: int, teacher: int, gpus: int, sharded: bool, teacher_bf16: bool = True) -> dict:
+    """Weights, gradients and optimizer state per GPU: DDP keeps all of it on every GPU, FSDP 1 / gpus."""
+    share = 1 / gpus if sharded else 1
+    parts = {"student + grads + AdamW": student * TRAINED, "student EMA": student * EMA,
+             "teacher": teacher * (TEACHER_BF16 if teacher_bf16 else TEACHER_FP32)}
+    return {k: v * share / GIB for k, v in parts.items()}
+
+
+def gpu_hours(hours_of_video: float, frames: int, step_flops_per_clip: float, tflops: float, mfu: float) -> float:
+    """GPU-hours of one pass over `hours_of_video` cut into clips of `frames` frames."""
+    clips = hours_of_video * 3600 * FPS / frames
+    return clips * step_flops_per_clip / (tflops * 1e12 * mfu) / 3600
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="sd15")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--gpus", type=int, default=32)
+    p.add_argument("--tflops", type=float, default=312.0, help="peak bf16 TFLOP/s per GPU (A100: 312)")
+    p.add_argument("--mfu", type=float, default=0.4, help="fraction of peak a training step reaches")
+    args = p.parse_args(argv)
+    teacher, student = meta_denoiser(args.preset), meta_denoiser(args.preset, "layer_tokens")
+    print(f"{args.preset}: teacher {count(teacher) / 1e6:.1f} M parameters, FADA-Fast student "
+          f"{count(student) / 1e6:.1f} M; batch 1 clip of {args.frames} frames per GPU, {args.gpus} GPUs\n")
+    print(f"{'per GPU (GiB)':30s} {'DDP':>8s} {'FSDP':>8s}")
+    ddp, fsdp = (state_gib_per_gpu(count(student), count(teacher), args.gpus, s) for s in (False, True))
+    for key in ddp:
+        print(f"{key:30s} {ddp[key]:8.2f} {fsdp[key]:8.2f}")
+    for checkpointing in (False, True):
+        acts = saved_activation_bytes(student, 1, args.frames, checkpointing) / GIB
+        label = "activations (bf16)" + (", checkpointed" if checkpointing else "")
+        print(f"{label:30s} {acts:8.2f} {acts:8.2f}")
+    fwd = forward_flops(teacher, 1, args.frames)
+    print(f"\none forward, 1 clip of {args.frames} frames: {fwd / 1e12:.2f} TFLOP")
+    print(f"\n{'distiller':34s} {'teacher passes':>14s} {'TFLOP/clip':>10s} {'GPU-h 160 h':>11s} {'GPU-h 1300 h':>12s}")
+    for name, passes in {"teacher (Eq 1)": 0.0, **teacher_passes()}.items():
+        step = (3 + passes) * fwd  # student forward + backward (~2x forward), and the frozen passes
+        a, b = (gpu_hours(h, args.frames, step, args.tflops, args.mfu) for h in (160, 1300))
+        print(f"{name:34s} {passes:14g} {step / 1e12:10.1f} {a:11,.0f} {b:12,.0f}")
+    print(f"\nGPU-hours: one pass over the data at {args.tflops:g} TFLOP/s x {args.mfu:.0%} utilisation")
+
+
+if __name__ == "__main__":
+    main()

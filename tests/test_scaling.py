@@ -1,0 +1,71 @@
+"""The memory and cost model (fada_lightning/scaling.py): meta-device measurements equal real ones on micro."""
+import pytest
+import torch
+
+from fada_lightning import scaling
+
+
+@pytest.fixture(scope="module")
+def micro_pair():
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        real = scaling.AvatarDenoiser(**scaling.load_preset("micro")["net"], cfg_conditioning="layer_tokens")
+    return real, scaling.meta_denoiser("micro", "layer_tokens")
+
+
+def real_saved_bytes(net, checkpointing: bool) -> int:
+    """What autograd keeps on the CPU, with the CPU's own fused attention kernel."""
+    net = net.float().set_activation_checkpointing(checkpointing)
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    z, t, cond = scaling.example_inputs(net, 1, 4, device="cpu")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        net(z.requires_grad_(), t, cond)
+    net.set_activation_checkpointing(False)
+    return total
+
+
+def test_meta_counts_equal_real_counts_on_micro(micro_pair):
+    real, meta = micro_pair
+    assert scaling.count(meta) == scaling.count(real)
+    for checkpointing in (False, True):
+        assert scaling.saved_activation_bytes(meta, 1, 4, checkpointing, torch.float32) == real_saved_bytes(
+            real, checkpointing) > 0
+    assert scaling.saved_activation_bytes(meta, 1, 4, True, torch.float32) < 0.6 * real_saved_bytes(real, False)
+    # FLOPs: on meta SDPA is counted as its math decomposition, on the CPU as the fused kernel (2% apart here)
+    on_meta, on_cpu = scaling.forward_flops(meta, 1, 4), scaling.forward_flops(real, 1, 4, device="cpu")
+    assert on_cpu > 0 and abs(on_meta / on_cpu - 1) < 0.03
+
+
+def test_sharding_divides_every_state_by_the_gpus():
+    ddp = scaling.state_gib_per_gpu(1_000_000, 2_000_000, 8, sharded=False)
+    fsdp = scaling.state_gib_per_gpu(1_000_000, 2_000_000, 8, sharded=True)
+    assert ddp["student + grads + AdamW"] * 2**30 == 16_000_000 and ddp["teacher"] * 2**30 == 4_000_000
+    assert all(abs(fsdp[k] * 8 - ddp[k]) < 1e-12 for k in ddp)
+
+
+def test_teacher_passes_per_clip_follow_each_distillers_definition():
+    passes = scaling.teacher_passes()
+    assert passes["PeRFlow balanced (FADA-Balanced)"] == 8  # N = 8 conditional DDIM steps in the window
+    assert passes["PeRFlow guided (FADA-Fast)"] == 24  # x 3: Eq 9's passes
+    assert passes["RFlow balanced"] == 32  # one window, 32 steps
+    assert passes["TCD guided"] == 4 and passes["TCD balanced"] == 2  # one teacher step (x 3 / x 1) + the EMA
+
+
+@pytest.mark.slow
+def test_docs_scaling_shows_what_the_command_prints(capsys):
+    """docs/scaling.md's figures are the ones `python -m fada_lightning.scaling` prints today."""
+    from pathlib import Path
+
+    scaling.main(["--preset", "sd15", "--frames", "16", "--gpus", "32", "--tflops", "312", "--mfu", "0.4"])
+    printed = capsys.readouterr().out
+    page = (Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
+    for figure in ["1776.3", "1820.3", "27.12", "6.78", "3.31", "0.85", "27.49", "7.04", "18.40", "202.4", "496.8",
+                   "644.0", "128.8", "92.0", "3,294", "8,085", "10,481", "2,096"]:
+        assert figure in printed, figure
+        assert figure.replace("18.40", "18.4").replace("1776.3", "1,776.3").replace("1820.3", "1,820.3") in page, figure
