@@ -43,7 +43,8 @@ class AvatarModule(L.LightningModule):
     """What every avatar model shares: preset -> (codec, audio features, net), batch encoding,
     the sampler, and a sample video at validation. Subclasses define `training_step`.
     activation_checkpointing: recompute the trained network's attention activations in backward
-    (AvatarDenoiser.set_activation_checkpointing): the memory of sd15 at 16 frames, at ~1/3 more compute."""
+    (AvatarDenoiser.set_activation_checkpointing): for sd15 at 16 frames 7 GiB of activations instead of
+    27 GiB (docs/scaling.md), for about one more forward a step."""
 
     hparams_ignore: tuple[str, ...] = ()  # constructor arguments that are modules, recorded another way
 
