@@ -60,7 +60,7 @@ def measure(row: str, devices: int, batch: int, steps: int, teacher_ckpt: str, o
     trainer = L.Trainer(max_steps=steps + 1, accelerator="cpu", devices=devices,
                         strategy="ddp" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
-    batches = fixed_batches(TeacherModule(preset="micro"), batch, steps + 1)
+    batches = fixed_batches(module, batch, steps + 1)  # the same batches for every row (same seed, shapes)
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     if trainer.global_rank == 0:
         Path(out).write_text(json.dumps({"seconds": statistics.median(timer.seconds[1:])}))

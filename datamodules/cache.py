@@ -24,6 +24,7 @@ import decord
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.pytorch.cli import instantiate_class
 from tqdm import tqdm
 
 from fada_lightning.presets import load_preset
@@ -36,12 +37,10 @@ class Cacher:
     """The preset's codec and audio features, run over one sample at a time."""
 
     def __init__(self, preset: str | dict, device: str = "cpu", dtype: str = "float16", chunk: int = 32):
-        from fada_lightning.module import _instantiate
-
         self.preset = load_preset(preset)
         self.spec = cache_spec(self.preset)
-        self.codec = _instantiate(self.preset["codec"]).to(device).eval()
-        self.audio_features = _instantiate(self.preset["audio_features"])
+        self.codec = instantiate_class((), self.preset["codec"]).to(device).eval()
+        self.audio_features = instantiate_class((), self.preset["audio_features"])
         self.device, self.dtype, self.chunk = torch.device(device), np.dtype(dtype), chunk
 
     @torch.no_grad()

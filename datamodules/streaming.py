@@ -181,7 +181,6 @@ class ClipDecoder:
             item["wav"] = torch.nn.functional.pad(own, (0, f * SAMPLES_PER_FRAME - len(own)))
         return item
 
-
     def _cached(self, sample: dict, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """`fada cache`'s members -> latents (n, C, h, w), audio features (n, L, D), checked against `cache`."""
         made_by = meta.get("cache")

@@ -1,7 +1,7 @@
 """What the distributed tests (tests/test_distributed.py) run inside `fada fit` processes.
 
 A run of 1 process with batch B and a run of P processes with batch B / P see the same clips a step
-(`IndexedClips`: map-style, so the Trainer's DistributedSampler deals clip i to rank i mod P) and
+(`IndexedClips`: map-style, dealt in order by a DistributedSampler: clip i to rank i mod P) and
 draw the same t, noise and dropout for each clip (`SeededDistill`: one generator per clip, seeded by
 step and clip index), so their loss trajectories and weights agree up to float summation order.
 """
