@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import instantiate_class
-from torch.distributed.fsdp import FSDPModule
 
 from distillers.base import Distiller
 
+from .checkpoints import read_checkpoint
 from .models.denoiser import AvatarDenoiser
 from .module import AvatarModule, adamw_with_warmup
 from .presets import ConfigError, load_preset
+from .strategies import is_sharded
 
 HOW_TO_TRAIN_A_TEACHER = ("train one with `fada fit --config teacher.yaml` (its checkpoints land in "
                           "runs/teacher/tb/version_N/checkpoints/), then pass --model.init_args.teacher_ckpt PATH")
@@ -30,10 +31,10 @@ def read_teacher_checkpoint(path: str | Path | None) -> dict:
     if not path:
         raise ConfigError(f"no teacher checkpoint given (model.init_args.teacher_ckpt): {HOW_TO_TRAIN_A_TEACHER}")
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"teacher checkpoint {path} does not exist: {HOW_TO_TRAIN_A_TEACHER}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(path)  # a file, or a sharded run's folder
     except Exception as err:  # not a zip/pickle of tensors, or one holding arbitrary objects
         raise ConfigError(f"teacher checkpoint {path} cannot be read ({type(err).__name__}): {HOW_TO_TRAIN_A_TEACHER}")
     if not isinstance(checkpoint.get("hyper_parameters", {}).get("preset"), dict):
@@ -188,9 +189,9 @@ class DistillModule(AvatarModule):
         z0, cond = self.encode_batch(batch)
         t = self.distiller.sample_time(z0.shape[0], z0.device, generator)
         eps = torch.randn(z0.shape, generator=generator, device=generator.device if generator else z0.device)
-        # a sharded teacher (FSDP2) runs under no_grad: unsharding keeps version counters, which
+        # a sharded teacher (FSDP, FSDP2) runs under no_grad: unsharding keeps version counters, which
         # inference tensors do not have (it fails on a 1-process mesh)
-        frozen = torch.no_grad() if isinstance(self.teacher, FSDPModule) else torch.inference_mode()
+        frozen = torch.no_grad() if is_sharded(self.teacher) else torch.inference_mode()
         with frozen:
             job = self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator, batch.get("tier"))
         job = job.clone()

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .checkpoints import read_metadata
 from .metrics.frechet import frechet_from_features
 from .metrics.extractors import to_uint8
 from .presets import find_config
@@ -155,7 +156,7 @@ def evaluate(ckpt: str, evaluator: VideoEvaluator, clips: int = 100, frames: int
     metrics = evaluator.compute()
     if len(set(nfe)) != 1:
         raise RuntimeError(f"NFE per clip window varied between batches: {nfe}")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = read_metadata(ckpt_path)
     result = {
         "checkpoint": str(ckpt_path), "step": int(checkpoint.get("global_step", 0)), "model": type(module).__name__,
         "metrics": {"NFE-D": nfe[0], **{k: v for k, v in metrics.items() if k not in ("ground_truth", "per_clip")}},

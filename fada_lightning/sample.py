@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import read_checkpoint
 from .diffusion.sampling import check_eta
 from .video_io import read_audio, read_image, write_mp4
 
@@ -16,16 +17,20 @@ SAMPLE_RATE, FPS = 16000, 25
 
 
 def load_module(ckpt: str | Path, map_location="cpu"):
-    """The LightningModule a `fada fit` checkpoint was made by, with its weights."""
+    """The LightningModule a `fada fit` checkpoint (a file or a sharded run's folder) was made by, with its weights."""
+    from lightning.pytorch.core.saving import _load_state
+
     path = Path(ckpt)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (train one with `fada fit --config teacher.yaml`)")
-    meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    if "fada_module" not in meta:
+    checkpoint = read_checkpoint(path, weights_only=False)
+    if "fada_module" not in checkpoint:
         raise ValueError(f"{path} is not a fada-lightning checkpoint (no 'fada_module' entry)")
-    module_name, cls_name = meta["fada_module"].rsplit(".", 1)
+    module_name, cls_name = checkpoint["fada_module"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls.load_from_checkpoint(path, map_location=map_location)
+    if path.is_file():
+        return cls.load_from_checkpoint(path, map_location=map_location)
+    return _load_state(cls, checkpoint).to(map_location)  # what load_from_checkpoint does with what it read
 
 
 @torch.no_grad()

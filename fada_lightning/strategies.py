@@ -1,13 +1,14 @@
 """Sharded training for the avatar modules (configs/strategies/*.yaml).
 
     FSDP2   torch's `fully_shard` through Lightning's ModelParallelStrategy: CPU (gloo) and GPU (nccl)
+    FSDP    Lightning's FSDPStrategy (FSDP1, FullyShardedDataParallel units): GPU, and CPU with gloo
 
 Every network of the module (`module.networks()`: the student `net`, its EMA, a distiller's frozen
 teacher) is sharded on its own, block by block (`AvatarDenoiser.sharding_units`), so no FSDP unit
 ever holds frozen and trainable weights together: the teacher's shards get no gradients and no
 optimizer state, and the EMA's shards sit on the same ranks as the student's, so its update is a
-local lerp of shard onto shard. Checkpoints are folders of shards (torch.distributed.checkpoint),
-which resume on the same or another number of processes.
+local lerp of shard onto shard. FSDP2's checkpoints are folders of shards (torch.distributed.checkpoint),
+which resume on the same or another number of processes; FSDP's are single files by default.
 """
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from datetime import timedelta
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import (FSDPModule, FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
+from torch.distributed.fsdp.wrap import wrap
 
 # AvatarDenoiser methods the samplers call besides forward: FSDP gathers the weights for them too
 FORWARD_METHODS = ("encode_reference",)
@@ -50,10 +54,57 @@ class FSDP2(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
         for net in module.networks().values():
-            if isinstance(net, FSDPModule):
+            if is_sharded(net):
                 continue  # sharded already (configure_model runs again for a second fit or test)
             for unit in net.sharding_units():
                 fully_shard(unit, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
             fully_shard(net, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
             for method in FORWARD_METHODS:
                 register_fsdp_forward_method(net, method)
+
+
+class FSDP(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1) with the units of `FSDP2`, for setups that keep to FSDP1.
+
+    An FSDP1 unit gathers its weights only inside its own forward, and a wrapper cannot register other
+    entry points (`encode_reference`). So each network is not wrapped as a whole: its units are its
+    blocks plus the smallest modules outside them that hold weights (conv in/out, time embeddings, the
+    audio projection), each used only through its forward. The arguments are FSDPStrategy's
+    (sharding_strategy, state_dict_type, cpu_offload, ...); the mixed precision follows the Trainer's.
+    """
+
+    def parallelize(self, module) -> None:
+        """Wrap each of `module.networks()` in place (LightningModule.configure_model, which Lightning
+        runs inside this strategy's `enable_wrap`, so `wrap` applies its settings)."""
+        for net in module.networks().values():
+            if is_sharded(net):
+                continue  # wrapped already (configure_model runs again for a second fit or test)
+            for parent, name in _fsdp1_units(net):
+                setattr(parent, name, wrap(getattr(parent, name)))
+
+
+def _fsdp1_units(net: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, child name) of every FSDP1 unit of `net`: its sharding units, and the largest modules
+    outside them that hold weights and contain no unit."""
+    blocks = {id(block) for block in net.sharding_units()}
+    holders = {id(m) for block in net.sharding_units() for m in block.modules()}
+    units = []
+
+    def visit(parent: nn.Module):
+        if any(True for _ in parent.parameters(recurse=False)):
+            raise ValueError(f"{type(parent).__name__} holds weights beside its blocks: FSDP1 cannot gather them "
+                             "for it; use the FSDP2 strategy")
+        for name, child in parent.named_children():
+            if id(child) in blocks or not any(id(m) in holders for m in child.modules()):
+                if any(True for _ in child.parameters()):
+                    units.append((parent, name))
+            else:
+                visit(child)
+
+    visit(net)
+    return units
+
+
+def is_sharded(net: nn.Module) -> bool:
+    """True once `parallelize` has sharded `net` (FSDP2) or wrapped its units (FSDP)."""
+    return isinstance(net, FSDPModule) or any(isinstance(m, FullyShardedDataParallel) for m in net.modules())

@@ -90,7 +90,7 @@ def test_an_ablation_row_alone_says_to_give_its_base_first():
     assert "fada fit --config distill_fada_fast.yaml --config ablations/table4/cfg_layer.yaml" in message
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp2"])
 def test_a_strategy_preset_changes_only_how_training_is_distributed(name, capsys):
     base = resolved(capsys, "distill_fada_fast.yaml")
     mine = resolved(capsys, "distill_fada_fast.yaml", f"strategies/{name}.yaml")
@@ -99,5 +99,5 @@ def test_a_strategy_preset_changes_only_how_training_is_distributed(name, capsys
     assert {k.split(".init_args")[0] if k.startswith("trainer.strategy") else k for k in changed} <= allowed, changed
     assert changed["trainer.precision"] == ("32-true", "bf16-mixed")
     strategy = mine["trainer"]["strategy"]["class_path"]
-    assert strategy == {"ddp": "lightning.pytorch.strategies.DDPStrategy",
+    assert strategy == {"ddp": "lightning.pytorch.strategies.DDPStrategy", "fsdp": "fada_lightning.strategies.FSDP",
                         "fsdp2": "fada_lightning.strategies.FSDP2"}[name]
