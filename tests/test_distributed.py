@@ -3,7 +3,8 @@
 The runs use tests/dist_helpers.py (same clips and same random draws a step whatever the number of
 processes), so one process with batch 4 and two with batch 2 must agree: per-step losses to 1e-5
 relative and the weights after 3 AdamW steps to 1e-4 (float summation order differs: DDP averages
-gradients in buckets, FSDP2 reduce-scatters them).
+gradients in buckets, FSDP2 reduce-scatters them). FSDP1 needs an accelerator (torch >= 2.11), so
+Lightning's `fsdp` preset is checked here only as far as its wrapping plan (tests/test_strategies.py).
 """
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from fada_lightning.distill import read_teacher_checkpoint, teacher_weights
 from fada_lightning.presets import find_config
+from fada_lightning.sample import load_module
 
 HERE = Path(__file__).parent
 FADA = str(Path(sys.executable).parent / "fada")
@@ -27,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 
 def fit(tmp_path: Path, name: str, teacher_ckpt: str, shards: list[str], *args: str, devices: int = 1,
-        batch_size: int = 4, data: dict | None = None) -> dict:
+        batch_size: int = 4, data: dict | None = None, model: str = "dist_helpers.SeededDistill") -> dict:
     """`fada fit` of SeededDistill for STEPS steps on `devices` CPU processes -> record.json (+ "dir")."""
     out = tmp_path / name
     config = {
@@ -37,7 +41,7 @@ def fit(tmp_path: Path, name: str, teacher_ckpt: str, shards: list[str], *args: 
                         callbacks=[{"class_path": "dist_helpers.Record", "init_args": {"out": str(out)}},
                                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                     "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True}}]),
-        "model": {"class_path": "dist_helpers.SeededDistill", "init_args": {
+        "model": {"class_path": model, "init_args": {
             "teacher_ckpt": teacher_ckpt, "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.9,
             "distiller": {"class_path": "distillers.perflow.PeRFlow", "init_args": {"solver_steps": 2}}}},
         "data": data or {"class_path": "dist_helpers.IndexedClips",
@@ -50,6 +54,11 @@ def fit(tmp_path: Path, name: str, teacher_ckpt: str, shards: list[str], *args: 
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return {**json.loads((out / "record.json").read_text()), "dir": out}
+
+
+def shard_keys(url: str) -> set[str]:
+    with tarfile.open(url) as tar:
+        return {name.split(".", 1)[0] for name in tar.getnames()}
 
 
 def weights(run: dict, when: str = "weights") -> dict[str, torch.Tensor]:
@@ -114,6 +123,19 @@ def test_a_sharded_checkpoint_resumes_on_one_process(fsdp2_run, teacher_ckpt, sh
     assert_same_weights(weights(run, "start"), weights(fsdp2_run), atol=0)
 
 
+def test_a_sharded_checkpoint_reads_whole_for_sampling_and_as_a_teacher(fsdp2_run):
+    """`fada sample`/`fada evaluate` (load_module) and a distiller's teacher_ckpt read the folder of shards
+    in one process without a process group: the run's final weights, exactly."""
+    last = fsdp2_run["dir"] / "checkpoints" / "last.ckpt"
+    final = weights(fsdp2_run)
+    assert_same_weights(load_module(last).state_dict(), final, atol=0)
+    checkpoint = read_teacher_checkpoint(last)
+    assert checkpoint["global_step"] == STEPS and "preset" in checkpoint["hyper_parameters"]
+    assert "optimizer_states" not in checkpoint  # left on disk: only resuming needs them
+    ema = {k[len("ema.module."):]: v for k, v in final.items() if k.startswith("ema.module.")}
+    assert_same_weights(teacher_weights(checkpoint, last), ema, atol=0)
+
+
 def test_bf16_mixed_keeps_float32_weights(one_process, teacher_ckpt, shards, tmp_path):
     """bf16-mixed on CPU (autocast), sharded with weights gathered in bf16: float32 shards, losses near float32's."""
     run = two_processes(tmp_path, "bf16", teacher_ckpt, shards, "fsdp2", "--trainer.precision=bf16-mixed",
@@ -122,3 +144,19 @@ def test_bf16_mixed_keeps_float32_weights(one_process, teacher_ckpt, shards, tmp
     bf16, fp32 = torch.tensor(run["losses"]), torch.tensor(one_process["losses"])
     assert torch.isfinite(bf16).all() and not torch.equal(bf16, fp32)  # autocast did run in bf16
     torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0)
+
+
+def test_the_streaming_data_gives_each_rank_its_own_shards_and_equal_batches_across_epochs(teacher_ckpt, shards,
+                                                                                           tmp_path):
+    """The WebDataset stream under DDP on 2 processes: rank r reads shard r only (2 shards, 1 worker
+    each), and with 2 clips per rank an epoch, 5 steps cross two epoch ends without a hang."""
+    data = {"class_path": "datamodules.streaming.AvatarDataModule", "init_args": {
+        "train_shards": shards, "batch_size": 1, "num_workers": 1, "epoch_samples": 2}}
+    run = fit(tmp_path, "stream", teacher_ckpt, shards, "--config", str(find_config("strategies/ddp.yaml")),
+              "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true", "--trainer.max_steps=5",
+              devices=2, data=data, model="fada_lightning.distill.DistillModule")
+    assert run["world_size"] == 2 and run["global_step"] == 5
+    keys = [[k for step in rank for k in step] for rank in run["keys"]]
+    assert len(keys[0]) == len(keys[1]) == 5
+    shard_of = {key: i for i, url in enumerate(shards) for key in shard_keys(url)}
+    assert {shard_of[k] for k in keys[0]} == {0} and {shard_of[k] for k in keys[1]} == {1}
