@@ -1,7 +1,8 @@
 """Sharded training for the avatar modules (configs/strategies/*.yaml).
 
     FSDP2   torch's `fully_shard` through Lightning's ModelParallelStrategy: CPU (gloo) and GPU (nccl)
-    FSDP    Lightning's FSDPStrategy (FSDP1, FullyShardedDataParallel units): GPU, and CPU with gloo
+    FSDP    Lightning's FSDPStrategy (FSDP1, FullyShardedDataParallel units): GPU only (torch 2.11's
+            FSDP1 needs an accelerator; here its wrapping plan is tested, not a run)
 
 Every network of the module (`module.networks()`: the student `net`, its EMA, a distiller's frozen
 teacher) is sharded on its own, block by block (`AvatarDenoiser.sharding_units`), so no FSDP unit
@@ -68,8 +69,8 @@ class FSDP(FSDPStrategy):
 
     An FSDP1 unit gathers its weights only inside its own forward, and a wrapper cannot register other
     entry points (`encode_reference`). So each network is not wrapped as a whole: its units are its
-    blocks plus the smallest modules outside them that hold weights (conv in/out, time embeddings, the
-    audio projection), each used only through its forward. The arguments are FSDPStrategy's
+    blocks plus the modules outside them that hold weights (conv in/out, time embeddings, the audio
+    projection, CFG tokens), each used only through its forward. The arguments are FSDPStrategy's
     (sharding_strategy, state_dict_type, cpu_offload, ...); the mixed precision follows the Trainer's.
     """
 
@@ -86,8 +87,9 @@ class FSDP(FSDPStrategy):
 def _fsdp1_units(net: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, child name) of every FSDP1 unit of `net`: its sharding units, and the largest modules
     outside them that hold weights and contain no unit."""
-    blocks = {id(block) for block in net.sharding_units()}
-    holders = {id(m) for block in net.sharding_units() for m in block.modules()}
+    blocks = net.sharding_units()
+    in_blocks = {id(m) for block in blocks for m in block.modules()}
+    blocks = {id(block) for block in blocks}
     units = []
 
     def visit(parent: nn.Module):
@@ -95,7 +97,7 @@ def _fsdp1_units(net: nn.Module) -> list[tuple[nn.Module, str]]:
             raise ValueError(f"{type(parent).__name__} holds weights beside its blocks: FSDP1 cannot gather them "
                              "for it; use the FSDP2 strategy")
         for name, child in parent.named_children():
-            if id(child) in blocks or not any(id(m) in holders for m in child.modules()):
+            if id(child) in blocks or not any(id(m) in in_blocks for m in child.modules()):
                 if any(True for _ in child.parameters()):
                     units.append((parent, name))
             else:
