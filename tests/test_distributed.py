@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 def fit(tmp_path: Path, name: str, teacher_ckpt: str, shards: list[str], *args: str, devices: int = 1,
         batch_size: int = 4, data: dict | None = None, model: str = "dist_helpers.SeededDistill") -> dict:
-    """`fada fit` of SeededDistill for STEPS steps on `devices` CPU processes -> record.json (+ "dir")."""
+    """`fada fit` of `model` for STEPS steps on `devices` CPU processes -> record.json (+ "dir")."""
     out = tmp_path / name
     config = {
         "seed_everything": 0,

@@ -1,0 +1,27 @@
+"""read_checkpoint on the layouts a sharded run can leave (the FSDP2 folder of a real two-process run
+is read in tests/test_distributed.py)."""
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from fada_lightning.checkpoints import read_checkpoint, read_metadata
+
+
+def test_an_fsdp1_sharded_folder_reads_its_weights_and_metadata_but_not_its_optimizer(tmp_path):
+    """FSDPStrategy's sharded layout keeps the weights under "model" and the optimizer as "optimizer_0"."""
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"model": {"net.w": torch.arange(4.0)}, "optimizer_0": {"state": {"m": torch.ones(4)}}},
+             checkpoint_id=folder, no_dist=True)
+    torch.save({"global_step": 7, "hyper_parameters": {"lr": 1e-4}}, folder / "meta.pt")
+    checkpoint = read_checkpoint(folder)
+    assert set(checkpoint) == {"state_dict", "global_step", "hyper_parameters"}
+    torch.testing.assert_close(checkpoint["state_dict"]["net.w"], torch.arange(4.0))
+    assert read_metadata(folder)["global_step"] == 7
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match=r"runs is a folder but not a sharded checkpoint"):
+        read_checkpoint(tmp_path / "runs")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
