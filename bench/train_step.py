@@ -27,6 +27,7 @@ from distillers.rflow import RFlow
 from distillers.tcd import TCD
 from fada_lightning.distill import DistillModule
 from fada_lightning.module import TeacherModule
+from fada_lightning.scaling import PassCounter
 
 
 class StepTimer(L.Callback):
@@ -38,18 +39,6 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.seconds.append(time.perf_counter() - self._start)
-
-
-class PassCounter:
-    """Forward hook: rows of frozen-network batches per training clip."""
-
-    def __init__(self, *nets):
-        self.rows = 0
-        for net in nets:
-            net.register_forward_hook(self.count)
-
-    def count(self, net, args, output):
-        self.rows += args[0].shape[0]
 
 
 def fixed_batches(module, batch_size: int, count: int) -> list[dict]:
@@ -71,12 +60,13 @@ def time_steps(module, batches: list[dict]) -> tuple[float, float]:
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[timer])
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    counter = None
+    frozen = []
     if isinstance(module, DistillModule):  # the EMA runs in training only as a target network (TCD)
         module.load_teacher()
-        counter = PassCounter(module.teacher, *([module.ema.module] if module.ema is not None else []))
-    trainer.fit(module, loader)
-    passes = counter.rows / (len(batches) * len(batches[0]["ref"])) if counter else 0.0
+        frozen = [module.teacher, *([module.ema.module] if module.ema is not None else [])]
+    with PassCounter(*frozen) as counter:
+        trainer.fit(module, loader)
+    passes = counter.rows / (len(batches) * len(batches[0]["ref"]))
     return statistics.median(timer.seconds[1:]), passes
 
 

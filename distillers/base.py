@@ -3,7 +3,7 @@
     z0, cond = encode(batch)                            # latents (B, F, C, h, w), Conditions
     eps = randn_like(z0)
     t = distiller.sample_time(B, device, generator)     # 1. how the training time is sampled
-    with inference_mode():                              # 2. the frozen networks: one no-grad call
+    with no_grad():                                     # 2. the frozen networks: one no-grad call
         job = distiller.make_targets(teacher, z0, cond, t, eps, generator, tiers=batch["tier"])
     pred = student(job.z, job.timestep, job.cond)       #    the student's raw output
     loss, logs = distiller.loss(pred, job)              # 3. how the loss is reduced and weighted
@@ -18,7 +18,7 @@ target network), which the module hands over in `bind`; `tiers` names each clip'
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.core.mixins import HyperparametersMixin
@@ -40,12 +40,6 @@ class DistillTargets:
     eps_target: torch.Tensor  # (B, F, C, h, w) the target, in eps space
     abar: torch.Tensor  # (B,) where a v-network's output is read as eps
     weight: torch.Tensor  # (B,) per-sample loss weight
-
-    def clone(self) -> "DistillTargets":
-        """Copies that autograd may use: tensors made under inference_mode may not be saved for backward."""
-        def copy(x):
-            return x.clone() if isinstance(x, torch.Tensor) else x.map(torch.Tensor.clone) if isinstance(x, Conditions) else x
-        return type(self)(**{f.name: copy(getattr(self, f.name)) for f in fields(self)})
 
 
 class Distiller(HyperparametersMixin, nn.Module):

@@ -19,7 +19,6 @@ from .checkpoints import read_checkpoint
 from .models.denoiser import AvatarDenoiser
 from .module import AvatarModule, adamw_with_warmup
 from .presets import ConfigError, load_preset
-from .strategies import is_sharded
 
 HOW_TO_TRAIN_A_TEACHER = ("train one with `fada fit --config teacher.yaml` (its checkpoints land in "
                           "runs/teacher/tb/version_N/checkpoints/), then pass --model.init_args.teacher_ckpt PATH")
@@ -189,12 +188,10 @@ class DistillModule(AvatarModule):
         z0, cond = self.encode_batch(batch)
         t = self.distiller.sample_time(z0.shape[0], z0.device, generator)
         eps = torch.randn(z0.shape, generator=generator, device=generator.device if generator else z0.device)
-        # a sharded teacher (FSDP, FSDP2) runs under no_grad: unsharding keeps version counters, which
-        # inference tensors do not have (it fails on a 1-process mesh)
-        frozen = torch.no_grad() if is_sharded(self.teacher) else torch.inference_mode()
-        with frozen:
+        # no_grad, not inference_mode: the student's backward may save the targets, and a sharded
+        # teacher's unsharding keeps version counters, which inference tensors do not have
+        with torch.no_grad():
             job = self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator, batch.get("tier"))
-        job = job.clone()
         pred = self.net(job.z, job.timestep, job.cond)
         return self.distiller.loss(pred, job)
 

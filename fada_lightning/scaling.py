@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .diffusion.guidance import Conditions
@@ -102,6 +103,24 @@ def forward_flops(net: AvatarDenoiser, batch: int, frames: int, device="meta") -
     return counter.get_total_flops()
 
 
+class PassCounter:
+    """Rows of the batches that `nets` run forward while in the `with` block (forward hooks)."""
+
+    def __init__(self, *nets: nn.Module):
+        self.nets, self.rows, self.hooks = nets, 0, []
+
+    def __enter__(self) -> "PassCounter":
+        self.hooks = [net.register_forward_hook(self.count) for net in self.nets]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+    def count(self, net, args, output):
+        self.rows += args[0].shape[0]
+
+
 def teacher_passes() -> dict[str, float]:
     """Frozen-network forward passes (teacher, and the EMA for TCD) per training clip, per distiller,
     counted on `micro`: a random teacher checkpoint, one `make_targets` of 4 clips."""
@@ -125,20 +144,11 @@ def teacher_passes() -> dict[str, float]:
         for name, distiller in distillers.items():
             module = DistillModule(str(path), distiller, ema_decay=0.9)
             module.load_teacher()
-            rows = 0
-
-            def counted(net, args, output):
-                nonlocal rows
-                rows += args[0].shape[0]
-
-            hooks = [net.register_forward_hook(counted) for net in (module.teacher, module.ema.module)]
             z, _, cond = example_inputs(module.net, 4, 2, device="cpu")
-            with torch.no_grad():
+            with torch.no_grad(), PassCounter(module.teacher, module.ema.module) as counter:
                 distiller.make_targets(module.teacher, z, cond, distiller.sample_time(4, z.device), torch.randn_like(z),
                                        tiers=["strict", "lenient"] * 2)
-            for hook in hooks:
-                hook.remove()
-            passes[name] = rows / 4
+            passes[name] = counter.rows / 4
     return passes
 
 

@@ -207,7 +207,7 @@ def test_bf16_mixed_runs_the_teacher_under_autocast_and_keeps_the_student_fp32(t
 
     def spy(net, *args, **kwargs):
         out = forward(net, *args, **kwargs)
-        seen.append((net is model.teacher, out.dtype, torch.is_inference_mode_enabled()))
+        seen.append((net is model.teacher, out.dtype, torch.is_grad_enabled()))
         return out
 
     trainer = cpu_trainer(tmp_path, 1, enable_checkpointing=False, precision="bf16-mixed")
@@ -216,8 +216,9 @@ def test_bf16_mixed_runs_the_teacher_under_autocast_and_keeps_the_student_fp32(t
         trainer.fit(model, shard_data(shards, batch_size=1))
     finally:
         AvatarDenoiser.forward = forward
-    assert (True, torch.bfloat16, True) in seen  # the teacher's solve: autocast, no autograd at all
-    assert (False, torch.bfloat16, False) in seen  # the student: autocast, with autograd
+    assert (True, torch.bfloat16, False) in seen  # the teacher's solve: autocast, no autograd
+    assert (False, torch.bfloat16, True) in seen  # the student: autocast, with autograd
+    assert not any(teacher and grad for teacher, _, grad in seen)
     assert all(p.dtype == torch.float32 for p in model.net.parameters())
     assert torch.isfinite(torch.tensor(trainer.callback_metrics["train/loss"].item()))
 
