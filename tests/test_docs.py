@@ -75,3 +75,18 @@ def test_adding_a_distiller_as_the_page_says(teacher_ckpt, tmp_path):
     assert student["hyper_parameters"]["distiller"]["class_path"] == "my_distillers.LogitNormalTime"
     assert student["hyper_parameters"]["distiller"]["init_args"]["std"] == 1.2
     assert "NFE 18 per clip window" in outputs[-1] and (tmp_path / "mine.mp4").is_file()
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    """README.md and docs/*.md: every link or image that is not a URL or an anchor names a file that exists."""
+    root = PAGE.parents[1]
+    missing = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in LINK.findall(page.read_text()):
+            path = target.split("#")[0]
+            if path and "://" not in path and not (page.parent / path).exists():
+                missing.append(f"{page.relative_to(root)}: {target}")
+    assert not missing, "links to files that do not exist:\n" + "\n".join(missing)
