@@ -33,6 +33,7 @@ QUICK = {"rows": 2,  # unless the YAML lists its `quick` rows
                                       "data.init_args.batch_size": 2, "data.init_args.epoch_samples": 16},
          "eval_overrides": {"clips": 4, "frames": 16, "batch_size": 4, "videos": 1}}
 SCALE_NAMES = {"audio_scale": "s_a", "ref_scale": "s_r"}
+ROW_KEYS = {"name", "fit", "overrides", "run", "teacher", "reference", "checkpoint_of", "evaluate", "sweep"}
 
 
 def slug(name: str) -> str:
@@ -60,6 +61,10 @@ def load_ablation(path: str | Path) -> dict:
     for i, row in enumerate(rows):
         if not row.get("name"):
             raise ValueError(f"{path}: row {i + 1} has no name")
+        unknown = sorted(set(row) - ROW_KEYS)
+        if unknown:  # {name: A, B, fit: ...} parses as name "A" and a key "B": quote names holding a comma
+            raise ValueError(f"{path}: row {row['name']!r} has unknown keys {unknown} (a row takes "
+                             f"{', '.join(sorted(ROW_KEYS - {'sweep'}))}; a name with a comma inside {{...}} needs quotes)")
         if ("fit" in row) == ("checkpoint_of" in row):
             raise ValueError(f"{path}: row {row['name']!r} needs exactly one of `fit` (configs to train) or "
                              f"`checkpoint_of` (a row whose checkpoint it evaluates)")

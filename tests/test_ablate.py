@@ -45,6 +45,7 @@ def test_the_sweep_expands_into_evaluation_rows_of_one_checkpoint():
     ([{"name": "s", "fit": ["distill_perflow.yaml"], "teacher": "t"}], "is not a row above it"),
     ([{"name": "a", "fit": ["teacher.yaml"]}, {"name": "a", "fit": ["teacher.yaml"]}], "repeat"),
     ([{"name": "a", "fit": ["no_such_config.yaml"]}], "no_such_config"),
+    ([{"name": "A + B", "Fixed-0": None, "fit": ["teacher.yaml"]}], r"unknown keys \['Fixed-0'\]"),
 ])
 def test_a_bad_ablation_is_one_clear_error(tmp_path, rows, message):
     path = tmp_path / "bad.yaml"
