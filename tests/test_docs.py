@@ -3,7 +3,7 @@
 Blocks the page marks are acted on in order: ```python file=NAME is written to NAME, ```bash run is
 run line by line, ```yaml replace=NAME replaces that entry of NAME. What the page takes as given
 (a teacher checkpoint at the bundled configs' default path, a face image and a speech clip) is put
-in place first."""
+in place first. Also: every relative link and image in README.md and docs/*.md resolves."""
 import os
 import re
 import shutil
