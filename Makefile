@@ -1,15 +1,19 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
+# Both install from requirements.lock (every package at an exact version), never from
+# pyproject.toml's ranges alone: a new upload to the registry cannot change a fresh venv.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+LOCK    := requirements.lock
 
-.PHONY: demo test test-fast bench data clean
+.PHONY: demo test test-fast bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +27,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/data.py
+
+# Re-resolve pyproject.toml's ranges (with the dev extra) against the registry, for every
+# platform and Python >= 3.10; run after editing the dependencies, then commit both files.
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.10 \
+		--custom-compile-command "make lock" -o $(LOCK)
 
 clean:
 	rm -rf data runs outputs lightning_logs

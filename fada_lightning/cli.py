@@ -1,4 +1,4 @@
-"""`fada`: LightningCLI's fit / validate / test / predict, plus `sample`, `evaluate` and `ablate`.
+"""`fada`: LightningCLI's fit / validate / test / predict, plus the tools in TOOLS (`fada --help` lists all).
 
     fada fit --config teacher.yaml            # bare name: a bundled config; a path: that file
     fada fit --config teacher.yaml --print_config
@@ -23,8 +23,30 @@ from lightning.pytorch.cli import LightningCLI
 from .presets import ConfigError, find_config
 
 
-TOOLS = {"sample": "fada_lightning.sample:main", "evaluate": "fada_lightning.evaluate:main",
-         "ablate": "fada_lightning.ablate:main", "cache": "datamodules.cache:main"}
+LIGHTNING_COMMANDS = {
+    "fit": "train a teacher or distil a student from a config: fada fit --config teacher.yaml",
+    "validate": "run the validation loop of a config on a checkpoint (--ckpt_path)",
+    "test": "run the test loop of a config on a checkpoint (--ckpt_path)",
+    "predict": "run the predict loop of a config on a checkpoint (--ckpt_path)",
+}
+# name: (module:function, one line for `fada --help`)
+TOOLS = {
+    "sample": ("fada_lightning.sample:main", "a talking-head mp4 from a checkpoint, one face image and one audio file"),
+    "evaluate": ("fada_lightning.evaluate:main", "FID, FVD, Sync-D/C, E-FID, IQA and NFE-D of a checkpoint on held-out clips"),
+    "ablate": ("fada_lightning.ablate:main", "train and evaluate every row of an ablation table (resumable)"),
+    "cache": ("datamodules.cache:main", "add VAE latents and audio features to shards, so training decodes nothing"),
+}
+
+
+def print_commands() -> None:
+    """`fada`, `fada -h`: every command with one line each; `fada COMMAND --help` has its options."""
+    width = max(map(len, [*LIGHTNING_COMMANDS, *TOOLS]))
+    lines = ["usage: fada COMMAND [options]      (fada COMMAND --help: that command's options)", "",
+             "training (LightningCLI; configs are bundled names such as teacher.yaml, or paths):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in TOOLS.items()]
+    print("\n".join(lines))
 
 
 class FadaCLI(LightningCLI):
@@ -73,8 +95,11 @@ def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.getcwd() not in sys.path:  # a user's own module in the current directory, named by class_path
         sys.path.insert(0, os.getcwd())
-    if argv and argv[0] in TOOLS:
-        module_name, function = TOOLS[argv[0]].split(":")
+    if not argv or argv[0] in ("-h", "--help"):
+        print_commands()
+        sys.exit(0 if argv else 2)
+    if argv[0] in TOOLS:
+        module_name, function = TOOLS[argv[0]][0].split(":")
         getattr(importlib.import_module(module_name), function)(argv[1:])
         return
     try:

@@ -45,6 +45,20 @@ def test_config_lookup_bare_name_path_and_missing(tmp_path):
         find_config("no_such.yaml")
 
 
+def test_help_lists_every_command_with_a_line_each():
+    from lightning.pytorch.cli import LightningCLI
+
+    from fada_lightning.cli import LIGHTNING_COMMANDS, TOOLS
+    assert set(LIGHTNING_COMMANDS) == set(LightningCLI.subcommands())
+    done = subprocess.run([FADA, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    listed = {line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")}
+    assert listed == {*LIGHTNING_COMMANDS, *TOOLS}
+    for name in TOOLS:  # each tool's own --help works through `fada`
+        tool_help = subprocess.run([FADA, name, "--help"], capture_output=True, text=True, timeout=120)
+        assert tool_help.returncode == 0 and f"fada {name}" in tool_help.stdout
+
+
 def test_unknown_config_key_is_one_clear_error(capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", "teacher.yaml", "--model.init_args.no_such_key=1", "--print_config"])
