@@ -18,7 +18,7 @@ from datamodules.synthetic import ensure_dataset
 
 
 def decode_rate(shards: list[str], n: int, clip_frames: int = 8, motion_frames: int = 2, frame_size: int = 32) -> float:
-    """Clips per second through the full decode step (tar read, decord mp4 + wav, log-mel
+    """Clips per second through the full decode step (tar read, mp4 in the decode server + wav, log-mel
     features, audio windows) in one process with one torch thread, as in a DataLoader worker."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -26,7 +26,7 @@ def decode_rate(shards: list[str], n: int, clip_frames: int = 8, motion_frames: 
         decoder = ClipDecoder(LogMelFeatures(), clip_frames, motion_frames, frame_size=frame_size)
         stream = ClipStream(shards, decoder, samples_per_worker=n, num_workers=1)
         warmup = ClipStream(shards, decoder, samples_per_worker=min(n, 4), num_workers=1, seed=1)
-        for _ in warmup:  # first decord / torchaudio calls pay one-off setup costs
+        for _ in warmup:  # the decode server's start and first torchaudio calls pay one-off setup costs
             pass
         start = time.perf_counter()
         count = sum(1 for _ in stream)

@@ -2,7 +2,7 @@
 
     fada cache SHARDS --preset sd15 --out cached/ [--device cuda] [--part 3/8]
 
-For every sample of every shard it decodes all frames (decord, at the preset's frame size) and the
+For every sample of every shard it decodes all frames (PyAV in a decode server, at the preset's frame size) and the
 wav, and adds `latents.npy` (n, C, h, w) = the preset's codec on every frame, `audio.npy` (n, L, D)
 = its audio features, and json["cache"] = what made them (`streaming.cache_spec`: codec, audio
 features, frame size), which `data.cached: true` checks against the model it trains. The shards are
@@ -20,7 +20,6 @@ import os
 import warnings
 from pathlib import Path
 
-import decord
 import numpy as np
 import torch
 import webdataset as wds
@@ -29,7 +28,8 @@ from tqdm import tqdm
 
 from fada_lightning.presets import load_preset
 
-from .streaming import REQUIRED_FIELDS, BadSampleWarning, _describe, _numpy, _read_wav, cache_spec, resolve_shards
+from .decoding import open_video, read_wav
+from .streaming import REQUIRED_FIELDS, BadSampleWarning, _describe, cache_spec, resolve_shards
 from .synthetic import write_tar
 
 
@@ -50,14 +50,14 @@ class Cacher:
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
         size = self.spec["frame_size"]
-        video = decord.VideoReader(io.BytesIO(sample["mp4"]), width=size, height=size, num_threads=1)
+        video = open_video(sample["mp4"])
         n = len(video)
         latents = []
         for first in range(0, n, self.chunk):  # (chunk, 3, H, W) in [-1, 1] -> (chunk, C, h, w)
-            frames = torch.as_tensor(_numpy(video.get_batch(list(range(first, min(n, first + self.chunk))))))
+            frames = torch.from_numpy(video.frames(np.arange(first, min(n, first + self.chunk)), size))
             pixels = frames.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
             latents.append(self.codec.encode(pixels).float().cpu())
-        features = self.audio_features(torch.from_numpy(_read_wav(sample["wav"])), n)  # (n, L, D)
+        features = self.audio_features(torch.from_numpy(read_wav(sample["wav"])), n)  # (n, L, D)
         meta = json.loads(sample["json"])
         meta["cache"] = self.spec
         return {**sample, "json": json.dumps(meta).encode(),

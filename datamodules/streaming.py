@@ -2,13 +2,14 @@
 
     shards (tar) --split_shards(rank, worker)--> this worker's shards, shuffled each pass, cycled
       --wds.tarfile_to_samples--> raw samples {__key__, __url__, mp4, wav, json}
-      --ClipDecoder (decord, from bytes)--> items (shapes in `ClipDecoder.__call__`)
+      --ClipDecoder (decoding.py: PyAV in a decode server, from bytes)--> items (shapes in `ClipDecoder.__call__`)
 
 Every (rank, worker) streams its own disjoint shards and yields exactly `samples_per_worker`
 items an epoch, so every rank sees the same number of batches. Bad data never stops training:
 an undecodable, short or incomplete sample, or an unreadable tar, is skipped with a
 `BadSampleWarning` naming shard URL and key, and counted in each item's `skipped` field.
-Nothing is unpickled: json via json.loads, media via decord.
+A sample that crashes the (isolated) video decoder costs that sample only, and is remembered
+(`CrashedSamples`). Nothing is unpickled: json via json.loads, wav via `wave`, video via PyAV.
 """
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ import random
 import warnings
 from dataclasses import dataclass
 
-import decord
 import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .audio_features import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioFeatures, LogMelFeatures, audio_windows
+from .audio_features import SAMPLES_PER_FRAME, AudioFeatures, LogMelFeatures, audio_windows
+from .decoding import VIDEO_BACKENDS, DecoderCrash, open_video, read_wav
 
 REQUIRED_FIELDS = ("mp4", "wav", "json")
 CACHE_FIELDS = ("latents.npy", "audio.npy")  # added by `fada cache` (datamodules/cache.py)
@@ -111,10 +112,12 @@ class ClipDecoder:
     clip_frames: int = 8  # F
     motion_frames: int = 2  # M
     audio_radius: int = 2  # r: windows of 2r + 1 frames
-    frame_size: int | None = None  # resize on decode (decord); None keeps the shard's size
+    frame_size: int | None = None  # resize on decode; None keeps the shard's size
     quality_keys: tuple[str, ...] = QUALITY_KEYS  # json["quality"] entries read into "quality" (Q,)
     with_wav: bool = False  # also hand back the clip's own audio samples (evaluation: Sync-D)
     cache: dict | None = None  # read `fada cache`'s latents.npy / audio.npy made by exactly this (cache_spec)
+    video_backend: str = "pyav"  # datamodules.decoding.VIDEO_BACKENDS
+    isolate: bool = True  # decode video in a subprocess: a native crash costs one sample (decoding.py)
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
         """-> {"frames": (F, 3, H, W) in [-1, 1], "motion": (M, 3, H, W), "ref": (3, H, W),
@@ -132,8 +135,7 @@ class ClipDecoder:
             latents, features = self._cached(sample, meta)
             n = len(latents)
         else:
-            size = self.frame_size or -1
-            video = decord.VideoReader(io.BytesIO(sample["mp4"]), width=size, height=size, num_threads=1)
+            video = open_video(sample["mp4"], self.video_backend, self.isolate)
             n = len(video)
         if n < m + f:
             raise SkipSample(f"{n} frames, fewer than motion + clip = {m + f}")
@@ -143,12 +145,11 @@ class ClipDecoder:
 
         if self.cache is not None:
             pixels = None
-            wav = _read_wav(sample["wav"]) if self.with_wav else None
+            wav = read_wav(sample["wav"]) if self.with_wav else None
         else:  # decode each wanted frame once, in order
-            unique, inverse = np.unique(wanted, return_inverse=True)
-            pixels = torch.as_tensor(_numpy(video.get_batch(unique.tolist())))[torch.from_numpy(inverse)]
+            pixels = torch.from_numpy(video.frames(wanted, self.frame_size))  # (M + F + 1, H, W, 3) uint8
             pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (M + F + 1, 3, H, W) in [-1, 1]
-            wav = _read_wav(sample["wav"])  # (samples,) float32 at 16 kHz
+            wav = read_wav(sample["wav"])  # (samples,) float32 at 16 kHz
             if abs(len(wav) - n * SAMPLES_PER_FRAME) > SAMPLES_PER_FRAME:
                 raise SkipSample(f"wav has {len(wav)} samples, {n} frames need {n * SAMPLES_PER_FRAME}")
             features = self.audio_features(torch.from_numpy(wav), n)  # (n, L, D), whole clip as in sampling
@@ -201,27 +202,44 @@ def cache_spec(preset: dict) -> dict:
     return {"codec": preset["codec"], "audio_features": preset["audio_features"], "frame_size": preset["frame_size"]}
 
 
-def _numpy(array) -> np.ndarray:
-    """decord hands back its NDArray, or a tensor if someone set decord.bridge to torch."""
-    return array.asnumpy() if hasattr(array, "asnumpy") else np.asarray(array)
-
-
-def _read_wav(data: bytes) -> np.ndarray:
-    """Any audio bytes -> (samples,) float32 mono at 16 kHz, via decord. decord 0.6 decodes into
-    `_array` (channels, samples) on construction; `reader[:]` would copy it again through a Python
-    list of indices (3 ms for 2 s of audio), so read the array when it is there."""
-    reader = decord.AudioReader(io.BytesIO(data), sample_rate=SAMPLE_RATE, mono=True)
-    array = getattr(reader, "_array", None)
-    return (array if isinstance(array, np.ndarray) else _numpy(reader[:]))[0]
-
-
 def _describe(exn: Exception, limit: int = 200) -> str:
-    """decord puts the whole input into its messages; keep warnings short."""
+    """Decoders may put the whole input into their messages; keep warnings short."""
     text = f"{type(exn).__name__}: {exn}"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---- the training stream -----------------------------------------------------------------------
+class CrashedSamples:
+    """Samples that crashed (or hung) an isolated decoder, one JSON line each in `path`
+    ({"url", "key", "reason"}), so that later epochs and resumed runs skip them without decoding.
+    Workers append whole lines (O_APPEND); the file is read once, where the stream is built."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.known: set[tuple[str, str]] = set()
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    try:
+                        entry = json.loads(line)
+                        self.known.add((entry["url"], entry["key"]))
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut short by a kill
+
+    def has(self, url: str, key: str) -> bool:
+        return (url, key) in self.known
+
+    def add(self, url: str, key: str, reason: str) -> None:
+        self.known.add((url, key))
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        line = json.dumps({"url": url, "key": key, "reason": reason}) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
 def this_worker(dataset) -> int:
     """The DataLoader worker this runs in (0 without workers), checked against the dataset's `num_workers`."""
     info = get_worker_info()
@@ -279,12 +297,16 @@ class _WorkerStream:
         produced = 0
         while produced < count:
             raw = next(self.raw)
+            url, key = raw.get("__url__"), raw.get("__key__")
             try:
+                if self.data.crashed is not None and self.data.crashed.has(url, key):
+                    raise SkipSample(f"it crashed the decoder in an earlier run ({self.data.crashed.path})")
                 item = self.data.decoder(raw, rng)
-            except Exception as exn:  # corrupt media, bad json, short clip, missing fields
+            except Exception as exn:  # corrupt media, bad json, short clip, missing fields, a decoder crash
                 self.skipped += 1
-                warnings.warn(f"skipping sample {raw.get('__key__')!r} in shard {raw.get('__url__')}: "
-                              f"{_describe(exn)}", BadSampleWarning)
+                warnings.warn(f"skipping sample {key!r} in shard {url}: {_describe(exn)}", BadSampleWarning)
+                if isinstance(exn, DecoderCrash) and self.data.crashed is not None:
+                    self.data.crashed.add(url, key, str(exn))
                 continue
             self.good += 1
             produced += 1
@@ -304,9 +326,11 @@ class ClipStream(IterableDataset):
     held and drawn from at random (webdataset's shuffle, seeded alike), so a batch mixes shards."""
 
     def __init__(self, urls: list[str], decoder: ClipDecoder, samples_per_worker: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle_buffer: int = 0):
+                 world_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle_buffer: int = 0,
+                 crashed: "CrashedSamples | None" = None):
         super().__init__()
         self.urls, self.decoder, self.shuffle_buffer = list(urls), decoder, shuffle_buffer
+        self.crashed = crashed  # samples that crashed a decoder: skipped unread, and recorded when new
         self.samples_per_worker = samples_per_worker
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.seed = seed
@@ -440,7 +464,11 @@ class AvatarDataModule(L.LightningDataModule):
     At scale: `cached` trains on the VAE latents and audio features `fada cache` added to the shards
     (batches then hold latents (B, M + F + 1, C, h, w) in place of frames / motion / ref; validation
     still decodes, for its sample videos); `shuffle_buffer` mixes clips of a worker's recent shards;
-    `prefetch_factor` batches each worker prepares ahead (DataLoader's, default 2)."""
+    `prefetch_factor` batches each worker prepares ahead (DataLoader's, default 2).
+    Decoding (datamodules/decoding.py): `video_backend` "pyav" or "decord"; `isolate_decoding` runs it
+    in a subprocess per worker, so a sample that crashes or hangs the decoder is skipped, named and
+    appended to `crashed_samples` (default: crashed_samples.jsonl in the run's log folder), which later
+    epochs and resumed runs skip without decoding. decord segfaults on some corrupt mp4s: keep it isolated."""
 
     def __init__(self, train_shards: str | list[str] | dict[str, str | list[str]] | None = None,
                  val_shards: str | list[str] | None = None, audio_features: AudioFeatures | None = None,
@@ -448,8 +476,11 @@ class AvatarDataModule(L.LightningDataModule):
                  frame_size: int | None = None, batch_size: int = 8, num_workers: int = 2, epoch_samples: int = 1024,
                  val_samples: int = 16, seed: int = 0, synthetic: dict | None = None,
                  tier_weights: dict[str, float] | None = None, quality_keys: list[str] | None = None,
-                 cached: bool = False, shuffle_buffer: int = 0, prefetch_factor: int | None = None):
+                 cached: bool = False, shuffle_buffer: int = 0, prefetch_factor: int | None = None,
+                 video_backend: str = "pyav", isolate_decoding: bool = True, crashed_samples: str | None = None):
         super().__init__()
+        if video_backend not in VIDEO_BACKENDS:
+            raise ValueError(f"data.video_backend {video_backend!r} is not one of {VIDEO_BACKENDS}")
         # clip shape and audio features default to the model's (see `_make_decoder`), so they are
         # not hparams of their own: Lightning would report a None here as a conflict with the model
         self.save_hyperparameters(ignore=["audio_features", "clip_frames", "motion_frames"])
@@ -478,7 +509,15 @@ class AvatarDataModule(L.LightningDataModule):
                 raise ValueError("data.cached reads latents made for the model's preset: it needs a model with a preset")
             cache = cache_spec(model.preset)
         return ClipDecoder(features, pick("clip_frames", 8), pick("motion_frames", 2), self.hparams.audio_radius,
-                           frame_size, quality, cache=cache)
+                           frame_size, quality, cache=cache, video_backend=self.hparams.video_backend,
+                           isolate=self.hparams.isolate_decoding)
+
+    def _crashed_samples(self) -> CrashedSamples | None:
+        """The record of samples that crashed a decoder: `crashed_samples`, else the run's log folder."""
+        path = self.hparams.crashed_samples
+        if path is None and self.trainer is not None and self.trainer.log_dir:
+            path = os.path.join(self.trainer.log_dir, "crashed_samples.jsonl")
+        return CrashedSamples(path) if path else None
 
     def _synthetic_val(self) -> dict:
         """Held-out synthetic clips: another seed, so identities and audio the model never trained on."""
@@ -536,8 +575,9 @@ class AvatarDataModule(L.LightningDataModule):
                 warnings.warn(f"epoch_samples {hp.epoch_samples} -> {per_worker * workers} per rank "
                               f"(whole batches of {hp.batch_size} on each of {workers} workers)")
             decoder = self._make_decoder(cached=True) if hp.cached else self.decoder
+            crashed = self._crashed_samples()
             streams = {tier: ClipStream(urls, decoder, per_worker, rank, world_size, hp.num_workers, hp.seed,
-                                        hp.shuffle_buffer)
+                                        hp.shuffle_buffer, crashed)
                        for tier, urls in self._train_urls().items()}
             if hp.tier_weights is None:
                 (self.train_set,) = streams.values()
