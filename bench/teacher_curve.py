@@ -1,7 +1,7 @@
 """The teacher's learning curve, measured: for every checkpoint of a run, sample the demo's held-out
 face and voice and print the lip-sync measure beside ground truth and chance.
 
-    python bench/teacher_curve.py runs/teacher/tb/version_0/checkpoints [--seconds 4] [--steps 25]
+    python bench/teacher_curve.py runs/teacher/tb/run/checkpoints [--seconds 4] [--steps 25]
 """
 from __future__ import annotations
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from .checkpoints import AtomicCheckpointIO, check_role, read_checkpoint
 from .presets import ConfigError, find_config
 
 
@@ -50,7 +52,54 @@ def print_commands() -> None:
 
 
 class FadaCLI(LightningCLI):
-    """Model and data are chosen in YAML by `class_path` (any LightningModule / DataModule)."""
+    """Model and data are chosen in YAML by `class_path` (any LightningModule / DataModule).
+    Checkpoints are written atomically (checkpoints.AtomicCheckpointIO), a `--ckpt_path` of another
+    role than the config's model is refused, and a run never forks silently: a fit into a run folder
+    that already holds checkpoints must resume (`--ckpt_path last`) or take another name."""
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_resumable(Path(ckpt_path), self.config[subcommand]["model"]["class_path"])
+        super()._parse_ckpt_path()
+
+    def _use_atomic_checkpoints(self) -> None:
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_fit(self) -> None:
+        self._use_atomic_checkpoints()
+        if not self.config["fit"].get("ckpt_path"):
+            refuse_to_fork(self.trainer)
+
+    def before_validate(self) -> None:
+        self._use_atomic_checkpoints()
+
+    before_test = before_predict = before_validate
+
+
+def check_resumable(path: Path, model_class: str) -> None:
+    """`--ckpt_path FILE` must be a readable checkpoint of the role the config's model trains."""
+    checkpoint = read_checkpoint(path, weights_only=False)
+    module_name, _, name = model_class.rpartition(".")
+    expected = getattr(getattr(importlib.import_module(module_name), name), "checkpoint_role", None)
+    if expected is not None:
+        check_role(path, checkpoint, expected, f"this config trains a {name}; give --ckpt_path a checkpoint "
+                   "of one of its own runs, or use the config that wrote it")
+
+
+def refuse_to_fork(trainer) -> None:
+    """A new fit into a run folder that already holds checkpoints would mix two runs: say what to do."""
+    for callback in trainer.checkpoint_callbacks:
+        folder = callback.dirpath
+        if folder is None and trainer.loggers and trainer.loggers[0].log_dir:
+            folder = os.path.join(trainer.loggers[0].log_dir, "checkpoints")
+        found = sorted(Path(folder).glob("*.ckpt")) if folder and Path(folder).is_dir() else []
+        if found:
+            raise ConfigError(f"{folder} already holds checkpoints of a run ({', '.join(p.name for p in found[:3])}"
+                              f"{', ...' if len(found) > 3 else ''}): resume it with --ckpt_path last, start "
+                              "another with --trainer.logger.init_args.version NAME, or delete that folder")
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:

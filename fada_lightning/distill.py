@@ -8,6 +8,7 @@ distiller's config and the student's scheduler config, but not the teacher's wei
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -15,13 +16,13 @@ from lightning.pytorch.cli import instantiate_class
 
 from distillers.base import Distiller
 
-from .checkpoints import read_checkpoint
+from .checkpoints import CheckpointError, check_role, read_checkpoint
 from .models.denoiser import AvatarDenoiser
 from .module import AvatarModule, adamw_with_warmup
 from .presets import ConfigError, load_preset
 
 HOW_TO_TRAIN_A_TEACHER = ("train one with `fada fit --config teacher.yaml` (its checkpoints land in "
-                          "runs/teacher/tb/version_N/checkpoints/), then pass --model.init_args.teacher_ckpt PATH")
+                          "runs/teacher/tb/run/checkpoints/), then pass --model.init_args.teacher_ckpt PATH")
 MUST_MATCH = ("preset", "prediction_type", "schedule")  # the student is the teacher's network, re-trained
 FROM_TEACHER = (*MUST_MATCH, "clip_frames", "motion_frames", "ref_scale", "audio_scale")
 
@@ -34,8 +35,12 @@ def read_teacher_checkpoint(path: str | Path | None) -> dict:
         raise ConfigError(f"teacher checkpoint {path} does not exist: {HOW_TO_TRAIN_A_TEACHER}")
     try:
         checkpoint = read_checkpoint(path)  # a file, or a sharded run's folder
-    except Exception as err:  # not a zip/pickle of tensors, or one holding arbitrary objects
+    except CheckpointError as err:
+        raise CheckpointError(f"teacher checkpoint {err}: {HOW_TO_TRAIN_A_TEACHER}") from None
+    except Exception as err:  # one holding arbitrary objects
         raise ConfigError(f"teacher checkpoint {path} cannot be read ({type(err).__name__}): {HOW_TO_TRAIN_A_TEACHER}")
+    check_role(path, checkpoint, "teacher", f"model.init_args.teacher_ckpt names the teacher to distil; "
+               f"{HOW_TO_TRAIN_A_TEACHER}")
     if not isinstance(checkpoint.get("hyper_parameters", {}).get("preset"), dict):
         raise ConfigError(f"{path} is not a fada-lightning teacher checkpoint (no resolved preset in its "
                          f"hyper_parameters): {HOW_TO_TRAIN_A_TEACHER}")
@@ -87,6 +92,7 @@ class DistillModule(AvatarModule):
     """
 
     hparams_ignore = ("distiller",)  # recorded as its spec (class_path + init_args) instead
+    checkpoint_role = "student"
 
     def __init__(self, teacher_ckpt: str | None, distiller: Distiller, lr: float = 1e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 50, ema_decay: float | None = 0.995, sample_steps: int | None = None,
@@ -158,7 +164,12 @@ class DistillModule(AvatarModule):
         if self.teacher is not None:
             return
         path = self.hparams.teacher_ckpt
-        weights = teacher_weights(read_teacher_checkpoint(path), path)
+        checkpoint = read_teacher_checkpoint(path)
+        weights = teacher_weights(checkpoint, path)
+        if self._trainer is not None and self.trainer.is_global_zero:  # which teacher, in the run's log
+            saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(path).expanduser().stat().st_mtime))
+            print(f"[fada] teacher: {Path(path).expanduser().resolve()} (step {checkpoint.get('global_step', '?')}, "
+                  f"saved {saved})")
         teacher = AvatarDenoiser(**self.preset["net"])
         check_weights_fit(teacher, weights, path)
         teacher.load_state_dict(weights)

@@ -1,7 +1,7 @@
 """`fada evaluate`: FID, FVD, Sync-D / Sync-C, E-FID, IQA and NFE-D of a teacher or student checkpoint
 on held-out clips, as JSON beside the run and in its TensorBoard, with what the numbers depend on.
 
-    fada evaluate --ckpt runs/perflow/tb/version_0/checkpoints/last.ckpt               # synthetic world
+    fada evaluate --ckpt runs/perflow/tb/run/checkpoints/last.ckpt               # synthetic world
     fada evaluate --ckpt CKPT --config eval/real.yaml --data.shards /data/hdtf_test     # real extractors
     fada evaluate --ckpt CKPT --ref_scale 2.0 --audio_scale 6.5 --tag s2.0-a6.5           # other CFG scales
 

@@ -47,6 +47,7 @@ class AvatarModule(L.LightningModule):
     27 GiB (docs/scaling.md), for about one more forward a step."""
 
     hparams_ignore: tuple[str, ...] = ()  # constructor arguments that are modules, recorded another way
+    checkpoint_role: str = "teacher"  # what its checkpoints are: "teacher" (a model trained on data) or "student"
 
     def __init__(self, preset: str | dict = "micro", prediction_type: str = "v_prediction",
                  schedule: dict | None = None, ema_decay: float | None = 0.999, clip_frames: int = 8,
@@ -179,6 +180,7 @@ class AvatarModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict):
         checkpoint["fada_module"] = f"{type(self).__module__}.{type(self).__qualname__}"  # for `fada sample`
+        checkpoint["fada_role"] = self.checkpoint_role  # checked wherever a checkpoint is read (checkpoints.py)
 
     def on_load_checkpoint(self, checkpoint: dict):
         theirs = checkpoint.get("hyper_parameters", {}).get("preset")

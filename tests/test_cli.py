@@ -100,6 +100,18 @@ def _fada(*args, cwd):
     return subprocess.run([FADA, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def test_a_rerun_refuses_to_fork_and_ckpt_path_last_resumes(tmp_path):
+    config = _tiny_run_config(tmp_path, "fada_lightning.module.TeacherModule")
+    assert _fada("fit", "--config", str(config), cwd=tmp_path).returncode == 0
+    again = _fada("fit", "--config", str(config), cwd=tmp_path)
+    assert again.returncode != 0 and "already holds checkpoints" in again.stderr.strip().splitlines()[-1]
+    resumed = _fada("fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = torch.load(tmp_path / "run/tb/tiny/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 4 and last["fada_role"] == "teacher"
+    assert sorted(p.name for p in (tmp_path / "run/tb").iterdir()) == ["tiny"]  # one run folder, no version_1
+
+
 def test_user_class_in_the_current_directory_is_found_by_class_path(tmp_path):
     (tmp_path / "my_teacher.py").write_text(USER_MODULE)
     config = _tiny_run_config(tmp_path, "my_teacher.SlowerTeacher")

@@ -175,7 +175,7 @@ def test_a_missing_or_foreign_teacher_checkpoint_says_how_to_make_one(tmp_path):
         DistillModule(str(tmp_path / "nope.ckpt"), PeRFlow())
     junk = tmp_path / "junk.ckpt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot be read.*fada fit --config teacher.yaml"):
+    with pytest.raises(ConfigError, match="is not a checkpoint.*fada fit --config teacher.yaml"):
         DistillModule(str(junk), PeRFlow())
     torch.save({"state_dict": {}}, tmp_path / "bare.ckpt")
     with pytest.raises(ConfigError, match="not a fada-lightning teacher checkpoint"):

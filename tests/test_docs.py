@@ -47,7 +47,7 @@ def test_the_page_marks_the_steps_it_walks_through():
 
 @pytest.mark.slow
 def test_adding_a_distiller_as_the_page_says(teacher_ckpt, tmp_path):
-    teacher = tmp_path / "runs/teacher/tb/version_0/checkpoints/last.ckpt"
+    teacher = tmp_path / "runs/teacher/tb/run/checkpoints/last.ckpt"
     teacher.parent.mkdir(parents=True)
     shutil.copy(teacher_ckpt, teacher)
     video, audio, _ = render_clip(3, "strict", 0, frames=6)
@@ -70,7 +70,7 @@ def test_adding_a_distiller_as_the_page_says(teacher_ckpt, tmp_path):
                 assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
                 outputs.append(done.stdout)
 
-    student = torch.load(tmp_path / "runs/perflow/tb/version_0/checkpoints/last.ckpt", weights_only=True)
+    student = torch.load(tmp_path / "runs/perflow/tb/run/checkpoints/last.ckpt", weights_only=True)
     assert student["global_step"] == 3
     assert student["hyper_parameters"]["distiller"]["class_path"] == "my_distillers.LogitNormalTime"
     assert student["hyper_parameters"]["distiller"]["init_args"]["std"] == 1.2
