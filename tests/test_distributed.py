@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from fada_lightning.checkpoints import CheckpointError, read_checkpoint
 from fada_lightning.distill import read_teacher_checkpoint, teacher_weights
 from fada_lightning.presets import find_config
 from fada_lightning.sample import load_module
@@ -123,13 +124,16 @@ def test_a_sharded_checkpoint_resumes_on_one_process(fsdp2_run, teacher_ckpt, sh
     assert_same_weights(weights(run, "start"), weights(fsdp2_run), atol=0)
 
 
-def test_a_sharded_checkpoint_reads_whole_for_sampling_and_as_a_teacher(fsdp2_run):
+def test_a_sharded_checkpoint_reads_whole_for_sampling_and_keeps_its_role(fsdp2_run):
     """`fada sample`/`fada evaluate` (load_module) and a distiller's teacher_ckpt read the folder of shards
-    in one process without a process group: the run's final weights, exactly."""
+    in one process without a process group: the run's final weights, exactly. The folder's metadata
+    records that it is a student's, so it is refused as a teacher."""
     last = fsdp2_run["dir"] / "checkpoints" / "last.ckpt"
     final = weights(fsdp2_run)
     assert_same_weights(load_module(last).state_dict(), final, atol=0)
-    checkpoint = read_teacher_checkpoint(last)
+    with pytest.raises(CheckpointError, match="is a student checkpoint .*a teacher checkpoint is needed"):
+        read_teacher_checkpoint(last)
+    checkpoint = read_checkpoint(last)  # as read_teacher_checkpoint reads a teacher's folder
     assert checkpoint["global_step"] == STEPS and "preset" in checkpoint["hyper_parameters"]
     assert "optimizer_states" not in checkpoint  # left on disk: only resuming needs them
     ema = {k[len("ema.module."):]: v for k, v in final.items() if k.startswith("ema.module.")}
