@@ -251,24 +251,45 @@ def this_worker(dataset) -> int:
 
 
 class _WorkerStream:
-    """State one data worker keeps across epochs: its endless raw-sample stream and skip count."""
+    """State one data worker keeps across epochs: its endless raw-sample stream and skip count.
+
+    The stream is a pure function of (seed, first_epoch, rank, worker), so its position is one
+    number: `pulled`, the raw samples taken from it. A resumed run rebuilds the stream from the
+    `ClipStream.resume` entry of its worker (first_epoch, pulled, skipped) and discards `pulled`
+    raw samples without decoding them, so it goes on with the clips the killed run had not reached."""
 
     def __init__(self, data: "ClipStream", worker: int, num_workers: int):
         self.data, self.worker = data, worker
         self.shards = split_shards(data.urls, data.rank, data.world_size, worker, num_workers)
         self.global_worker = data.rank * num_workers + worker
-        self.first_epoch = data.epoch
-        self.skipped = 0
-        self.good = 0  # items decoded so far
+        first_epoch, pulled, skipped = data.resume.get(self.global_worker, (data.epoch, 0, 0))
+        self.first_epoch = first_epoch
+        self.skipped = skipped
+        self.good = 0  # items decoded so far (and raw samples fast-forwarded)
+        self.pulled = 0  # raw samples taken from the stream, decoded or skipped
         self.url = None  # the shard being read
         self.visit = 0  # shards opened so far; unreadable data is counted once per visit
         self.failed_visit = -1
         self.epochs = 0
+        self.fast_forwarding = False
         stages = [self.shard_cycle, wds.tarfile_to_samples(handler=self.on_tar_error)]
         if data.shuffle_buffer > 1:  # mix samples across this worker's recent shards, seeded per worker
-            seed = np.random.SeedSequence([data.seed, data.epoch, data.rank, worker]).generate_state(1)[0]
+            seed = np.random.SeedSequence([data.seed, first_epoch, data.rank, worker]).generate_state(1)[0]
             stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer, rng=random.Random(int(seed))))
         self.raw = iter(wds.DataPipeline(*stages))
+        self.fast_forward(pulled)
+
+    def fast_forward(self, count: int) -> None:
+        """Take `count` raw samples without decoding them (the run that read them counted their skips;
+        here they count as usable, so a pass that ends among them is not taken for a pass of bad data)."""
+        self.fast_forwarding = True
+        try:
+            for _ in range(count):
+                next(self.raw)
+                self.pulled += 1
+                self.good += 1
+        finally:
+            self.fast_forwarding = False
 
     def shard_cycle(self):
         """{"url": ...} over this worker's shards, endlessly; a new seeded order each pass."""
@@ -286,7 +307,7 @@ class _WorkerStream:
     def on_tar_error(self, exn: Exception) -> bool:
         """webdataset handler: warn, count, and go on with the next member or shard. A truncated
         tar raises at several levels of webdataset; it is reported once per visit."""
-        if self.failed_visit == self.visit:
+        if self.failed_visit == self.visit or self.fast_forwarding:
             return True
         self.failed_visit = self.visit
         self.skipped += 1
@@ -297,6 +318,7 @@ class _WorkerStream:
         produced = 0
         while produced < count:
             raw = next(self.raw)
+            self.pulled += 1
             url, key = raw.get("__url__"), raw.get("__key__")
             try:
                 if self.data.crashed is not None and self.data.crashed.has(url, key):
@@ -312,6 +334,8 @@ class _WorkerStream:
             produced += 1
             item["skipped"] = self.skipped  # this worker's skips so far
             item["worker"] = self.global_worker  # rank * num_workers + worker
+            # where this worker's stream stands after this item (AvatarDataModule.state_dict)
+            item.update(stream=self.data.name, stream_epoch=self.first_epoch, pulled=self.pulled)
             yield item
 
 
@@ -323,14 +347,19 @@ class ClipStream(IterableDataset):
     worker keeps its stream position across epochs (persistent workers, or num_workers=0); clip
     starts are drawn from a generator seeded by (seed, epoch, rank, worker). Without persistent
     workers call `set_epoch` every epoch, or every epoch replays the first. shuffle_buffer: samples
-    held and drawn from at random (webdataset's shuffle, seeded alike), so a batch mixes shards."""
+    held and drawn from at random (webdataset's shuffle, seeded alike), so a batch mixes shards.
+    `resume` ({global worker: (first_epoch, pulled, skipped)}, from a checkpoint) puts each worker's
+    stream where a killed run left it (`_WorkerStream`)."""
 
     def __init__(self, urls: list[str], decoder: ClipDecoder, samples_per_worker: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle_buffer: int = 0,
-                 crashed: "CrashedSamples | None" = None):
+                 crashed: "CrashedSamples | None" = None, name: str = "train"):
         super().__init__()
         self.urls, self.decoder, self.shuffle_buffer = list(urls), decoder, shuffle_buffer
         self.crashed = crashed  # samples that crashed a decoder: skipped unread, and recorded when new
+        self.name = name  # the tier it streams, in each item's "stream"
+        self.resume: dict[int, tuple[int, int, int]] = {}  # global worker -> (first_epoch, pulled, skipped)
+        self.resume_in_epoch: dict[int, int] = {}  # global worker -> items it had yielded in the killed epoch
         self.samples_per_worker = samples_per_worker
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.seed = seed
@@ -349,7 +378,11 @@ class ClipStream(IterableDataset):
 
     def __iter__(self):
         worker = this_worker(self)
-        return self.iter_worker(worker)
+        done = 0 if worker in self._streams else resumed_in_epoch(self, worker)
+        items = itertools.islice(self.iter_worker(worker), self.samples_per_worker - done)
+        for index, item in enumerate(items, start=done + 1):
+            item["in_epoch"] = index  # this worker's items so far this epoch
+            yield item
 
     def iter_worker(self, worker: int):
         """This process's items as DataLoader worker `worker` for the next epoch."""
@@ -360,6 +393,16 @@ class ClipStream(IterableDataset):
         stream.epochs += 1
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         return stream.next_items(self.samples_per_worker, rng)
+
+
+def resumed_in_epoch(dataset, worker: int) -> int:
+    """Items `worker` had yielded in the epoch a run was killed in (`resume_in_epoch`, from its
+    checkpoint), so the resumed epoch yields only the rest, as Lightning expects (a worker that had
+    finished its share yields none); 0 when every worker had finished: that epoch was over."""
+    done = dataset.resume_in_epoch
+    if not done or all(count >= dataset.samples_per_worker for count in done.values()):
+        return 0
+    return done.get(dataset.rank * dataset.num_workers + worker, 0)
 
 
 class TierMix(IterableDataset):
@@ -380,6 +423,7 @@ class TierMix(IterableDataset):
         first = tiers[self.names[0]]
         self.rank, self.num_workers, self.seed, self.epoch = first.rank, first.num_workers, first.seed, 0
         self._passes: dict[int, int] = {}  # epochs this process has drawn per worker (persistent workers)
+        self.resume_in_epoch: dict[int, int] = {}  # global worker -> items it had yielded in the killed epoch
 
     def __getstate__(self):
         return {**self.__dict__, "_passes": {}}
@@ -396,12 +440,13 @@ class TierMix(IterableDataset):
         worker = this_worker(self)
         passes = self._passes.get(worker, 0)
         self._passes[worker] = passes + 1
+        done = resumed_in_epoch(self, worker) if passes == 0 else 0
         rng = np.random.default_rng([self.seed, self.epoch + passes, self.rank, worker, len(self.names)])
         draws = rng.choice(len(self.names), size=self.samples_per_worker, p=self.probabilities)
         streams = {name: self.tiers[name].iter_worker(worker) for name in self.names}
-        for i in draws:
+        for index, i in enumerate(draws[done:], start=done + 1):
             item = next(streams[self.names[i]])
-            item["tier"] = self.names[i]
+            item["tier"], item["in_epoch"] = self.names[i], index
             yield item
 
 
@@ -460,7 +505,9 @@ class AvatarDataModule(L.LightningDataModule):
     Each batch is a dict: frames (B, F, 3, H, W), motion (B, M, 3, H, W), ref (B, 3, H, W),
     audio (B, F, 2r + 1, L, D), mouth_open (B, F), quality (B, Q) (the json's scores named by
     `quality_keys`, default the synthetic world's; NaN where absent), key / tier (lists of B str), start (B,),
-    skipped (B,) (that worker's skipped samples so far), worker (B,) (global id; -1 in validation).
+    skipped (B,) (that worker's skipped samples so far), worker (B,) (global id; -1 in validation),
+    stream (B str), stream_epoch (B,), pulled (B,), in_epoch (B,) (where that worker's stream and epoch
+    stand: a checkpoint keeps it, so a resumed run continues each stream instead of replaying its epoch).
     At scale: `cached` trains on the VAE latents and audio features `fada cache` added to the shards
     (batches then hold latents (B, M + F + 1, C, h, w) in place of frames / motion / ref; validation
     still decodes, for its sample videos); `shuffle_buffer` mixes clips of a worker's recent shards;
@@ -487,6 +534,8 @@ class AvatarDataModule(L.LightningDataModule):
         self.audio_features, self.clip_frames, self.motion_frames = audio_features, clip_frames, motion_frames
         self.decoder: ClipDecoder | None = None
         self.train_set: ClipStream | TierMix | None = None
+        self._positions: dict[str, tuple[int, int, int]] = {}  # "tier/worker" -> (first_epoch, pulled, skipped)
+        self._in_epoch: dict[int, int] = {}  # global worker -> items it yielded so far this epoch
         self.val_set: FixedClips | None = None
 
     def _make_decoder(self, cached: bool = False) -> ClipDecoder:
@@ -577,12 +626,13 @@ class AvatarDataModule(L.LightningDataModule):
             decoder = self._make_decoder(cached=True) if hp.cached else self.decoder
             crashed = self._crashed_samples()
             streams = {tier: ClipStream(urls, decoder, per_worker, rank, world_size, hp.num_workers, hp.seed,
-                                        hp.shuffle_buffer, crashed)
+                                        hp.shuffle_buffer, crashed, name=tier)
                        for tier, urls in self._train_urls().items()}
             if hp.tier_weights is None:
                 (self.train_set,) = streams.values()
             else:
                 self.train_set = TierMix(streams, hp.tier_weights, per_worker)
+            self._resume_streams()
         val_shards = self.hparams.val_shards
         if not val_shards and self.hparams.synthetic:
             val_shards = os.path.join(self._synthetic_val()["root"], "strict")
@@ -590,6 +640,46 @@ class AvatarDataModule(L.LightningDataModule):
             urls = resolve_shards(val_shards)
             check_local_shards(urls, "val_shards")
             self.val_set = FixedClips(urls, self.decoder, self.hparams.val_samples)
+
+    # ---- resuming: where each worker's stream stands, in the checkpoint ----------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Note where each stream of this rank stands after the batch about to be trained on (the
+        DataLoader's read-ahead is not counted, so a resumed run neither skips nor replays a clip)."""
+        if self.trainer is not None and self.trainer.training and "pulled" in batch:
+            for stream, worker, epoch, pulled, skipped, in_epoch in zip(
+                    batch["stream"], batch["worker"].tolist(), batch["stream_epoch"].tolist(),
+                    batch["pulled"].tolist(), batch["skipped"].tolist(), batch["in_epoch"].tolist()):
+                key = f"{stream}/{worker}"
+                if pulled > self._positions.get(key, (0, -1, 0))[1]:
+                    self._positions[key] = (epoch, pulled, skipped)
+                self._in_epoch[worker] = in_epoch  # a batch is one worker's consecutive items
+        return batch
+
+    def state_dict(self) -> dict:
+        """{"streams": {"tier/global worker": [first_epoch, pulled, skipped]}, "in_epoch": {global
+        worker: items yielded this epoch}}, over all ranks (every rank takes part in a save)."""
+        state = {"streams": {k: list(v) for k, v in self._positions.items()}, "in_epoch": dict(self._in_epoch)}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, state)
+            state = {part: {k: v for rank_state in gathered for k, v in rank_state[part].items()} for part in state}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._positions = {k: tuple(v) for k, v in state.get("streams", {}).items()}
+        self._in_epoch = {int(k): v for k, v in state.get("in_epoch", {}).items()}
+        self._resume_streams()
+        if self._positions:  # Lightning cannot see that this stream resumes mid-epoch; it does
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+    def _resume_streams(self) -> None:
+        streams = (list(self.train_set.tiers.values()) if isinstance(self.train_set, TierMix)
+                   else [self.train_set] if self.train_set is not None else [])
+        for stream in streams:
+            stream.resume = {int(key.rsplit("/", 1)[1]): position for key, position in self._positions.items()
+                             if key.rsplit("/", 1)[0] == stream.name}
+        if self.train_set is not None:
+            self.train_set.resume_in_epoch = dict(self._in_epoch)
 
     def _loader(self, dataset, **kw) -> DataLoader:
         workers = self.hparams.num_workers

@@ -7,11 +7,12 @@ import json
 import os
 import warnings
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import burst_clip, frame_index, make_shards, write_shard
+from conftest import burst_clip, cpu_trainer, frame_index, make_shards, small_preset, write_shard
 
 from datamodules.audio_features import LogMelFeatures, Wav2Vec2Features, audio_windows
 from datamodules.streaming import (AvatarDataModule, BadSampleWarning, ClipDecoder, ClipStream, TierMix,
@@ -392,3 +393,54 @@ def test_a_stream_built_for_other_worker_counts_says_so(tiered):
     mix = TierMix({"strict": stream}, {"strict": 1}, 2)
     with pytest.raises(RuntimeError, match="TierMix was built for 2 workers"):
         next(iter(mix))
+
+
+# ---- resuming ---------------------------------------------------------------------------------------
+def test_a_stream_resumed_at_its_position_goes_on_with_the_clips_it_had_not_reached(tmp_path):
+    """A worker's position (first_epoch, pulled, skipped) after any item, given to a new stream,
+    continues the same clips in the same order, with a shuffle buffer and across epochs."""
+    shards = make_shards(tmp_path, n_clips=6, clips_per_shard=2, frames=12, size=32)
+    decoder = ClipDecoder(LogMelFeatures(n_mels=8), 4, 2)
+    whole = ClipStream(shards, decoder, samples_per_worker=5, shuffle_buffer=3)
+    items = [item for _ in range(3) for item in whole]
+    for cut in (2, 5, 7):  # inside the first epoch, at its end, inside the second
+        last = items[cut - 1]
+        resumed = ClipStream(shards, decoder, samples_per_worker=5, shuffle_buffer=3)
+        resumed.resume = {0: (last["stream_epoch"], last["pulled"], last["skipped"])}
+        after = [item["key"] for _ in range(3) for item in resumed][:len(items) - cut]
+        assert after == [item["key"] for item in items[cut:]]
+
+
+class KeyRecorder(L.Callback):
+    def __init__(self):
+        self.keys = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys.append(list(batch["key"]))
+
+
+def test_a_killed_and_resumed_fit_trains_on_the_clips_an_uninterrupted_one_does(tmp_path):
+    """6 steps straight, against 3 steps, a checkpoint, and a resumed run to 6 (2 workers, 4 batches an
+    epoch: the checkpoint falls inside an epoch, after worker 0 has yielded its share and worker 1 has
+    not, and the run crosses an epoch end): the same clips at every step."""
+    from fada_lightning.checkpoints import AtomicCheckpointIO
+    from fada_lightning.module import TeacherModule
+
+    shards = make_shards(tmp_path, n_clips=8, clips_per_shard=2, frames=12, size=32)
+
+    def fit(steps, ckpt_path=None, save=None):
+        torch.manual_seed(0)
+        model = TeacherModule(preset=small_preset(), clip_frames=4, ema_decay=None)
+        data = AvatarDataModule(train_shards=shards, batch_size=2, num_workers=2, epoch_samples=8, seed=3)
+        recorder = KeyRecorder()
+        trainer = cpu_trainer(tmp_path, steps, callbacks=[recorder], enable_checkpointing=False,
+                              plugins=[AtomicCheckpointIO()])
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        if save:
+            trainer.save_checkpoint(save)
+        return recorder.keys
+
+    straight = fit(6)
+    first = fit(3, save=tmp_path / "step3.ckpt")
+    resumed = fit(6, ckpt_path=tmp_path / "step3.ckpt")
+    assert len(straight) == 6 and first + resumed == straight
