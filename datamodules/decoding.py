@@ -1,6 +1,7 @@
 """Decoding shard members (mp4, wav) so that no sample can take the training process down.
 
-    open_video(data, backend, isolate) -> clip;  len(clip) = n;  clip.frames(indices, size) -> (k, H, W, 3) uint8
+    open_video(data, backend, isolate) -> clip;  len(clip) = n;  clip.size = (W, H) or None;
+                                              clip.frames(indices, size) -> (k, H, W, 3) uint8
 
 Backends (`VIDEO_BACKENDS`):
 - "pyav": PyAV (FFmpeg's libraries, bundled in its wheel), frames in presentation order, each wanted
@@ -55,7 +56,8 @@ class PyAVClip:
             with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
                 if not container.streams.video:
                     raise DecodeError("no video stream")
-                n = container.streams.video[0].frames
+                stream = container.streams.video[0]
+                n, self.size = stream.frames, (stream.codec_context.width, stream.codec_context.height)
             self.n = n if n > 0 else sum(1 for _ in self._decoded())
             if self.n == 0:
                 raise DecodeError("no frames")
@@ -98,8 +100,9 @@ class DecordClip:
     """An mp4 (bytes) opened with decord (resizing happens on open, so `frames` must get the same size)."""
 
     def __init__(self, data: bytes):
-        self.data, self.reader, self.size = data, None, None
+        self.data, self.reader, self.read_size = data, None, None
         self.n = len(self._reader(None))
+        self.size = None  # (width, height): decord tells it only by decoding a frame
         if self.n == 0:
             raise DecodeError("no frames")
 
@@ -107,13 +110,13 @@ class DecordClip:
         import decord
 
         decord.logging.set_level(decord.logging.QUIET)
-        if self.reader is None or size != self.size:
+        if self.reader is None or size != self.read_size:
             try:
                 side = size or -1
                 self.reader = decord.VideoReader(io.BytesIO(self.data), width=side, height=side, num_threads=1)
             except (decord.DECORDError, RuntimeError) as err:
                 raise DecodeError(f"{type(err).__name__}: {err}") from None
-            self.size = size
+            self.read_size = size
         return self.reader
 
     def __len__(self) -> int:
@@ -144,7 +147,7 @@ def open_video(data: bytes, backend: str = "pyav", isolate: bool = True):
 
 # ---- the decode server ---------------------------------------------------------------------------
 # Messages both ways: one op byte, a u64 payload length, the payload.
-#   parent -> server: b"O" mp4 bytes               server -> parent: b"N" u64 frame count
+#   parent -> server: b"O" mp4 bytes               server -> parent: b"N" u64 frame count, i32 width, height
 #   parent -> server: b"F" i64 size, i64 indices   server -> parent: b"A" u32 k, H, W, C + uint8 pixels
 #   server -> parent on a Python-level failure: b"E" utf-8 message
 _HEADER = struct.Struct("<cQ")
@@ -183,7 +186,7 @@ def serve(backend: str, requests, replies) -> None:
         try:
             if op == b"O":
                 clip = CLIP_CLASSES[backend](payload)
-                _send(replies, b"N", struct.pack("<Q", len(clip)))
+                _send(replies, b"N", struct.pack("<Qii", len(clip), *(clip.size or (-1, -1))))
             elif op == b"F":
                 if clip is None:
                     raise DecodeError("frames asked for before a clip was opened")
@@ -248,7 +251,8 @@ class IsolatedClip:
 
     def __init__(self, data: bytes, backend: str):
         self.server = decode_server(backend)
-        self.n = struct.unpack("<Q", self._ask(b"O", data, b"N"))[0]
+        self.n, width, height = struct.unpack("<Qii", self._ask(b"O", data, b"N"))
+        self.size = (width, height) if width >= 0 else None
 
     def _ask(self, op: bytes, payload: bytes, expected: bytes) -> bytes:
         reply, body = self.server.ask(op, payload)

@@ -20,7 +20,7 @@ import json
 import os
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
@@ -33,6 +33,9 @@ from .decoding import VIDEO_BACKENDS, DecoderCrash, open_video, read_wav
 
 REQUIRED_FIELDS = ("mp4", "wav", "json")
 CACHE_FIELDS = ("latents.npy", "audio.npy")  # added by `fada cache` (datamodules/cache.py)
+# members above these sizes are skipped before they are parsed: 4 s of 512 px H.264 is ~1 MB, its wav
+# 125 kB, its json a few kB (SPEC 5); the limits leave room for 10 s clips of larger frames
+MAX_MEMBER_MB = {"json": 4, "wav": 64, "mp4": 512, "latents.npy": 512, "audio.npy": 512}
 # the synthetic world's scores (datamodules/synthetic.py); real data names its own in `quality_keys`
 QUALITY_KEYS = ("av_offset_frames", "blur_sigma", "noise_std", "motion_amplitude")
 
@@ -41,8 +44,16 @@ class BadSampleWarning(UserWarning):
     """A sample or shard was skipped because it could not be read."""
 
 
+class ResizedClipWarning(UserWarning):
+    """Clips are decoded at another frame size than the shards hold (see its count)."""
+
+
 class SkipSample(Exception):
     """Raised by the decoder for data that is readable but unusable (too short, missing fields)."""
+
+
+class MissingMembers(SkipSample):
+    """A sample without all of REQUIRED_FIELDS (a shard cut short leaves one)."""
 
 
 # ---- shard lists ------------------------------------------------------------------------------
@@ -118,6 +129,8 @@ class ClipDecoder:
     cache: dict | None = None  # read `fada cache`'s latents.npy / audio.npy made by exactly this (cache_spec)
     video_backend: str = "pyav"  # datamodules.decoding.VIDEO_BACKENDS
     isolate: bool = True  # decode video in a subprocess: a native crash costs one sample (decoding.py)
+    max_member_mb: dict = field(default_factory=lambda: dict(MAX_MEMBER_MB))  # a larger member is skipped unread
+    resized: int = field(default=0, init=False, repr=False)  # clips decoded at another frame size, this process
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
         """-> {"frames": (F, 3, H, W) in [-1, 1], "motion": (M, 3, H, W), "ref": (3, H, W),
@@ -128,7 +141,11 @@ class ClipDecoder:
         (nothing is decoded: the GPUs do no decoding or encoding work)."""
         missing = [k for k in REQUIRED_FIELDS if k not in sample]
         if missing:
-            raise SkipSample(f"missing {', '.join(missing)}")
+            raise MissingMembers(f"missing {', '.join(missing)}")
+        for name, limit in self.max_member_mb.items():
+            if name in sample and len(sample[name]) > limit * 2**20:
+                raise SkipSample(f"its {name} is {len(sample[name]) / 2**20:.1f} MB, over the {limit:g} MB limit "
+                                 f"(data.max_member_mb)")
         f, m = self.clip_frames, self.motion_frames
         meta = json.loads(sample["json"])
         if self.cache is not None:
@@ -137,6 +154,12 @@ class ClipDecoder:
         else:
             video = open_video(sample["mp4"], self.video_backend, self.isolate)
             n = len(video)
+            if self.frame_size and video.size not in (None, (self.frame_size, self.frame_size)):
+                self.resized += 1
+                if self.resized & (self.resized - 1) == 0:  # the 1st, 2nd, 4th, 8th ...: a count, not a flood
+                    warnings.warn(f"clip {sample['__key__']!r} in shard {sample.get('__url__')} is "
+                                  f"{video.size[0]}x{video.size[1]}: resized to {self.frame_size}x{self.frame_size} "
+                                  f"({self.resized} clips so far in this process)", ResizedClipWarning)
         if n < m + f:
             raise SkipSample(f"{n} frames, fewer than motion + clip = {m + f}")
         start = int(rng.integers(m, n - f + 1)) if rng is not None else m
@@ -272,7 +295,9 @@ class _WorkerStream:
         self.failed_visit = -1
         self.epochs = 0
         self.fast_forwarding = False
-        stages = [self.shard_cycle, wds.tarfile_to_samples(handler=self.on_tar_error)]
+        self.read_in_visit = 0  # whole samples the open shard has given so far
+        self.truncated: set[str] = set()  # shards whose loss `settle_visit` counted
+        stages = [self.shard_cycle, wds.tarfile_to_samples(handler=self.on_tar_error), self.count_read]
         if data.shuffle_buffer > 1:  # mix samples across this worker's recent shards, seeded per worker
             seed = np.random.SeedSequence([data.seed, first_epoch, data.rank, worker]).generate_state(1)[0]
             stages.append(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_buffer, rng=random.Random(int(seed))))
@@ -297,20 +322,39 @@ class _WorkerStream:
             good_before = self.good
             order = np.random.default_rng([self.data.seed, self.first_epoch, self.data.rank, self.worker, n_pass])
             for i in order.permutation(len(self.shards)):
-                self.url = self.shards[i]
+                self.settle_visit()
+                self.url, self.read_in_visit = self.shards[i], 0
                 self.visit += 1
                 yield {"url": self.url}
             if self.good == good_before:  # a whole pass without one usable clip: stop, do not spin
                 raise RuntimeError(f"data worker {self.global_worker}: no usable clip in a full pass over its "
                                    f"shards {self.shards} ({self.skipped} skipped; see the warnings above)")
 
+    def count_read(self, samples):
+        """webdataset stage: count the whole samples each visit of a shard gives (see `settle_visit`)."""
+        for sample in samples:
+            self.read_in_visit += all(k in sample for k in REQUIRED_FIELDS)
+            yield sample
+
+    def settle_visit(self) -> None:
+        """When a visit of a shard that failed to read ends: the whole samples it should have given
+        (`ClipStream.shard_samples`) and did not are lost, and counted one each (a part-read sample it
+        left is one of them, not counted again); a failed shard of unknown size counts as one."""
+        if self.url is None or self.fast_forwarding or self.failed_visit != self.visit:
+            return
+        self.truncated.add(self.url)
+        expected = self.data.shard_samples.get(self.url)
+        lost = max(0, expected - self.read_in_visit) if expected is not None else 1
+        self.skipped += lost
+        if expected is not None:
+            warnings.warn(f"shard {self.url}: {lost} of its {expected} samples could not be read", BadSampleWarning)
+
     def on_tar_error(self, exn: Exception) -> bool:
-        """webdataset handler: warn, count, and go on with the next member or shard. A truncated
-        tar raises at several levels of webdataset; it is reported once per visit."""
+        """webdataset handler: warn and go on with the next member or shard (the loss is counted when the
+        visit ends). A truncated tar raises at several levels of webdataset; it is reported once per visit."""
         if self.failed_visit == self.visit or self.fast_forwarding:
             return True
         self.failed_visit = self.visit
-        self.skipped += 1
         warnings.warn(f"skipping unreadable data in shard {self.url}: {_describe(exn)}", BadSampleWarning)
         return True
 
@@ -325,7 +369,7 @@ class _WorkerStream:
                     raise SkipSample(f"it crashed the decoder in an earlier run ({self.data.crashed.path})")
                 item = self.data.decoder(raw, rng)
             except Exception as exn:  # corrupt media, bad json, short clip, missing fields, a decoder crash
-                self.skipped += 1
+                self.skipped += not (isinstance(exn, MissingMembers) and url in self.truncated)  # counted as lost
                 warnings.warn(f"skipping sample {key!r} in shard {url}: {_describe(exn)}", BadSampleWarning)
                 if isinstance(exn, DecoderCrash) and self.data.crashed is not None:
                     self.data.crashed.add(url, key, str(exn))
@@ -353,11 +397,13 @@ class ClipStream(IterableDataset):
 
     def __init__(self, urls: list[str], decoder: ClipDecoder, samples_per_worker: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle_buffer: int = 0,
-                 crashed: "CrashedSamples | None" = None, name: str = "train"):
+                 crashed: "CrashedSamples | None" = None, name: str = "train",
+                 shard_samples: dict[str, int] | None = None):
         super().__init__()
         self.urls, self.decoder, self.shuffle_buffer = list(urls), decoder, shuffle_buffer
         self.crashed = crashed  # samples that crashed a decoder: skipped unread, and recorded when new
         self.name = name  # the tier it streams, in each item's "stream"
+        self.shard_samples = shard_samples or {}  # url -> samples it holds: a truncated shard's loss is counted
         self.resume: dict[int, tuple[int, int, int]] = {}  # global worker -> (first_epoch, pulled, skipped)
         self.resume_in_epoch: dict[int, int] = {}  # global worker -> items it had yielded in the killed epoch
         self.samples_per_worker = samples_per_worker
@@ -515,7 +561,10 @@ class AvatarDataModule(L.LightningDataModule):
     Decoding (datamodules/decoding.py): `video_backend` "pyav" or "decord"; `isolate_decoding` runs it
     in a subprocess per worker, so a sample that crashes or hangs the decoder is skipped, named and
     appended to `crashed_samples` (default: crashed_samples.jsonl in the run's log folder), which later
-    epochs and resumed runs skip without decoding. decord segfaults on some corrupt mp4s: keep it isolated."""
+    epochs and resumed runs skip without decoding. decord segfaults on some corrupt mp4s: keep it isolated.
+    `max_member_mb` raises or lowers the size limits of `MAX_MEMBER_MB` ({"json": 4, ...}): a larger
+    member is skipped before it is parsed. `shard_samples` ({shard: samples}, or a JSON file of it; the
+    synthetic world's come from its manifest) lets a truncated shard count every sample it lost."""
 
     def __init__(self, train_shards: str | list[str] | dict[str, str | list[str]] | None = None,
                  val_shards: str | list[str] | None = None, audio_features: AudioFeatures | None = None,
@@ -524,7 +573,8 @@ class AvatarDataModule(L.LightningDataModule):
                  val_samples: int = 16, seed: int = 0, synthetic: dict | None = None,
                  tier_weights: dict[str, float] | None = None, quality_keys: list[str] | None = None,
                  cached: bool = False, shuffle_buffer: int = 0, prefetch_factor: int | None = None,
-                 video_backend: str = "pyav", isolate_decoding: bool = True, crashed_samples: str | None = None):
+                 video_backend: str = "pyav", isolate_decoding: bool = True, crashed_samples: str | None = None,
+                 max_member_mb: dict[str, float] | None = None, shard_samples: str | dict[str, int] | None = None):
         super().__init__()
         if video_backend not in VIDEO_BACKENDS:
             raise ValueError(f"data.video_backend {video_backend!r} is not one of {VIDEO_BACKENDS}")
@@ -559,7 +609,24 @@ class AvatarDataModule(L.LightningDataModule):
             cache = cache_spec(model.preset)
         return ClipDecoder(features, pick("clip_frames", 8), pick("motion_frames", 2), self.hparams.audio_radius,
                            frame_size, quality, cache=cache, video_backend=self.hparams.video_backend,
-                           isolate=self.hparams.isolate_decoding)
+                           isolate=self.hparams.isolate_decoding,
+                           max_member_mb={**MAX_MEMBER_MB, **(self.hparams.max_member_mb or {})})
+
+    def _shard_samples(self) -> dict[str, int]:
+        """{shard url: samples it holds}, from the synthetic manifest and `shard_samples`."""
+        sizes, given = {}, self.hparams.shard_samples
+        manifest = os.path.join(self.hparams.synthetic["root"], "manifest.json") if self.hparams.synthetic else None
+        if manifest and os.path.isfile(manifest):
+            from .synthetic import shard_sample_counts
+
+            with open(manifest) as f:
+                counts = shard_sample_counts(json.load(f))
+            sizes.update({os.path.join(self.hparams.synthetic["root"], p): n for p, n in counts.items()})
+        if isinstance(given, str):
+            with open(given) as f:
+                given = json.load(f)
+        sizes.update(given or {})
+        return sizes
 
     def _crashed_samples(self) -> CrashedSamples | None:
         """The record of samples that crashed a decoder: `crashed_samples`, else the run's log folder."""
@@ -625,8 +692,9 @@ class AvatarDataModule(L.LightningDataModule):
                               f"(whole batches of {hp.batch_size} on each of {workers} workers)")
             decoder = self._make_decoder(cached=True) if hp.cached else self.decoder
             crashed = self._crashed_samples()
+            sizes = self._shard_samples()
             streams = {tier: ClipStream(urls, decoder, per_worker, rank, world_size, hp.num_workers, hp.seed,
-                                        hp.shuffle_buffer, crashed, name=tier)
+                                        hp.shuffle_buffer, crashed, name=tier, shard_samples=sizes)
                        for tier, urls in self._train_urls().items()}
             if hp.tier_weights is None:
                 (self.train_set,) = streams.values()

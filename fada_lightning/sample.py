@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +54,31 @@ def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_s
     return frames, nfe
 
 
+def probe_image(path) -> tuple[int, int]:
+    """(width, height) of an image file, without decoding it; one clear error if it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from error
+
+
 def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None, audio_scale=None, seed: int = 0,
                 progress: bool = True, eta: float | None = None) -> dict:
     """Checkpoint + image file + audio file -> an mp4 at `output`; returns what it cost:
     {"output", "frames", "nfe" (per clip window), "seconds" (sampling wall time), "module"}."""
-    module = load_module(ckpt).eval()
-    image = read_image(image_path, module.preset["frame_size"])
+    width, height = probe_image(image_path)  # the inputs first: a wrong path costs no model load
     audio = read_audio(audio_path, SAMPLE_RATE)
+    module = load_module(ckpt).eval()
+    size = module.preset["frame_size"]
+    if min(width, height) < size / 2:
+        warnings.warn(f"reference image {image_path} is {width}x{height}, far below the model's {size}x{size} "
+                      "frames: it is upscaled, and the video will be as blurry")
+    image = read_image(image_path, size)
     module.sampling_scales(ref_scale, audio_scale)  # a one-pass student refuses CFG scales before any work
     check_eta(module.scheduler(), eta)  # and a deterministic sampler refuses an eta
     start = time.perf_counter()

@@ -93,6 +93,8 @@ def read_audio(path_or_bytes: str | os.PathLike | bytes, sample_rate: int = 1600
         name, source = f"<{len(path_or_bytes)} bytes of audio>", io.BytesIO(bytes(path_or_bytes))
     else:
         name = source = str(path_or_bytes)
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"audio {source} does not exist")
     try:
         reader = decord.AudioReader(source, sample_rate=sample_rate, mono=True)
         samples = reader[:]  # (channels, samples); decord's bridge may hand back a tensor

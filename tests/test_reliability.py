@@ -1,14 +1,20 @@
-"""Checkpoints survive kills, damaged or foreign files are refused in one line, and a checkpoint
-is never taken for another role."""
+"""Checkpoints survive kills, damaged or foreign files are refused in one line, a checkpoint is never
+taken for another role, and bad data is counted by the sample and named (the fault suite; decoder
+crashes are in test_decoding.py, resuming the data stream in test_streaming.py)."""
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
+from conftest import burst_clip, write_shard
 
+from datamodules.audio_features import LogMelFeatures
+from datamodules.streaming import ClipDecoder, ClipStream, ResizedClipWarning
 from fada_lightning.checkpoints import (AtomicCheckpointIO, CheckpointError, check_role, checkpoint_role,
                                         read_checkpoint, write_atomically)
 from fada_lightning.cli import check_resumable, main
@@ -113,3 +119,85 @@ def test_a_student_given_as_teacher_and_a_teacher_given_to_resume_a_student_are_
         check_resumable(Path(teacher_ckpt), "fada_lightning.distill.DistillModule")
     with pytest.raises(CheckpointError, match=r"is a student checkpoint .*this config trains a TeacherModule"):
         check_resumable(student, "fada_lightning.module.TeacherModule")
+
+
+# ---- data: lost samples, member sizes, resized clips -----------------------------------------------
+def stream_items(shards, count, **kwargs):
+    stream = ClipStream(shards, ClipDecoder(LogMelFeatures(n_mels=8), 4, 2, **kwargs.pop("decoder", {})),
+                        samples_per_worker=count, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = list(stream)
+    return items, [w for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_a_truncated_shard_counts_every_sample_it_lost(tmp_path):
+    clips = [burst_clip(f"clip-{i:06d}", frames=12) for i in range(8)]
+    truncated = write_shard(tmp_path / "cut.tar", clips)
+    os.truncate(truncated, os.path.getsize(truncated) * 4 // 10)
+    readable = [s for s in wds.DataPipeline(wds.SimpleShardList([truncated]),
+                                           wds.tarfile_to_samples(handler=wds.ignore_and_continue))
+                if {"mp4", "wav", "json"} <= s.keys()]
+    assert 0 < len(readable) < 8
+    good = write_shard(tmp_path / "good.tar", [burst_clip("good-000000", frames=12)])
+    # one item past both shards: a shard's loss is known when its visit ends, as the next one opens
+    items, caught = stream_items([truncated, good], len(readable) + 2, shard_samples={truncated: 8, good: 1})
+    assert items[-1]["skipped"] == 8 - len(readable)  # every lost sample, once, not one per error
+    assert any(f"shard {truncated}: " in str(w.message) and "of its 8 samples" in str(w.message) for w in caught)
+
+
+def test_an_oversized_member_is_skipped_before_it_is_parsed(tmp_path):
+    huge = {**burst_clip("huge-000000", frames=12), "json": b'{"tier": "strict", "pad": "' + b"x" * (5 << 20) + b'"}'}
+    shard = write_shard(tmp_path / "s.tar", [huge, burst_clip("fine-000000", frames=12)])
+    items, caught = stream_items([shard], 1)
+    assert [i["key"] for i in items] == ["fine-000000"] and items[0]["skipped"] == 1
+    assert any("huge-000000" in str(w.message) and "json is 5.0 MB, over the 4 MB limit" in str(w.message)
+               for w in caught)
+
+
+def test_clips_decoded_at_another_size_are_counted_in_a_warning(tmp_path):
+    shard = write_shard(tmp_path / "s.tar", [burst_clip(f"big-{i:06d}", frames=12, size=64) for i in range(3)])
+    items, caught = stream_items([shard], 3, decoder={"frame_size": 32})
+    assert items[0]["frames"].shape[-2:] == (32, 32)
+    counts = [str(w.message) for w in caught if issubclass(w.category, ResizedClipWarning)]
+    assert len(counts) == 2 and "is 64x64: resized to 32x32 (1 clips" in counts[0] and "(2 clips" in counts[1]
+
+
+def test_fada_sample_checks_its_inputs_before_the_model_and_warns_on_a_tiny_face(teacher_ckpt, tmp_path):
+    from PIL import Image
+
+    from fada_lightning.sample import sample_file
+    from fada_lightning.video_io import encode_wav, write_atomic
+
+    face, speech, out = tmp_path / "face.png", tmp_path / "speech.wav", tmp_path / "out.mp4"
+    with pytest.raises(FileNotFoundError, match="image .*face.png does not exist"):
+        sample_file(tmp_path / "no.ckpt", face, speech, out)  # named before the (missing) checkpoint
+    Image.fromarray(np.full((4, 4, 3), 128, np.uint8)).save(face)
+    with pytest.raises(FileNotFoundError, match="audio .*speech.wav does not exist"):
+        sample_file(tmp_path / "no.ckpt", face, speech, out)
+    write_atomic(speech, encode_wav(np.zeros(16000 // 25 * 4, np.float32)))
+    with pytest.warns(UserWarning, match="face.png is 4x4, far below the model's 32x32 frames"):
+        sample_file(teacher_ckpt, face, speech, out, steps=1, progress=False)
+    assert out.is_file()
+
+
+class Payload:
+    """Unpickling this creates a file: proof that something was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_members_in_a_shard_are_never_unpickled(tmp_path):
+    import pickle
+
+    marker = tmp_path / "executed"
+    payload = pickle.dumps(Payload(marker))
+    clip = {**burst_clip("clip-000000", frames=12), "pyd": payload, "pickle": payload}
+    shard = write_shard(tmp_path / "s.tar", [clip])
+    items, _ = stream_items([shard], 1)
+    assert [i["key"] for i in items] == ["clip-000000"] and items[0]["skipped"] == 0
+    assert not marker.exists()
