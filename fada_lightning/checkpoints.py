@@ -6,7 +6,8 @@ process without any process group: its weights and Lightning's metadata (meta.pt
 optimizer states, which only resuming a run needs (`--ckpt_path` reads folders itself).
 
 Files are written by `AtomicCheckpointIO`: beside the target, flushed to disk, renamed over it, so
-a kill at any instant leaves the previous checkpoint or the new one, never a part of one. Every
+a kill at any instant leaves the previous checkpoint or the new one, never a part of one (FSDP2's
+folders likewise: strategies.FSDP2.save_checkpoint, `recover_folder_swap`). Every
 checkpoint records its role ("teacher" or "student": `checkpoint_role`), and a file that is not a
 checkpoint, or one of the wrong role, is refused in one line (`CheckpointError`).
 """
@@ -120,6 +121,15 @@ def newest_readable_sibling(path: Path) -> Path | None:
             continue
     return max(steps)[1] if steps else None
 
+def recover_folder_swap(path: Path) -> None:
+    """If a kill fell between `FSDP2.save_checkpoint`'s two renames, `path` is missing and its previous
+    folder waits as `.NAME.old` (the new one, complete, as `.NAME.partial`): put the new one in place."""
+    partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    if path.exists() or not old.exists():
+        return
+    os.replace(partial if (partial / ".metadata").is_file() else old, path)
+
+
 SHARDED_WEIGHTS = ("state_dict", "model")  # ModelParallelStrategy (FSDP2) / FSDPStrategy's sharded format
 
 
@@ -131,6 +141,7 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict:
     """The checkpoint at `path` (file or folder of shards) as one dict on the CPU: "state_dict",
     "hyper_parameters", "global_step", ... (`weights_only`: refuse pickled objects in a file)."""
     path = Path(path).expanduser()
+    recover_folder_swap(path)
     if path.is_file():
         check_checkpoint_file(path)
         try:

@@ -21,7 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from .checkpoints import AtomicCheckpointIO, check_role, read_checkpoint
+from .checkpoints import AtomicCheckpointIO, check_role, read_checkpoint, recover_folder_swap
 from .presets import ConfigError, find_config
 
 
@@ -70,6 +70,9 @@ class FadaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._use_atomic_checkpoints()
+        for folder in checkpoint_folders(self.trainer):  # a sharded save a kill cut between its renames
+            for old in folder.glob(".*.old") if folder.is_dir() else []:
+                recover_folder_swap(old.with_name(old.name[1:-len(".old")]))
         if not self.config["fit"].get("ckpt_path"):
             refuse_to_fork(self.trainer)
 
@@ -89,13 +92,22 @@ def check_resumable(path: Path, model_class: str) -> None:
                    "of one of its own runs, or use the config that wrote it")
 
 
-def refuse_to_fork(trainer) -> None:
-    """A new fit into a run folder that already holds checkpoints would mix two runs: say what to do."""
+def checkpoint_folders(trainer) -> list[Path]:
+    """Where the trainer's checkpoint callbacks write (as ModelCheckpoint resolves it: logger folder/checkpoints)."""
+    folders = []
     for callback in trainer.checkpoint_callbacks:
         folder = callback.dirpath
         if folder is None and trainer.loggers and trainer.loggers[0].log_dir:
             folder = os.path.join(trainer.loggers[0].log_dir, "checkpoints")
-        found = sorted(Path(folder).glob("*.ckpt")) if folder and Path(folder).is_dir() else []
+        if folder:
+            folders.append(Path(folder))
+    return folders
+
+
+def refuse_to_fork(trainer) -> None:
+    """A new fit into a run folder that already holds checkpoints would mix two runs: say what to do."""
+    for folder in checkpoint_folders(trainer):
+        found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
         if found:
             raise ConfigError(f"{folder} already holds checkpoints of a run ({', '.join(p.name for p in found[:3])}"
                               f"{', ...' if len(found) > 3 else ''}): resume it with --ckpt_path last, start "

@@ -13,7 +13,10 @@ which resume on the same or another number of processes; FSDP's are single files
 """
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -49,6 +52,27 @@ class FSDP2(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # one data-parallel group: all ranks
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A folder of shards is written whole beside its target (`.NAME.partial`), then swapped in by
+        two renames on rank 0 (NAME -> `.NAME.old`, partial -> NAME), so a kill leaves the previous
+        folder or the new one (checkpoints.recover_folder_swap finishes a swap a kill cut between its renames)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+        if self.global_rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # what a killed save left
+        self.barrier("fada_save_partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("fada_save_written")
+        if self.global_rank == 0:
+            shutil.rmtree(old, ignore_errors=True)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(partial, path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier("fada_save_swapped")
 
     def parallelize(self, module) -> None:
         """Shard each of `module.networks()` on the data-parallel mesh (LightningModule.configure_model)."""

@@ -117,6 +117,7 @@ def test_a_sharded_checkpoint_resumes_on_one_process(fsdp2_run, teacher_ckpt, sh
     step, and training goes on from there."""
     last = fsdp2_run["dir"] / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2
+    assert not [p.name for p in last.parent.iterdir() if p.name.startswith(".")]  # written aside, swapped in whole
     run = fit(tmp_path, "resumed", teacher_ckpt, shards, "--config", str(find_config("strategies/fsdp2.yaml")),
               "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
               f"--trainer.max_steps={STEPS + 1}", f"--ckpt_path={last}")

@@ -2,6 +2,7 @@
 taken for another role, and bad data is counted by the sample and named (the fault suite; decoder
 crashes are in test_decoding.py, resuming the data stream in test_streaming.py)."""
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -201,3 +202,27 @@ def test_pickle_members_in_a_shard_are_never_unpickled(tmp_path):
     items, _ = stream_items([shard], 1)
     assert [i["key"] for i in items] == ["clip-000000"] and items[0]["skipped"] == 0
     assert not marker.exists()
+
+
+def test_a_sharded_save_cut_between_its_renames_is_finished_on_the_next_read(tmp_path):
+    """FSDP2 swaps a complete `.last.ckpt.partial` folder in by two renames: a kill between them
+    leaves no last.ckpt, and the next read puts the new folder (or, if it is not whole, the old) in place."""
+    from fada_lightning.checkpoints import recover_folder_swap
+
+    def folder(name, whole=True, step=0):
+        (tmp_path / name).mkdir()
+        if whole:
+            (tmp_path / name / ".metadata").write_bytes(b"")
+        (tmp_path / name / "step").write_text(str(step))
+
+    folder(".last.ckpt.old", step=4)
+    folder(".last.ckpt.partial", step=6)
+    recover_folder_swap(tmp_path / "last.ckpt")
+    assert (tmp_path / "last.ckpt" / "step").read_text() == "6"
+    for name in ("last.ckpt", ".last.ckpt.old"):
+        shutil.rmtree(tmp_path / name)
+    folder(".last.ckpt.old", step=4)
+    (tmp_path / ".last.ckpt.partial").mkdir(exist_ok=True)
+    (tmp_path / ".last.ckpt.partial" / ".metadata").unlink(missing_ok=True)
+    recover_folder_swap(tmp_path / "last.ckpt")
+    assert (tmp_path / "last.ckpt" / "step").read_text() == "4"
