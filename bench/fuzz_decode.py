@@ -6,14 +6,18 @@ or crashed / hung (which in process would have ended the training run).
 
     python bench/fuzz_decode.py [--mutations 1000] [--clips 200] [--root data/synthetic]
 
-torchcodec is not among them: its wheels for torch 2.11 (0.11) load the system's FFmpeg libraries,
-which a pip install does not bring, and it adds nothing PyAV lacks here.
+torchcodec is measured too where it is installed (`pip install torchcodec==0.11.*` beside torch
+2.11, plus the system's FFmpeg libraries, e.g. Debian's libavcodec59 libavformat59 libavfilter8
+libavdevice59 libswscale6), through `TorchCodecClip` below as a "module:Class" backend.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import webdataset as wds
@@ -23,6 +27,39 @@ from datamodules.synthetic import ensure_dataset
 from fada_lightning.faults import MUTATIONS, mutations
 
 FRAMES = 11  # motion 2 + clip 8 + reference, as a training item reads
+
+
+class TorchCodecClip:
+    """torchcodec's VideoDecoder behind the clip interface of datamodules/decoding.py."""
+
+    def __init__(self, data: bytes):
+        import torch
+        from torchcodec.decoders import VideoDecoder
+
+        try:
+            self.decoder = VideoDecoder(torch.frombuffer(bytearray(data), dtype=torch.uint8), dimension_order="NHWC",
+                                        num_ffmpeg_threads=1)
+        except (RuntimeError, ValueError) as err:
+            raise DecodeError(f"{type(err).__name__}: {err}") from None
+        self.n = len(self.decoder)
+        meta = self.decoder.metadata
+        self.size = (meta.width, meta.height)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def frames(self, indices, size):
+        import torch
+
+        try:
+            pixels = self.decoder.get_frames_at([int(i) for i in indices]).data  # (k, H, W, 3) uint8
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise DecodeError(f"{type(err).__name__}: {err}") from None
+        if size is not None and pixels.shape[1:3] != (size, size):
+            pixels = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2).float(), size=(size, size),
+                                                     mode="bilinear", antialias=True).round().clamp(0, 255)
+            pixels = pixels.byte().permute(0, 2, 3, 1)
+        return pixels.numpy()
 
 
 def samples(shards: list[str], count: int) -> list[dict]:
@@ -84,19 +121,24 @@ def main(argv=None):
     cases = cases[:args.mutations]
 
     backends = list(CLIP_CLASSES)
+    if importlib.util.find_spec("torchcodec") is not None:  # imported by name, here and in the decode server
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        backends.append("bench.fuzz_decode:TorchCodecClip")
     print(f"{len(media)} clips of {args.size}x{args.size}, {FRAMES} frames read per clip; "
           f"{len(cases)} mutated mp4s ({', '.join(MUTATIONS)})\n")
-    print(f"{'backend':<8} {'clips/s in process':>19} {'clips/s isolated':>17} {'isolation cost':>15}"
+    print(f"{'backend':<10} {'clips/s in process':>19} {'clips/s isolated':>17} {'isolation cost':>15}"
           f" {'decoded':>8} {'refused':>8} {'crashed':>8}")
     for backend in backends:
         inside, isolated = rate(media, backend, False, args.size), rate(media, backend, True, args.size)
         outcome = fuzz(cases, backend, args.size)
         total = sum(outcome.values(), collections.Counter())
-        print(f"{backend:<8} {inside:>19.1f} {isolated:>17.1f} {inside / isolated:>14.2f}x"
+        name = backend.rpartition(":")[2].replace("Clip", "").lower()  # bench.fuzz_decode:TorchCodecClip -> torchcodec
+        print(f"{name:<10} {inside:>19.1f} {isolated:>17.1f} {inside / isolated:>14.2f}x"
               f" {total['decoded']:>8} {total['refused']:>8} {total['crashed']:>8}")
         crashes = {kind: counts["crashed"] for kind, counts in outcome.items() if counts["crashed"]}
         if crashes:
-            print(f"{'':<8} crashes by mutation: {crashes}")
+            print(f"{'':<10} crashes by mutation: {crashes}")
+
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     open_video(data, backend, isolate) -> clip;  len(clip) = n;  clip.size = (W, H) or None;
                                               clip.frames(indices, size) -> (k, H, W, 3) uint8
 
-Backends (`VIDEO_BACKENDS`):
+Backends (`VIDEO_BACKENDS`, or "module:Class" for a class of your own, see `clip_class`):
 - "pyav": PyAV (FFmpeg's libraries, bundled in its wheel), frames in presentation order, each wanted
   frame converted (and resized) by swscale; decoding stops at the last wanted frame.
 - "decord": decord's VideoReader. Faster seeking, but it segfaults on some corrupt mp4s
@@ -18,6 +18,7 @@ anything else falls back to PyAV. Nothing here unpickles.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import select
@@ -138,11 +139,21 @@ class DecordClip:
 CLIP_CLASSES = {"pyav": PyAVClip, "decord": DecordClip}
 
 
+def clip_class(backend: str):
+    """A backend's clip class: a name of CLIP_CLASSES, or "module:Class" for one of your own (the same
+    interface: Class(mp4 bytes) with len(), `size` and frames(indices, size))."""
+    if backend in CLIP_CLASSES:
+        return CLIP_CLASSES[backend]
+    module, _, name = backend.partition(":")
+    if not name:
+        raise ValueError(f"video backend {backend!r} is not one of {VIDEO_BACKENDS} nor a 'module:Class'")
+    return getattr(importlib.import_module(module), name)
+
+
 def open_video(data: bytes, backend: str = "pyav", isolate: bool = True):
     """mp4 bytes -> a clip with len() and frames(indices, size); see the module docstring."""
-    if backend not in CLIP_CLASSES:
-        raise ValueError(f"video backend {backend!r} is not one of {VIDEO_BACKENDS}")
-    return IsolatedClip(data, backend) if isolate else CLIP_CLASSES[backend](data)
+    cls = clip_class(backend)  # a wrong name fails here, in this process, not in the server
+    return IsolatedClip(data, backend) if isolate else cls(data)
 
 
 # ---- the decode server ---------------------------------------------------------------------------
@@ -185,7 +196,7 @@ def serve(backend: str, requests, replies) -> None:
             return
         try:
             if op == b"O":
-                clip = CLIP_CLASSES[backend](payload)
+                clip = clip_class(backend)(payload)
                 _send(replies, b"N", struct.pack("<Qii", len(clip), *(clip.size or (-1, -1))))
             elif op == b"F":
                 if clip is None:

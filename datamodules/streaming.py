@@ -558,7 +558,7 @@ class AvatarDataModule(L.LightningDataModule):
     (batches then hold latents (B, M + F + 1, C, h, w) in place of frames / motion / ref; validation
     still decodes, for its sample videos); `shuffle_buffer` mixes clips of a worker's recent shards;
     `prefetch_factor` batches each worker prepares ahead (DataLoader's, default 2).
-    Decoding (datamodules/decoding.py): `video_backend` "pyav" or "decord"; `isolate_decoding` runs it
+    Decoding (datamodules/decoding.py): `video_backend` "pyav", "decord" or "module:Class"; `isolate_decoding` runs it
     in a subprocess per worker, so a sample that crashes or hangs the decoder is skipped, named and
     appended to `crashed_samples` (default: crashed_samples.jsonl in the run's log folder), which later
     epochs and resumed runs skip without decoding. decord segfaults on some corrupt mp4s: keep it isolated.
@@ -576,8 +576,9 @@ class AvatarDataModule(L.LightningDataModule):
                  video_backend: str = "pyav", isolate_decoding: bool = True, crashed_samples: str | None = None,
                  max_member_mb: dict[str, float] | None = None, shard_samples: str | dict[str, int] | None = None):
         super().__init__()
-        if video_backend not in VIDEO_BACKENDS:
-            raise ValueError(f"data.video_backend {video_backend!r} is not one of {VIDEO_BACKENDS}")
+        if video_backend not in VIDEO_BACKENDS and ":" not in video_backend:
+            raise ValueError(f"data.video_backend {video_backend!r} is not one of {VIDEO_BACKENDS} "
+                             "nor a 'module:Class' of your own")
         # clip shape and audio features default to the model's (see `_make_decoder`), so they are
         # not hparams of their own: Lightning would report a None here as a conflict with the model
         self.save_hyperparameters(ignore=["audio_features", "clip_frames", "motion_frames"])

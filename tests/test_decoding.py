@@ -155,3 +155,27 @@ def test_every_mutation_kind_is_made(clip):
     cases = fuzz_cases(clip, 2 * len(MUTATIONS))
     assert {kind for kind, _ in cases} == set(MUTATIONS)
     assert all(data != clip["mp4"] for _, data in cases)
+
+
+MIRRORED = '''
+from datamodules.decoding import PyAVClip
+
+
+class MirroredClip(PyAVClip):
+    """A user's backend: PyAV's frames, mirrored left to right."""
+
+    def frames(self, indices, size):
+        return super().frames(indices, size)[:, :, ::-1].copy()
+'''
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_backend_of_your_own_is_named_module_colon_class(clip, tmp_path, monkeypatch, isolate):
+    (tmp_path / "my_clips.py").write_text(MIRRORED)
+    monkeypatch.syspath_prepend(str(tmp_path))  # this process, and (PYTHONPATH) the decode server
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    mirrored = open_video(clip["mp4"], "my_clips:MirroredClip", isolate).frames([0, 9], None)
+    plain = open_video(clip["mp4"], "pyav", isolate=False).frames([0, 9], None)
+    assert np.array_equal(mirrored, plain[:, :, ::-1])
+    with pytest.raises(ValueError, match="nor a 'module:Class'"):
+        open_video(clip["mp4"], "nosuch", isolate)
