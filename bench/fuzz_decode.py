@@ -42,6 +42,8 @@ class TorchCodecClip:
         except (RuntimeError, ValueError) as err:
             raise DecodeError(f"{type(err).__name__}: {err}") from None
         self.n = len(self.decoder)
+        if self.n == 0:  # as the bundled clips do
+            raise DecodeError("no frames")
         meta = self.decoder.metadata
         self.size = (meta.width, meta.height)
 
