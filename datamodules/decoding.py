@@ -54,11 +54,13 @@ class PyAVClip:
         self._av = av
         self.data = data
         try:
-            with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
-                if not container.streams.video:
-                    raise DecodeError("no video stream")
-                stream = container.streams.video[0]
-                n, self.size = stream.frames, (stream.codec_context.width, stream.codec_context.height)
+            # kept open for the first `frames` call, which decodes from it (a second open costs ~0.7 ms)
+            self._container = self._open()
+            if not self._container.streams.video:
+                self._container.close()
+                raise DecodeError("no video stream")
+            stream = self._container.streams.video[0]
+            n, self.size = stream.frames, (stream.codec_context.width, stream.codec_context.height)
             self.n = n if n > 0 else sum(1 for _ in self._decoded())
             if self.n == 0:
                 raise DecodeError("no frames")
@@ -68,8 +70,13 @@ class PyAVClip:
     def __len__(self) -> int:
         return self.n
 
+    def _open(self):
+        return self._av.open(io.BytesIO(self.data), mode="r", metadata_errors="ignore")
+
     def _decoded(self):
-        with self._av.open(io.BytesIO(self.data), mode="r", metadata_errors="ignore") as container:
+        """Frames from the start: from the container opened in __init__ the first time, then a new one."""
+        container, self._container = self._container or self._open(), None
+        with container:
             stream = container.streams.video[0]
             stream.thread_count = 1  # data workers are the parallelism
             yield from container.decode(stream)
