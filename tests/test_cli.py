@@ -184,6 +184,7 @@ def test_distil_a_teacher_then_sample_the_student_end_to_end(tmp_path):
     assert "Traceback" not in done.stderr  # one clear line
     done = _fada("fit", "--config", str(config), "--model.init_args.teacher_ckpt", str(teacher), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"[fada] teacher: {Path(teacher).resolve()} (step " in done.stdout  # which teacher, in the run's log
     student = tmp_path / "run" / "tb" / "student" / "checkpoints" / "last.ckpt"
     assert student.is_file()
     done = _fada("fit", "--config", str(config), "--model.init_args.teacher_ckpt", str(teacher),
