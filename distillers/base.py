@@ -2,25 +2,31 @@
 
     z0, cond = encode(batch)                            # latents (B, F, C, h, w), Conditions
     eps = randn_like(z0)
-    t = distiller.sample_time(B, device, generator)     # 1. how the training time is sampled
+    t = distiller.sample_time(B, device, generator)     # 1. how the training time is sampled (1 = noise)
     with no_grad():                                     # 2. the frozen networks: one no-grad call
         job = distiller.make_targets(teacher, z0, cond, t, eps, generator, tiers=batch["tier"])
-    pred = student(job.z, job.timestep, job.cond)       #    the student's raw output
-    loss, logs = distiller.loss(pred, job)              # 3. how the loss is reduced and weighted
+    for name in distiller.updates(step):                # 3. which networks update this step, in order
+        loss, logs = distiller.student_loss(student, job) if name == "student" \
+            else distiller.network_loss(name, job)      #    default student_loss: student forward + `loss`
+        backward; clip; the network's optimizer and LR scheduler step
     distiller.scheduler(), .sample_steps, .sample_cfg   # 4. how the student samples
     (and .sample_eta)
 
-That loop is `DistillModule.training_step`; it never asks which distiller it runs. Besides the
-teacher, `make_targets` may use `self.student_ema` (the student's EMA, a consistency method's
-target network), which the module hands over in `bind`; `tiers` names each clip's data tier
-(the shard set it came from, "strict" / "lenient"), for methods that treat tiers differently.
+That loop is `DistillModule.training_step`; it never asks which distiller it runs. A method whose
+only trained network is the student overrides `make_targets` and perhaps `loss`; one that trains
+networks of its own (DMD's fake score, a discriminator) adds them in `build_networks` with
+`add_network(name, net, Optimization(...))` and defines `network_loss` for them. Besides the teacher,
+hooks may use `self.teacher` and `self.student_ema` (the student's EMA, a consistency method's
+target network), which the module hands over; `tiers` names each clip's data tier (the shard set
+it came from, "strict" / "lenient"), for methods that treat tiers differently.
 """
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, fields
 
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
@@ -32,14 +38,55 @@ from fada_lightning.diffusion.sampling import conditional_denoiser, guided_denoi
 @dataclass
 class DistillTargets:
     """What `make_targets` hands the student: train student(z, timestep, cond), read as eps at
-    noise level `abar`, towards `eps_target`, with a per-sample loss weight."""
+    noise level `abar`, towards `eps_target`, with a per-sample loss weight.
+
+    Time: `sample_time` draws t in (0, 1], 1 the noise end and 0 the data end. `timestep` is in
+    the teacher's own unit, the DDPM index (float): n = T t - 1, from 0 (least noise) to T - 1
+    (pure noise), the unit the student's sampler hands it too (`scheduler().timesteps`)."""
 
     z: torch.Tensor  # (B, F, C, h, w) the student's input
-    timestep: torch.Tensor  # (B,) the student's timestep
+    timestep: torch.Tensor  # (B,) the student's timestep, in DDPM index units (float)
     cond: Conditions  # the conditions the student sees
     eps_target: torch.Tensor  # (B, F, C, h, w) the target, in eps space
     abar: torch.Tensor  # (B,) where a v-network's output is read as eps
     weight: torch.Tensor  # (B,) per-sample loss weight
+
+
+    @classmethod
+    def cat(cls, jobs: list["DistillTargets"]) -> "DistillTargets":
+        """Jobs of the same kind joined along the batch: tensors and conditions concatenated,
+        sequences joined, anything else taken from the first."""
+        def join(values):
+            first = values[0]
+            if isinstance(first, torch.Tensor):
+                return torch.cat(values)
+            if isinstance(first, Conditions):
+                return Conditions.cat(values)
+            if isinstance(first, (tuple, list)):
+                return type(first)(x for v in values for x in v)
+            return first
+        return type(jobs[0])(**{f.name: join([getattr(j, f.name) for j in jobs]) for f in fields(jobs[0])})
+
+
+@dataclass
+class Optimization:
+    """How one trained network is updated: AdamW with these settings and a linear learning-rate
+    warm-up over its own first `warmup_steps` updates, its gradient's L2 norm clipped to `grad_clip`
+    (None: not clipped), at the training steps s (from 0) with s % every == 0."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    warmup_steps: int = 0
+    every: int = 1
+
+    def __post_init__(self):
+        if self.every < 1 or self.lr <= 0 or (self.grad_clip is not None and self.grad_clip <= 0):
+            raise ValueError(f"Optimization needs every >= 1, lr > 0 and grad_clip > 0 (or None), got {self}")
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
 
 
 class Distiller(HyperparametersMixin, nn.Module):
@@ -49,11 +96,20 @@ class Distiller(HyperparametersMixin, nn.Module):
       sample_time(B, device, generator) -> t (B,) in (0, 1]       default: uniform on the 1/T grid
       make_targets(teacher, z0, cond, t, eps, generator, tiers)    required: -> DistillTargets
       loss(pred, job) -> (scalar, {name: scalar to log})           default: weighted ||eps_theta - eps_target||^2
+      student_loss(student, job) -> (scalar, logs)                 default: loss(student(job.z, job.timestep, job.cond), job)
+      build_networks(teacher)                                      default: none; add_network(...) for each
+      network_loss(name, job) -> (scalar, logs)                    required for each network added
+      updates(step) -> names of the networks updated at `step`     default: each whose Optimization is due
       scheduler() -> a diffusers scheduler for the student          required
       sample_cfg: True -> Eq 9's three passes a step at inference, False -> one pass
       sample_eta: a stochasticity the scheduler's `step(..., eta=)` takes (TCD's gamma), or None
-    Helpers: `abar(n, like)`, `to_eps(pred, z, abar)`, `eps_fn(net, cond, ...)`, `nfe(steps)`; the module
-    calls `bind(schedule, prediction_type, student_ema)` once, before any hook runs.
+      student_every: the student is updated at steps s with s % student_every == 0 (default 1)
+    Helpers: `abar(n, like)`, `to_eps(pred, z, abar)`, `eps_fn(net, cond, ...)`, `nfe(steps)`. The module
+    calls `bind(schedule, prediction_type, student_ema)` once, before any hook runs, and, where it
+    trains or evaluates (never to sample), `build_networks(teacher)` once the teacher is loaded.
+    Each key of the `logs` dict a loss returns is logged as `train/<key>` (a (B,) tensor: its mean
+    as `train/<key>_mean` and a histogram); each network's loss as `train/<name>_loss` and its
+    gradient norm as `train/grad_norm/<name>`.
 
     A distiller's constructor arguments are its config (YAML `init_args`) and are recorded by
     `save_hyperparameters`, so a student checkpoint can rebuild it (`spec()`).
@@ -64,19 +120,20 @@ class Distiller(HyperparametersMixin, nn.Module):
         from distillers.perflow import PeRFlow
 
         class NoisyFirst(PeRFlow):
-            def __init__(self, power: float = 1.0, num_windows: int = 4, solver_steps: int = 8):
-                super().__init__(num_windows=num_windows, solver_steps=solver_steps)
+            def __init__(self, power: float = 1.0, **kwargs):  # **kwargs: every PeRFlow argument
+                super().__init__(**kwargs)
 
             def make_targets(self, teacher, z0, cond, t, eps, generator=None, tiers=None):
                 job = super().make_targets(teacher, z0, cond, t, eps, generator, tiers)
                 return replace(job, weight=job.weight * (2 * t) ** self.hparams.power)
 
     and in a copy of distill_perflow.yaml: `distiller: {class_path: my_distillers.NoisyFirst,
-    init_args: {power: 2.0}}`; `fada fit --config my.yaml` from that directory.
+    init_args: {power: 2.0, solver_steps: 4}}`; `fada fit --config my.yaml` from that directory.
     """
 
     sample_cfg: bool = True
     sample_eta: float | None = None
+    student_every: int = 1
 
     def __init__(self, sample_steps: int = 6):
         super().__init__()
@@ -84,7 +141,9 @@ class Distiller(HyperparametersMixin, nn.Module):
         self.sample_steps = sample_steps
         self.prediction_type, self.schedule_config = "epsilon", {}
         self.register_buffer("alphas_cumprod", torch.empty(0), persistent=False)
-        self._student_ema: tuple[nn.Module | None] = (None,)
+        self._frozen: dict[str, nn.Module | None] = {"student_ema": None, "teacher": None}  # references, not submodules
+        self.networks = nn.ModuleDict()  # the distiller's own trained networks (`add_network`)
+        self.optimization: dict[str, Optimization] = {}
 
     def bind(self, schedule: dict, prediction_type: str, student_ema: nn.Module | None = None) -> None:
         """The teacher's noise schedule (diffusers config keys), its (and so the student's) output
@@ -92,31 +151,60 @@ class Distiller(HyperparametersMixin, nn.Module):
         self.schedule_config = {k: schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
         self.alphas_cumprod = S.alphas_cumprod(schedule).float().to(self.alphas_cumprod.device)
         self.prediction_type = S.check_prediction_type(prediction_type)
-        self._student_ema = (student_ema,)  # a reference, not a submodule: the module owns and saves it
+        self._frozen["student_ema"] = student_ema  # the module owns and saves it
 
     @property
     def student_ema(self) -> nn.Module | None:
-        return self._student_ema[0]
+        return self._frozen["student_ema"]
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher, once the module has loaded it (`build_networks`)."""
+        return self._frozen["teacher"]
 
     def spec(self) -> dict:
-        """{class_path, init_args} that rebuild this distiller: the recorded arguments that its own
-        constructor takes (a subclass fixes the rest of its parents' arguments itself)."""
-        params = inspect.signature(type(self).__init__).parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        init_args = {k: v for k, v in self.hparams.items() if takes_any or k in params}
+        """{class_path, init_args} that rebuild this distiller: the recorded arguments that its
+        constructor takes, its parents' that it forwards by **kwargs included (a subclass fixes the
+        rest of its parents' arguments itself)."""
+        accepted = config_arguments(type(self))
+        init_args = {k: v for k, v in self.hparams.items() if k in accepted}
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
 
     @property
     def num_train_timesteps(self) -> int:
+        if len(self.alphas_cumprod) == 0:
+            raise RuntimeError(f"{type(self).__name__} has no noise schedule yet: DistillModule binds it to its "
+                               f"teacher's; outside one, call .bind(schedule, prediction_type) first")
         return len(self.alphas_cumprod)
 
     def nfe(self, steps: int | None = None) -> int:
         """Network evaluations per clip window when the student samples with `steps` (default its own)."""
         return (steps or self.sample_steps) * (3 if self.sample_cfg else 1)
 
+    # ---- the distiller's own trained networks ----------------------------------------------
+    def add_network(self, name: str, net: nn.Module, optimization: Optimization) -> nn.Module:
+        """Train `net` beside the student with its own optimizer: it is in the training checkpoint with
+        its optimizer state, sharded on its own under FSDP, and left out of sampling."""
+        if name == "student" or name in self.networks:
+            raise ValueError(f"{type(self).__name__}: a network is already named {name!r}")
+        self.networks[name] = net.requires_grad_(True)
+        self.optimization[name] = optimization
+        return net
+
+    def build_networks(self, teacher: nn.Module) -> None:
+        """Add the distiller's own trained networks (`add_network`), e.g. a copy of `teacher`. Called once
+        the teacher is loaded, before sharding and before a checkpoint is restored."""
+
+    def updates(self, step: int) -> list[str]:
+        """The networks updated at training step `step` (from 0), in order: "student" when
+        step % student_every == 0, then each of `networks` whose Optimization is due."""
+        return ((["student"] if step % self.student_every == 0 else [])
+                + [name for name in self.networks if self.optimization[name].due(step)])
+
     # ---- helpers -------------------------------------------------------------------------
     def abar(self, n: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """abar_n (B,) broadcast over like (B, ...)."""
+        self.num_train_timesteps  # noqa: B018 (a clear error when unbound)
         return S.expand_like(self.alphas_cumprod[n], like)
 
     def to_eps(self, pred: torch.Tensor, z: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -144,12 +232,31 @@ class Distiller(HyperparametersMixin, nn.Module):
         """mean_B weight * mean ||eps_theta(z_t) - eps_target||^2, the student's output read as eps."""
         return (job.weight * self.eps_error(pred, job)).mean(), {}
 
+    def student_loss(self, student: nn.Module, job: DistillTargets) -> tuple[torch.Tensor, dict]:
+        """The student's loss for this step's job; override to run the student several times or to feed
+        its output to another network (gradients then reach only the student: the module keeps each
+        update's gradients to the network it updates)."""
+        return self.loss(student(job.z, job.timestep, job.cond), job)
+
+    def network_loss(self, name: str, job: DistillTargets) -> tuple[torch.Tensor, dict]:
+        """The loss of the distiller's own network `name` (self.networks[name]) for this step's job."""
+        raise NotImplementedError(f"{type(self).__name__} adds network {name!r}, so it defines network_loss for it")
+
     def eps_error(self, pred: torch.Tensor, job: DistillTargets) -> torch.Tensor:
         """(B,) mean ||eps_theta(z_t) - eps_target||^2 per sample, the student's output read as eps."""
         return (self.to_eps(pred.float(), job.z, job.abar) - job.eps_target).pow(2).flatten(1).mean(1)
 
     def scheduler(self):
         raise NotImplementedError
+
+
+@functools.cache
+def config_arguments(cls: type) -> frozenset[str]:
+    """The constructor arguments a config may give `cls`, as LightningCLI resolves them: its own and
+    those of its parents that it forwards with **kwargs (less any it passes itself)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "init", fail_untyped=False)
+    return frozenset(a.dest.split(".")[1] for a in parser._actions if a.dest.startswith("init."))
 
 
 GUIDANCE_MODES = ("balanced", "guided")
@@ -166,10 +273,14 @@ class CFGDistiller(Distiller):
     In guided mode a scale may be a range [low, high]: each clip draws its scale uniformly from it
     (multi-CFG distillation, SPEC Eq 10), and the student's conditions carry the scales drawn
     (`cond.guidance`, (B, 2) = (s_r, s_a)) for a student that takes them as input.
-    Subclasses call `guided_teacher(teacher, cond, generator)` in `make_targets`.
+    Subclasses call `guided_teacher(teacher, cond, generator)` in `make_targets` and take these
+    arguments by forwarding `**kwargs` (so every one of them, ranges included, is theirs too):
+
+        def __init__(self, my_arg: int = 3, **kwargs):
+            super().__init__(**kwargs)
     """
 
-    def __init__(self, mode: str = "balanced", ref_scale: float | tuple[float, float] = 2.5,
+    def __init__(self, *, mode: str = "balanced", ref_scale: float | tuple[float, float] = 2.5,
                  audio_scale: float | tuple[float, float] = 6.5, p_drop_audio: float = 0.05,
                  p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05, sample_steps: int = 6):
         super().__init__(sample_steps)

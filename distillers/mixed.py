@@ -90,17 +90,13 @@ class MixedPeRFlow(PeRFlow):
     gt_weight: a GTWeight (YAML: {class_path: distillers.mixed.Fixed, init_args: {weight: 0.2}});
     default Adaptive() with SPEC's alpha 0.25, beta 0.2, R_p 30, R_d 100.
     gt_tiers: the data tiers whose clips get the ground-truth loss (None: every clip).
+    **kwargs: PeRFlow's arguments (windows, solver steps, the CFG teacher).
     In guided mode the ground-truth half is the plain conditional data (Eq 9 at s_r = s_a = 1), so
     a student that takes CFG scales as input sees (1, 1) there (our reading; SPEC is silent).
     """
 
-    def __init__(self, gt_weight: GTWeight | None = None, gt_tiers: list[str] | None = None,
-                 num_windows: int = 4, solver_steps: int = 8, mode: str = "balanced",
-                 ref_scale: float | tuple[float, float] = 2.5, audio_scale: float | tuple[float, float] = 6.5,
-                 p_drop_audio: float = 0.05, p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05,
-                 min_snr_gamma: float | None = None, sample_steps: int = 6):
-        super().__init__(num_windows, solver_steps, mode, ref_scale, audio_scale, p_drop_audio, p_drop_ref_audio,
-                         p_drop_motion, min_snr_gamma, sample_steps)
+    def __init__(self, gt_weight: GTWeight | None = None, gt_tiers: list[str] | None = None, **kwargs):
+        super().__init__(**kwargs)
         if isinstance(gt_weight, dict):  # a checkpoint's spec
             gt_weight = instantiate_class((), gt_weight)
         self.gt_weight = Adaptive() if gt_weight is None else gt_weight

@@ -2,8 +2,9 @@
 
 For t in window (t_e, t_s]: z_s = add_noise(z0, eps, n(t_s)); the frozen teacher solves DDIM for
 `solver_steps` steps t_s -> t_e giving z_e; the student sees z_t on the straight line z_s -> z_e at
-timestep T t and learns eps_target = (z_e - lambda_s z_s) / eta_s. `mode` balanced (the student
-keeps Eq 9 at inference, 18 NFE at 6 steps) or guided (one pass a step), see `CFGDistiller`.
+timestep T t - 1 (DDPM index units) and learns eps_target = (z_e - lambda_s z_s) / eta_s.
+`mode` balanced (the student keeps Eq 9 at inference, 18 NFE at 6 steps) or guided (one pass a
+step), with the rest of the CFG-teacher arguments, are `CFGDistiller`'s.
 min_snr_gamma weights the eps loss by min(snr_t, gamma) / snr_t (the min-SNR weighting of the
 teacher, read in eps space); None is SPEC's plain ||eps_theta - eps_target||^2.
 """
@@ -19,14 +20,10 @@ from .base import CFGDistiller, DistillTargets
 
 
 class PeRFlow(CFGDistiller):
-    def __init__(self, num_windows: int = 4, solver_steps: int = 8, mode: str = "balanced",
-                 ref_scale: float | tuple[float, float] = 2.5, audio_scale: float | tuple[float, float] = 6.5,
-                 p_drop_audio: float = 0.05,
-                 p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05, min_snr_gamma: float | None = None,
-                 sample_steps: int = 6):
-        super().__init__(mode, ref_scale, audio_scale, p_drop_audio, p_drop_ref_audio, p_drop_motion, sample_steps)
-        if sample_steps < num_windows:
-            raise ValueError(f"sample_steps {sample_steps} < num_windows {num_windows}: PeRFlow takes a step per window")
+    def __init__(self, num_windows: int = 4, solver_steps: int = 8, min_snr_gamma: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if self.sample_steps < num_windows:
+            raise ValueError(f"sample_steps {self.sample_steps} < num_windows {num_windows}: PeRFlow takes a step per window")
         self.num_windows, self.solver_steps, self.min_snr_gamma = num_windows, solver_steps, min_snr_gamma
 
     def solve(self, teacher_eps, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -55,7 +52,7 @@ class PeRFlow(CFGDistiller):
         abar_t = self.alphas_cumprod[P.time_to_index(t, self.num_train_timesteps)]
         return DistillTargets(
             z=P.interpolate(z_s, z_e, t, t_s, t_e),  # Eq 3
-            timestep=t * self.num_train_timesteps,
+            timestep=P.time_to_timestep(t, self.num_train_timesteps),
             cond=cond,
             eps_target=P.ddim_eps_target(z_s, z_e, lambda_s, eta_s),  # Eq 4
             abar=abar_t,

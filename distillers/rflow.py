@@ -11,8 +11,5 @@ from .perflow import PeRFlow
 
 
 class RFlow(PeRFlow):
-    def __init__(self, solver_steps: int = 32, mode: str = "balanced", ref_scale: float = 2.5,
-                 audio_scale: float = 6.5, p_drop_audio: float = 0.05, p_drop_ref_audio: float = 0.05,
-                 p_drop_motion: float = 0.05, min_snr_gamma: float | None = None, sample_steps: int = 6):
-        super().__init__(1, solver_steps, mode, ref_scale, audio_scale, p_drop_audio, p_drop_ref_audio,
-                         p_drop_motion, min_snr_gamma, sample_steps)
+    def __init__(self, solver_steps: int = 32, **kwargs):
+        super().__init__(num_windows=1, solver_steps=solver_steps, **kwargs)

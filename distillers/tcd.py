@@ -12,7 +12,8 @@ to the loop in eps space, eps_target = (target - lam z) / eta, with `scale` = et
 where f lives. The student samples with diffusers' TCDScheduler, gamma = `gamma` (its `eta`).
 `mode` guided (SPEC's default: the teacher's step is guided, the student samples with one pass)
 or balanced (the teacher's step is unguided on dropped conditions, the student samples with
-Eq 9: 18 NFE at 6 steps, the setting of FADA's distiller table), see `CFGDistiller`.
+Eq 9: 18 NFE at 6 steps, the setting of FADA's distiller table); it and the other CFG-teacher
+arguments (scales, scale ranges in guided mode, dropout) are `CFGDistiller`'s.
 """
 from __future__ import annotations
 
@@ -38,17 +39,15 @@ class ConsistencyTargets(DistillTargets):
 
 class TCD(CFGDistiller):
     def __init__(self, grid_steps: int = 50, skip: int = 20, distance: str = "l2", huber_c: float = 0.001,
-                 gamma: float = 0.3, mode: str = "guided", ref_scale: float = 2.5, audio_scale: float = 6.5,
-                 p_drop_audio: float = 0.05, p_drop_ref_audio: float = 0.05, p_drop_motion: float = 0.05,
-                 sample_steps: int = 6):
-        super().__init__(mode, ref_scale, audio_scale, p_drop_audio, p_drop_ref_audio, p_drop_motion, sample_steps)
+                 gamma: float = 0.3, mode: str = "guided", **kwargs):
+        super().__init__(mode=mode, **kwargs)
         if distance not in DISTANCES:
             raise ValueError(f"TCD distance must be one of {DISTANCES}, got {distance!r}")
         if not 0 <= gamma <= 1:
             raise ValueError(f"TCD gamma must be in [0, 1], got {gamma}")
-        if skip < 1 or sample_steps > grid_steps:
+        if skip < 1 or self.sample_steps > grid_steps:
             raise ValueError(f"TCD needs skip >= 1 and sample_steps <= grid_steps, got skip {skip}, "
-                             f"sample_steps {sample_steps}, grid_steps {grid_steps}")
+                             f"sample_steps {self.sample_steps}, grid_steps {grid_steps}")
         self.grid_steps, self.skip, self.distance, self.huber_c = grid_steps, skip, distance, huber_c
         self.sample_eta = gamma
 

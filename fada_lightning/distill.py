@@ -2,23 +2,30 @@
 
 The teacher comes from a `fada fit` teacher checkpoint (its EMA weights when it has them). The
 student (`net`, with optional EMA) starts as an exact copy. Everything method-specific lives in
-the distiller (distillers/base.py); the training step below is the same for all of them.
+the distiller (distillers/base.py); the training step below is the same for all of them: one job
+of targets a step, then each network due (the student, and any the distiller trains of its own)
+gets its loss, backward, clip and optimizer step in turn (Lightning's manual optimization).
 A student checkpoint is self-contained for sampling: it carries the teacher's settings, the
-distiller's config and the student's scheduler config, but not the teacher's weights.
+distiller's config and the student's scheduler config, but not the teacher's weights; the
+distiller's own networks are in it for resuming and left out when it is loaded to sample.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.distributed.tensor import DTensor
 
-from distillers.base import Distiller
+from distillers.base import Distiller, DistillTargets, Optimization
 
 from .checkpoints import CheckpointError, check_role, read_checkpoint
 from .models.denoiser import AvatarDenoiser
-from .module import AvatarModule, adamw_with_warmup
+from .module import AvatarModule
 from .presets import ConfigError, load_preset
 
 HOW_TO_TRAIN_A_TEACHER = ("train one with `fada fit --config teacher.yaml` (its checkpoints land in "
@@ -87,8 +94,10 @@ class DistillModule(AvatarModule):
     by default (for a student that takes them, the ones it is told).
     cfg_conditioning (models/cfg.py): how a one-pass student is told the CFG scales it imitates,
     "none", "time_embedding", "layer" or "layer_tokens" (FADA-Fast), with `cfg_tokens` tokens per
-    set; the parts it adds start at zero output, the rest of the student is the teacher's. The teacher is loaded in `setup` (only training and evaluation
-    need it): frozen, in eval mode, outside the optimizer and out of the checkpoints.
+    set; the parts it adds start at zero output, the rest of the student is the teacher's. The teacher is
+    loaded in `setup` (only training and evaluation need it): frozen, in eval mode, outside the
+    optimizers and out of the checkpoints. The student's optimizer: AdamW at lr, betas, weight_decay,
+    warmed up over warmup_steps, its gradient norm clipped to grad_clip (None: not clipped).
     """
 
     hparams_ignore = ("distiller",)  # recorded as its spec (class_path + init_args) instead
@@ -99,7 +108,8 @@ class DistillModule(AvatarModule):
                  preset: str | dict | None = None, prediction_type: str | None = None, schedule: dict | None = None,
                  clip_frames: int | None = None, motion_frames: int | None = None,
                  ref_scale: float | None = None, audio_scale: float | None = None,
-                 cfg_conditioning: str = "none", cfg_tokens: int = 4, activation_checkpointing: bool = False):
+                 cfg_conditioning: str = "none", cfg_tokens: int = 4, activation_checkpointing: bool = False,
+                 betas: tuple[float, float] = (0.9, 0.999), grad_clip: float | None = None):
         if isinstance(distiller, dict):  # a checkpoint written outside LightningCLI holds the spec
             distiller = instantiate_class((), distiller)
         given = dict(preset=preset, prediction_type=prediction_type, schedule=schedule, clip_frames=clip_frames,
@@ -117,6 +127,8 @@ class DistillModule(AvatarModule):
         self.distiller.bind(self.schedule, self.hparams.prediction_type,
                             self.ema.module if self.ema is not None else None)
         self._keep_teacher(None)
+        self.automatic_optimization = False  # training_step steps each network's optimizer itself
+        self._updated: list[str] = []  # the networks the last training step updated
 
     # The teacher follows the module's device and dtype (`_apply`) but is not one of its submodules:
     # strategies never wrap it with the trainable weights (DDP does not broadcast it, FSDP shards it
@@ -130,8 +142,19 @@ class DistillModule(AvatarModule):
             self.teacher._apply(fn, recurse)
         return self
 
-    def networks(self) -> dict[str, AvatarDenoiser]:
-        return {**super().networks(), **({"teacher": self.teacher} if self.teacher is not None else {})}
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks a sharding strategy shards, each on its own: the student and its EMA, the teacher
+        and the distiller's own trained networks."""
+        return {**super().networks(), **({"teacher": self.teacher} if self.teacher is not None else {}),
+                **{f"distiller.{name}": net for name, net in self.distiller.networks.items()}}
+
+    def trained_networks(self) -> dict[str, tuple[nn.Module, Optimization]]:
+        """name -> (network, how it is updated): the student first, then the distiller's own."""
+        student = Optimization(lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay,
+                               grad_clip=self.hparams.grad_clip, warmup_steps=self.hparams.warmup_steps,
+                               every=self.distiller.student_every)
+        return {"student": (self.net, student),
+                **{name: (net, self.distiller.optimization[name]) for name, net in self.distiller.networks.items()}}
 
     @staticmethod
     def _teacher_settings(teacher_ckpt, given: dict) -> dict:
@@ -155,8 +178,13 @@ class DistillModule(AvatarModule):
 
     # ---- the teacher -----------------------------------------------------------------------
     def setup(self, stage: str):
-        if stage != "predict":  # fit, validate and test compute distillation losses; sampling needs no teacher
-            self.load_teacher()
+        if stage == "predict":  # sampling needs no teacher and none of the distiller's own networks
+            return
+        self.load_teacher()  # fit, validate and test compute distillation losses
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if self.distiller.networks and isinstance(strategy, DDPStrategy):
+            # networks that sit out some steps' backward passes: DDP must look for them each time
+            strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def load_teacher(self):
         """Build the frozen teacher from its checkpoint and start the student (and its EMA) as a copy.
@@ -179,6 +207,9 @@ class DistillModule(AvatarModule):
         for student in (self.net, self.ema.module if self.ema is not None else None):
             if student is not None:
                 student.load_state_dict(weights, strict=False)
+        self.distiller._frozen["teacher"] = teacher
+        self.distiller.build_networks(teacher)
+        self.distiller.to(device=self.device)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -191,9 +222,16 @@ class DistillModule(AvatarModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["scheduler_config"] = dict(self.scheduler().config)
 
+    def on_load_checkpoint(self, checkpoint: dict):
+        super().on_load_checkpoint(checkpoint)
+        if not self.distiller.networks:  # loaded to sample: the distiller's own networks stay on disk
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith("distiller.networks.")]:
+                del state[key]
+
     # ---- the loop --------------------------------------------------------------------------
-    def distillation_loss(self, batch: dict, generator: torch.Generator | None = None):
-        """The one loop of distillers/base.py -> (loss, {name: value to log})."""
+    def distillation_job(self, batch: dict, generator: torch.Generator | None = None) -> DistillTargets:
+        """Steps 1 and 2 of the loop (distillers/base.py): t, noise and the frozen networks' targets."""
         if self.teacher is None:
             raise RuntimeError("DistillModule has no teacher: a Trainer loads it in `setup`, or call load_teacher()")
         z0, cond = self.encode_batch(batch)
@@ -202,18 +240,54 @@ class DistillModule(AvatarModule):
         # no_grad, not inference_mode: the student's backward may save the targets, and a sharded
         # teacher's unsharding keeps version counters, which inference tensors do not have
         with torch.no_grad():
-            job = self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator, batch.get("tier"))
-        pred = self.net(job.z, job.timestep, job.cond)
-        return self.distiller.loss(pred, job)
+            return self.distiller.make_targets(self.teacher, z0, cond, t, eps.to(z0), generator, batch.get("tier"))
+
+    def distillation_loss(self, batch: dict, generator: torch.Generator | None = None):
+        """The student's loss on a batch -> (loss, {name: value to log})."""
+        return self.distiller.student_loss(self.net, self.distillation_job(batch, generator))
 
     def training_step(self, batch, batch_idx):
-        loss, logs = self.distillation_loss(batch)
+        """Each network due this step, in turn: its loss on this step's job, backward, clip, step."""
         b = len(batch["audio"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        for name, value in logs.items():
-            self.log_value(f"train/{name}", value, b)
+        job = self.distillation_job(batch)
+        self._updated = self.distiller.updates(self.global_step)
+        if not self._updated:
+            raise RuntimeError(f"{type(self.distiller).__name__}.updates({self.global_step}) is empty: every "
+                               f"training step must update some network")
+        trained = self.trained_networks()
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()  # one each, or lists
+        optimizers = dict(zip(trained, optimizers if isinstance(optimizers, list) else [optimizers]))
+        schedulers = dict(zip(trained, schedulers if isinstance(schedulers, list) else [schedulers]))
+        losses = {}
+        for i, name in enumerate(self._updated):
+            net, optimization = trained[name]
+            loss, logs = (self.distiller.student_loss(self.net, job) if name == "student"
+                          else self.distiller.network_loss(name, job))
+            for optimizer in optimizers.values():  # only this update's gradients, only on this network
+                optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            for other, (other_net, _) in trained.items():
+                if other != name:
+                    other_net.zero_grad(set_to_none=True)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
+                                                  optimization.grad_clip or math.inf)
+            if i == len(self._updated) - 1:
+                optimizers[name].step()  # Lightning's step: counts one global step per training step
+            else:
+                self.trainer.strategy.optimizer_step(optimizers[name].optimizer, closure=lambda: None, model=self)
+            schedulers[name].step()
+            losses[name] = loss.detach()
+            self.log("train/loss" if name == "student" else f"train/{name}_loss", loss.detach(),
+                     prog_bar=name == "student", batch_size=b)
+            self.log(f"train/grad_norm/{name}", norm.full_tensor() if isinstance(norm, DTensor) else norm, batch_size=b)
+            for key, value in logs.items():
+                self.log_value(f"train/{key}", value, b)
         self.log_data_health(batch)
-        return loss
+        return {"loss": losses.get("student", next(iter(losses.values()))), "losses": losses}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if "student" in self._updated:  # the EMA averages the student's updates, not the steps it sat out
+            super().on_train_batch_end(outputs, batch, batch_idx)
 
     def log_value(self, name: str, value: torch.Tensor, batch_size: int):
         """A scalar as a metric; per-sample values (n,) as their mean and, on logging steps, a histogram."""
@@ -242,5 +316,10 @@ class DistillModule(AvatarModule):
         return self.distiller.sample_eta
 
     def configure_optimizers(self):
-        return adamw_with_warmup(self.net.parameters(), self.hparams.lr, self.hparams.weight_decay,
-                                 self.hparams.warmup_steps)
+        """One AdamW and one warm-up schedule per trained network (`trained_networks`), in that order."""
+        configs = []
+        for name, (net, o) in self.trained_networks().items():
+            optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+            warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k, w=o.warmup_steps: min(1.0, (k + 1) / max(1, w)))
+            configs.append({"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "name": f"lr/{name}"}})
+        return configs

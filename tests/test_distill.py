@@ -34,7 +34,7 @@ def test_an_exact_teacher_gives_target_eps(mode, prediction_type):
     t = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.26, 0.001])
     job = distiller.make_targets(ExactNet(z0, prediction_type), z0, cond, t, eps)
     torch.testing.assert_close(job.eps_target, eps, rtol=0, atol=2e-4)
-    assert job.timestep.tolist() == pytest.approx([1000, 900, 750, 500, 260, 1])
+    assert job.timestep.tolist() == pytest.approx([999, 899, 749, 499, 259, 0])  # T t - 1: DDPM index units
 
 
 def _slow_target(teacher, distiller, z0, cond, t, eps):

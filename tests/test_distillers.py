@@ -85,7 +85,7 @@ def test_rflow_is_perflow_with_one_window(mode):
     assert dict(rflow.scheduler().config) == dict(perflow.scheduler().config)
     scheduler = rflow.scheduler()
     scheduler.set_timesteps(6)
-    assert scheduler.timesteps.tolist() == [1000, 833, 667, 500, 333, 167]  # one window: even steps
+    assert scheduler.timesteps.tolist() == [999, 832, 666, 499, 332, 166]  # one window: even steps (T t - 1)
     assert "num_windows" not in rflow.spec()["init_args"] and rflow.spec()["class_path"] == "distillers.rflow.RFlow"
 
 

@@ -47,12 +47,12 @@ def test_time_to_index():
 
 
 def test_six_steps_over_four_windows():
-    assert P.inference_timesteps(6, 4).tolist() == [1000, 875, 750, 625, 500, 250]
+    assert P.inference_timesteps(6, 4).tolist() == [999, 874, 749, 624, 499, 249]
     sched = PeRFlowScheduler()
     sched.set_timesteps(6)
-    assert sched.timesteps.tolist() == [1000, 875, 750, 625, 500, 250]
-    assert P.inference_timesteps(4, 4).tolist() == [1000, 750, 500, 250]
-    assert P.inference_timesteps(8, 4).tolist() == [1000, 875, 750, 625, 500, 375, 250, 125]
+    assert sched.timesteps.tolist() == [999, 874, 749, 624, 499, 249]
+    assert P.inference_timesteps(4, 4).tolist() == [999, 749, 499, 249]
+    assert P.inference_timesteps(8, 4).tolist() == [999, 874, 749, 624, 499, 374, 249, 124]
     with pytest.raises(ValueError, match="at least one step per window"):
         sched.set_timesteps(3)
 
@@ -97,11 +97,11 @@ def test_scheduler_lands_on_every_window_end_given_the_true_eps(prediction_type)
     for tau in sched.timesteps:
         out = eps
         if prediction_type == "v_prediction":
-            out = S.eps_to_v(z, eps, ABAR[int(tau) - 1])
+            out = S.eps_to_v(z, eps, ABAR[int(tau)])
         z = sched.step(out, tau, z).prev_sample
         t_next = sched.next_timestep(tau)
-        if t_next % 250 == 0:  # a window end: on the forward process there
-            torch.testing.assert_close(z, S.add_noise(z0, eps, ABAR[max(t_next - 1, 0)]), rtol=0, atol=1e-9)
+        if (t_next + 1) % 250 == 0:  # a window end: on the forward process there
+            torch.testing.assert_close(z, S.add_noise(z0, eps, ABAR[max(t_next, 0)]), rtol=0, atol=1e-9)
     torch.testing.assert_close(z, S.add_noise(z0, eps, ABAR[0]), rtol=0, atol=1e-9)
 
 
@@ -111,9 +111,9 @@ def test_scheduler_step_matches_a_scalar_reference():
     sched.set_timesteps(6)
     g = torch.Generator().manual_seed(2)
     z, eps = torch.randn(2, 8, generator=g, dtype=torch.float64), torch.randn(2, 8, generator=g, dtype=torch.float64)
-    taus = sched.timesteps.tolist() + [0]
+    taus = sched.timesteps.tolist() + [-1]  # DDPM indices; -1 is t = 0
     for tau, tau_next in zip(taus[:-1], taus[1:]):
-        t_c, t_next = tau / T, tau_next / T
+        t_c, t_next = (tau + 1) / T, (tau_next + 1) / T
         t_s, t_e = slow_window(t_c, 4)
         a_s, a_e = float(ABAR[round(t_s * T) - 1]), float(ABAR[max(round(t_e * T) - 1, 0)])
         lam, eta = math.sqrt(a_e / a_s), math.sqrt(1 - a_e) - math.sqrt(a_e * (1 - a_s) / a_s)
@@ -138,8 +138,8 @@ def test_scheduler_schedule_and_add_noise_match_diffusers():
     sched = PeRFlowScheduler()
     assert torch.equal(sched.alphas_cumprod, ABAR)  # the very float32 values diffusers trains and samples with
     x, n = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    taus = torch.tensor([1000, 500, 1])
-    torch.testing.assert_close(sched.add_noise(x, n, taus), S.add_noise(x, n, S.expand_like(ABAR[taus - 1], x)))
+    taus = torch.tensor([999, 499, 0])  # DDPM indices
+    torch.testing.assert_close(sched.add_noise(x, n, taus), S.add_noise(x, n, S.expand_like(ABAR[taus], x)))
     with pytest.raises(ValueError, match="prediction_type"):
         PeRFlowScheduler(prediction_type="epsilon")
 

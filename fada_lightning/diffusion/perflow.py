@@ -3,7 +3,8 @@
 Time t in [0, 1] (1 = noise, 0 = data) is cut into K equal windows with boundaries k/K; t
 belongs to the window (t_e, t_s]. A time maps to the DDPM index n(t) = max(round(T t) - 1, 0),
 so t_s = 1 is index 999 and t_e = 0 is index 0 (SD1.5's set_alpha_to_one=False: the chain
-ends at abar_0, as the official PeRFlow code does). Arguments are tensors broadcast to each
+ends at abar_0, as the official PeRFlow code does). The student's timestep is in the teacher's
+unit, the DDPM index: tau(t) = T t - 1 (continuous between grid points, 999 at t = 1). Arguments are tensors broadcast to each
 other; per-sample values (B,) are expanded over a latent (B, ...) with `expand_like`.
 """
 from __future__ import annotations
@@ -21,6 +22,16 @@ _BOUNDARY_TOL = 1e-4
 def time_to_index(t: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
     """n(t) = max(round(T t) - 1, 0): the DDPM index whose noise level time t stands for."""
     return (torch.round(t * num_train_timesteps) - 1).clamp(min=0).long()
+
+
+def time_to_timestep(t: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """tau(t) = T t - 1, the timestep (DDPM index units, float) the student sees at time t."""
+    return t * num_train_timesteps - 1
+
+
+def timestep_to_time(tau, num_train_timesteps: int = 1000):
+    """t(tau) = (tau + 1) / T, the inverse of `time_to_timestep`."""
+    return (tau + 1) / num_train_timesteps
 
 
 def window_bounds(t: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +72,9 @@ def solver_indices(t_s: torch.Tensor, t_e: torch.Tensor, steps: int, num_train_t
 
 
 def inference_timesteps(num_steps: int, num_windows: int, num_train_timesteps: int = 1000) -> np.ndarray:
-    """Steps per window (from noise) floor(n/K) + 1 for the first n mod K windows, else floor(n/K);
-    even in each window: n = 6, K = 4 -> [1000, 875, 750, 625, 500, 250]."""
+    """The timesteps (DDPM indices T t - 1) of an n-step sampler: steps per window (from noise)
+    floor(n/K) + 1 for the first n mod K windows, else floor(n/K); even in time in each window:
+    n = 6, K = 4 -> t = [1, 0.875, 0.75, 0.625, 0.5, 0.25] -> [999, 874, 749, 624, 499, 249]."""
     if num_steps < num_windows:
         raise ValueError(f"PeRFlow takes at least one step per window: {num_steps} steps < {num_windows} windows")
     times = []
@@ -70,4 +82,4 @@ def inference_timesteps(num_steps: int, num_windows: int, num_train_timesteps: i
         count = num_steps // num_windows + (1 if i < num_steps % num_windows else 0)
         t_s, t_e = 1 - i / num_windows, 1 - (i + 1) / num_windows
         times.append(np.linspace(t_s, t_e, count, endpoint=False))
-    return np.round(np.concatenate(times) * num_train_timesteps).astype(np.int64)
+    return np.round(np.concatenate(times) * num_train_timesteps).astype(np.int64) - 1

@@ -1,6 +1,7 @@
 """PeRFlowScheduler: the piecewise rectified flow step rule (SPEC section 3) as a diffusers scheduler.
 
-The model output at timestep tau = T t_c is read as the window's `ddim_eps` (or, with
+The model output at timestep tau = T t_c - 1 (the DDPM index of t_c, the unit the teacher and the
+student are trained in) is read as the window's `ddim_eps` (or, with
 prediction_type "v_prediction", as v at abar_{n(t_c)}, converted to eps). The step estimates
 the window end z_e from (z, eps) and moves along the straight line to the next timestep:
     z <- z + (t_next - t_c) (z_e_hat - z) / (t_e - t_c)
@@ -22,7 +23,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
     """K windows, `set_timesteps(n)` spreads n >= K steps over them (`perflow.inference_timesteps`),
     `step` is the window-end rule above. Works in any diffusers-style loop:
 
-        scheduler.set_timesteps(6)                       # [1000, 875, 750, 625, 500, 250]
+        scheduler.set_timesteps(6)                       # [999, 874, 749, 624, 499, 249]
         for t in scheduler.timesteps:
             z = scheduler.step(model(z, t), t, z).prev_sample
     """
@@ -45,7 +46,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.alphas_cumprod = torch.cumprod(1 - betas, 0).double()
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
-        self.timesteps = torch.arange(num_train_timesteps, 0, -1)
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
@@ -60,18 +61,18 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         return self.alphas_cumprod[P.time_to_index(t, self.config.num_train_timesteps)]
 
     def next_timestep(self, timestep) -> int:
-        """The timestep after `timestep` in `self.timesteps`, 0 after the last."""
+        """The timestep after `timestep` in `self.timesteps`, -1 (t = 0, the data end) after the last."""
         later = (self.timesteps == int(timestep)).nonzero()
         if len(later) == 0:
             raise ValueError(f"timestep {int(timestep)} is not one of the scheduler's timesteps {self.timesteps.tolist()}")
         i = int(later[0, 0]) + 1
-        return int(self.timesteps[i]) if i < len(self.timesteps) else 0
+        return int(self.timesteps[i]) if i < len(self.timesteps) else -1
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         cfg = self.config
-        t = torch.tensor(int(timestep) / cfg.num_train_timesteps, dtype=torch.float64)
-        t_next = self.next_timestep(timestep) / cfg.num_train_timesteps
+        t = torch.tensor(P.timestep_to_time(int(timestep), cfg.num_train_timesteps), dtype=torch.float64)
+        t_next = P.timestep_to_time(self.next_timestep(timestep), cfg.num_train_timesteps)
         t_s, t_e = P.window_bounds(t, cfg.num_time_windows)
         lambda_s, eta_s = P.window_coefficients(self._abar(t_s), self._abar(t_e))
         eps = model_output
@@ -82,8 +83,8 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The forward process at timesteps tau = T t (index n(t) = tau - 1): the window starts of Eq 2."""
-        abar = self._abar(timesteps.cpu().double() / self.config.num_train_timesteps).to(original_samples)
+        """The forward process at timesteps tau (DDPM indices): the window starts of Eq 2."""
+        abar = self.alphas_cumprod[timesteps.cpu().long()].to(original_samples)
         abar = abar.reshape(-1, *([1] * (original_samples.ndim - 1)))
         return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
 
