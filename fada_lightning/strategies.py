@@ -5,7 +5,7 @@
             FSDP1 needs an accelerator; here its wrapping plan is tested, not a run)
 
 Every network of the module (`module.networks()`: the student `net`, its EMA, a distiller's frozen
-teacher) is sharded on its own, block by block (`AvatarDenoiser.sharding_units`), so no FSDP unit
+teacher and the networks a distiller trains of its own) is sharded on its own, block by block (`AvatarDenoiser.sharding_units`), so no FSDP unit
 ever holds frozen and trainable weights together: the teacher's shards get no gradients and no
 optimizer state, and the EMA's shards sit on the same ranks as the student's, so its update is a
 local lerp of shard onto shard. FSDP2's checkpoints are folders of shards (torch.distributed.checkpoint),
@@ -81,11 +81,12 @@ class FSDP2(ModelParallelStrategy):
         for net in module.networks().values():
             if is_sharded(net):
                 continue  # sharded already (configure_model runs again for a second fit or test)
-            for unit in net.sharding_units():
+            for unit in sharding_units(net):
                 fully_shard(unit, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
             fully_shard(net, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
             for method in FORWARD_METHODS:
-                register_fsdp_forward_method(net, method)
+                if hasattr(net, method):
+                    register_fsdp_forward_method(net, method)
 
 
 class FSDP(FSDPStrategy):
@@ -108,10 +109,16 @@ class FSDP(FSDPStrategy):
                 setattr(parent, name, wrap(getattr(parent, name)))
 
 
+def sharding_units(net: nn.Module) -> list[nn.Module]:
+    """The blocks of `net` sharded one at a time: its `sharding_units()` (AvatarDenoiser's UNet blocks),
+    none for a network without them (a small head: one unit, the whole network)."""
+    return net.sharding_units() if hasattr(net, "sharding_units") else []
+
+
 def _fsdp1_units(net: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, child name) of every FSDP1 unit of `net`: its sharding units, and the largest modules
     outside them that hold weights and contain no unit."""
-    blocks = net.sharding_units()
+    blocks = sharding_units(net)
     in_blocks = {id(m) for block in blocks for m in block.modules()}
     blocks = {id(block) for block in blocks}
     units = []

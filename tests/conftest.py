@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny WebDataset shards, a tiny trained teacher, CPU trainers and batches."""
+"""Shared test helpers: tiny WebDataset shards, a tiny trained teacher, CPU trainers and batches
+(the ones a user's distiller tests need too live in fada_lightning/testing.py)."""
 from __future__ import annotations
 
 import json
@@ -11,32 +12,14 @@ import pytest
 import torch
 import webdataset as wds
 
-from datamodules.streaming import AvatarDataModule
-from datamodules.synthetic import write_shards
 from fada_lightning.diffusion import schedule as S
-from fada_lightning.presets import load_preset
+from fada_lightning.testing import cpu_trainer, make_shards, random_batch, shard_data, small_preset  # noqa: F401
 from fada_lightning.video_io import encode_mp4, encode_wav
 
 SAMPLES_PER_FRAME = 640
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per xdist worker: -n 2 on 2 cores, no oversubscription
     torch.set_num_threads(1)
-
-
-def small_preset() -> dict:
-    """`micro` with a narrower UNet: the same code paths, a few times faster."""
-    preset = load_preset("micro")
-    preset["net"]["unet"]["block_out_channels"] = [32, 32, 64]
-    preset["name"] = "micro-narrow"
-    return preset
-
-
-def make_shards(tmp_path, n_clips: int, clips_per_shard: int, frames: int = 20, size: int = 32) -> list[str]:
-    """Synthetic strict shards (datamodules.synthetic, seed 0) -> sorted shard paths."""
-    root = Path(tmp_path) / "synthetic"
-    manifest = write_shards(root, strict_clips=n_clips, lenient_clips=0, clips_per_shard=clips_per_shard,
-                            size=size, frames=frames, seed=0, progress=False, processes=1)
-    return [str(root / p) for p in manifest["strict"]]
 
 
 def burst_clip(key: str, frames: int = 20, size: int = 32, burst_frame: int = 5, seed: int = 0) -> dict:
@@ -111,25 +94,6 @@ def random_latents(b: int = 5, seed: int = 0, size: int = 4):
     cond = Conditions(ref=torch.randn(b, 6, size, size, generator=g),
                       motion=torch.randn(b, 2, 6, size, size, generator=g), audio=torch.randn(b, 3, 5, 1, 8, generator=g))
     return z0, cond, eps
-
-
-def cpu_trainer(root, steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     limit_val_batches=0, enable_model_summary=False, default_root_dir=str(root), **kwargs)
-
-
-def shard_data(shards: list[str], batch_size: int = 4) -> AvatarDataModule:
-    return AvatarDataModule(train_shards=shards, val_shards=shards[:1], batch_size=batch_size, num_workers=2,
-                            epoch_samples=64, val_samples=4)
-
-
-def random_batch(b: int = 2, f: int = 4, m: int = 2, size: int = 32, seed: int = 0) -> dict:
-    """A batch as the data module makes it, of random pixels and audio features (micro's shapes)."""
-    g = torch.Generator().manual_seed(seed)
-    return dict(frames=torch.rand(b, f, 3, size, size, generator=g) * 2 - 1,
-                motion=torch.rand(b, m, 3, size, size, generator=g) * 2 - 1,
-                ref=torch.rand(b, 3, size, size, generator=g) * 2 - 1,
-                audio=torch.randn(b, f, 5, 1, 128, generator=g), tier=[("strict", "lenient")[i % 2] for i in range(b)])
 
 
 @pytest.fixture(scope="session")

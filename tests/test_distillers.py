@@ -1,4 +1,4 @@
-"""Every shipped distiller keeps the contract (tests/distiller_contract.py); RFlow is PeRFlow with K = 1."""
+"""Every shipped distiller keeps the contract (fada_lightning/testing.py); RFlow is PeRFlow with K = 1."""
 import pytest
 import torch
 import yaml
@@ -9,9 +9,9 @@ from distillers.rflow import RFlow
 from distillers.tcd import TCD
 from fada_lightning.diffusion import schedule as S
 from fada_lightning.presets import find_config
+from fada_lightning.testing import DistillerContract
 
 from conftest import WobblyNet, random_batch, random_latents
-from distiller_contract import DistillerContract
 
 
 class TestPeRFlow(DistillerContract):
