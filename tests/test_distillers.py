@@ -59,7 +59,7 @@ class TestFADAFast(DistillerContract):
                             num_windows=2, sample_steps=6)
 
     def test_the_fast_student_samples_at_6_nfe_and_follows_the_scales(self, trained, tmp_path):
-        model, _, path = trained
+        model, _, path, _ = trained
         assert model.distiller.nfe() == 6 and not model.samples_with_cfg
         batch = random_batch(b=1, f=model.hparams.clip_frames)
         model.eval()
