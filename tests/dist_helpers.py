@@ -4,6 +4,7 @@ A run of 1 process with batch B and a run of P processes with batch B / P see th
 (`IndexedClips`: map-style, dealt in order by a DistributedSampler: clip i to rank i mod P) and
 draw the same t, noise and dropout for each clip (`SeededDistill`: one generator per clip, seeded by
 step and clip index), so their loss trajectories and weights agree up to float summation order.
+The distiller they run (tests/test_distributed.py) trains a network of its own besides the student.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.streaming import ClipDecoder, FixedClips, resolve_shards
+from distillers.base import DistillTargets
 from fada_lightning.distill import DistillModule
 
 
@@ -50,16 +52,15 @@ class IndexedClips(L.LightningDataModule):
 
 
 class SeededDistill(DistillModule):
-    """The distillation loss with each clip's random draws seeded by (global step, clip index)."""
+    """Training jobs with each clip's random draws seeded by (global step, clip index)."""
 
-    def training_step(self, batch, batch_idx):
-        losses = []
-        for i, index in enumerate(batch["index"].tolist()):
-            g = torch.Generator().manual_seed(1000 * self.global_step + index)
-            losses.append(self.distillation_loss({k: v[i:i + 1] for k, v in batch.items()}, g)[0])
-        loss = torch.stack(losses).mean()
-        self.log("train/loss", loss, batch_size=len(losses))
-        return loss
+    def distillation_job(self, batch, generator=None) -> DistillTargets:
+        if generator is not None:  # held out: seeded already
+            return super().distillation_job(batch, generator)
+        return DistillTargets.cat([
+            super(SeededDistill, self).distillation_job({k: v[i:i + 1] for k, v in batch.items()},
+                                                        torch.Generator().manual_seed(1000 * self.global_step + index))
+            for i, index in enumerate(batch["index"].tolist())])
 
 
 def _gather(obj):
@@ -77,13 +78,14 @@ def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Record(L.Callback):
-    """Writes `out`/record.json ({losses: mean over ranks per step, keys: [rank][step] clip keys,
+    """Writes `out`/record.json ({losses: the student's mean over ranks per step, network_losses: {network:
+    its loss per step it updated}, keys: [rank][step] clip keys,
     dtypes: trained weights' dtypes}), `out`/weights.pt (the module's whole state at the end) and
     `out`/start.pt (at the start of training, after a checkpoint was restored) from rank 0."""
 
     def __init__(self, out: str):
         self.out = Path(out)
-        self.losses, self.keys = [], []
+        self.losses, self.keys, self.network_losses = [], [], {}
         self.start = None
 
     def on_train_start(self, trainer, pl_module):
@@ -91,6 +93,9 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+        for name, loss in outputs.get("losses", {}).items():
+            mean = float(trainer.strategy.reduce(loss, reduce_op="mean"))
+            self.network_losses.setdefault(name, []).append(mean)
         self.keys.append(list(batch["key"]))
 
     def on_train_end(self, trainer, pl_module):
@@ -99,7 +104,7 @@ class Record(L.Callback):
         dtypes = sorted({str(p.dtype) for p in pl_module.net.parameters()})
         if trainer.global_rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            record = dict(losses=self.losses, keys=keys, dtypes=dtypes, world_size=trainer.world_size,
+            record = dict(losses=self.losses, network_losses=self.network_losses, keys=keys, dtypes=dtypes, world_size=trainer.world_size,
                           global_step=trainer.global_step)
             (self.out / "record.json").write_text(json.dumps(record))
             torch.save(state, self.out / "weights.pt")

@@ -17,11 +17,14 @@ from fada_lightning.testing import DistillerContract, random_batch
 
 
 class Probe(nn.Module):
-    """(B, F, C, h, w) -> (B, F, C, h, w): one 1x1 convolution over channels, frame by frame."""
+    """(B, F, C, h, w) -> (B, F, C, h, w): one 1x1 convolution over channels, frame by frame, starting
+    at zero (the same on every rank and in every process count, without drawing random numbers)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, z):
         return self.conv(z.flatten(0, 1)).unflatten(0, z.shape[:2])

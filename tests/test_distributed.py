@@ -1,8 +1,9 @@
 """DDP, FSDP2 and bf16-mixed on CPU: two `fada fit` processes talking over gloo against one process.
 
 The runs use tests/dist_helpers.py (same clips and same random draws a step whatever the number of
-processes), so one process with batch 4 and two with batch 2 must agree: per-step losses to 1e-5
-relative and the weights after 3 AdamW steps to 1e-4 (float summation order differs: DDP averages
+processes) and a distiller that trains a network of its own every 2nd step besides the student
+(tests/test_distiller_networks.py), so one process with batch 4 and two with batch 2 must agree:
+per-step losses of both networks to 1e-5 relative and the weights after 3 steps to 1e-4 (float summation order differs: DDP averages
 gradients in buckets, FSDP2 reduce-scatters them). FSDP1 needs an accelerator (torch >= 2.11), so
 Lightning's `fsdp` preset is checked here only as far as its wrapping plan (tests/test_strategies.py).
 """
@@ -44,7 +45,7 @@ def fit(tmp_path: Path, name: str, teacher_ckpt: str, shards: list[str], *args: 
                                     "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True}}]),
         "model": {"class_path": model, "init_args": {
             "teacher_ckpt": teacher_ckpt, "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.9,
-            "distiller": {"class_path": "distillers.perflow.PeRFlow", "init_args": {"solver_steps": 2}}}},
+            "distiller": {"class_path": "test_distiller_networks.ProbedPeRFlow", "init_args": {"solver_steps": 2}}}},
         "data": data or {"class_path": "dist_helpers.IndexedClips",
                          "init_args": {"shards": shards[0].rsplit("/", 1)[0], "batch_size": batch_size}},
     }
@@ -101,6 +102,10 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(strategy, o
     run = request.getfixturevalue(f"{strategy}_run")
     assert run["world_size"] == 2 and len(run["losses"]) == len(one_process["losses"]) == STEPS
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(one_process["losses"]), rtol=1e-5, atol=1e-8)
+    assert len(one_process["network_losses"]["probe"]) == 2  # steps 0 and 2 of 3
+    assert run["network_losses"].keys() == one_process["network_losses"].keys() == {"student", "probe"}
+    for name, losses in one_process["network_losses"].items():
+        torch.testing.assert_close(torch.tensor(run["network_losses"][name]), torch.tensor(losses), rtol=1e-5, atol=1e-8)
     mine, theirs = weights(run), weights(one_process)
     assert_same_weights(mine, theirs, atol=1e-4)
     start = torch.load(teacher_ckpt, weights_only=True)["state_dict"]
@@ -131,7 +136,9 @@ def test_a_sharded_checkpoint_reads_whole_for_sampling_and_keeps_its_role(fsdp2_
     records that it is a student's, so it is refused as a teacher."""
     last = fsdp2_run["dir"] / "checkpoints" / "last.ckpt"
     final = weights(fsdp2_run)
-    assert_same_weights(load_module(last).state_dict(), final, atol=0)
+    assert any(k.startswith("distiller.networks.probe.") for k in final)  # trained, saved, and not for sampling:
+    assert_same_weights(load_module(last).state_dict(),
+                        {k: v for k, v in final.items() if not k.startswith("distiller.networks.")}, atol=0)
     with pytest.raises(CheckpointError, match="is a student checkpoint .*a teacher checkpoint is needed"):
         read_teacher_checkpoint(last)
     checkpoint = read_checkpoint(last)  # as read_teacher_checkpoint reads a teacher's folder
