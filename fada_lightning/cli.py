@@ -22,7 +22,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from .checkpoints import AtomicCheckpointIO, check_role, read_checkpoint, recover_folder_swap
-from .presets import ConfigError, find_config
+from .presets import ConfigError, config_bases, find_config
 
 
 LIGHTNING_COMMANDS = {
@@ -56,6 +56,10 @@ class FadaCLI(LightningCLI):
     Checkpoints are written atomically (checkpoints.AtomicCheckpointIO), a `--ckpt_path` of another
     role than the config's model is refused, and a run never forks silently: a fit into a run folder
     that already holds checkpoints must resume (`--ckpt_path last`) or take another name."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--base", type=str | None, default=None,
+                            help="the config a config file overrides (read before it; set in YAML, `base: distill.yaml`)")
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -115,24 +119,23 @@ def refuse_to_fork(trainer) -> None:
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
-    """Rewrite `--config NAME` / `--config=NAME` so a bare name finds the bundled config; the first
-    config must be a whole one (an override, such as an ablation row, comes after its base)."""
+    """Rewrite `--config NAME` / `--config=NAME` so a bare name finds the bundled config, and a config
+    that names a `base` is read after its base (`--config distill_perflow.yaml` -> `--config
+    distill.yaml --config distill_perflow.yaml`). The first config must be a whole one (an override,
+    such as an ablation row, comes after its base)."""
     out, i, configs = [], 0, 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--config" and i + 1 < len(argv):
-            path = find_config(argv[i + 1])
+        if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
+            name = argv[i + 1] if arg == "--config" else arg.split("=", 1)[1]
+            path = find_config(name)
+            chain = [path] if configs else [*config_bases(path), path]  # a later one overrides what is there
             if not configs:
-                check_whole_config(path)
-            out += [arg, str(path)]
+                check_whole_config(chain[0])
+            out += [f"--config={p}" for p in chain]
             configs += 1
-            i += 2
+            i += 2 if arg == "--config" else 1
             continue
-        if arg.startswith("--config="):
-            path = find_config(arg.split("=", 1)[1])
-            if not configs:
-                check_whole_config(path)
-            arg, configs = f"--config={path}", configs + 1
         out.append(arg)
         i += 1
     return out

@@ -29,6 +29,36 @@ def find_config(name: str | Path) -> Path:
     raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a bundled config; bundled: {', '.join(available)}")
 
 
+def config_bases(path: Path) -> list[Path]:
+    """The chain of configs `path` overrides, outermost first: a config's top-level `base: NAME` names
+    the config it changes (a bundled name, or a path relative to it or to the current folder)."""
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    base = config.get("base") if isinstance(config, dict) else None
+    if base is None:
+        return []
+    beside = Path(path).parent / base
+    base_path = beside if beside.exists() else find_config(base)
+    return [*config_bases(base_path), base_path]
+
+
+def load_config(name: str | Path) -> dict:
+    """A config as plain YAML data with its bases merged in (mappings merged key by key, anything else
+    replaced), for tools that read configs; `fada fit --config NAME --print_config` shows how LightningCLI
+    resolves it."""
+    path = find_config(name)
+    merged: dict = {}
+    for part in [*config_bases(path), path]:
+        merged = _merge(merged, yaml.safe_load(part.read_text()) or {})
+    merged.pop("base", None)
+    return merged
+
+
+def _merge(base, override):
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
 def load_preset(preset: str | dict) -> dict:
     """'micro' | 'sd15' | a YAML path | an already resolved dict -> dict(frame_size, codec, net, audio_features)."""
     if isinstance(preset, dict):

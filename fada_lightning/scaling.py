@@ -4,7 +4,8 @@
 
 Nothing is allocated: parameters are counted, saved activations are summed by a saved-tensors hook
 during a forward on meta tensors, and FLOPs come from torch's FlopCounterMode on the same forward.
-Teacher passes per training clip are counted on `micro` (the count depends on the distiller only).
+Teacher passes per training clip are counted on `micro` (the count depends on the distiller only), for
+every bundled configs/distill_<method>.yaml: a new distiller config appears here without an edit.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .diffusion.guidance import Conditions
 from .models.denoiser import AvatarDenoiser
-from .presets import load_preset
+from .presets import bundled_config_dir, load_config, load_preset
 
 GIB = 2 ** 30
 FPS = 25
@@ -121,34 +122,40 @@ class PassCounter:
         self.rows += args[0].shape[0]
 
 
-def teacher_passes() -> dict[str, float]:
-    """Frozen-network forward passes (teacher, and the EMA for TCD) per training clip, per distiller,
-    counted on `micro`: a random teacher checkpoint, one `make_targets` of 4 clips."""
-    from distillers.mixed import MixedPeRFlow
-    from distillers.perflow import PeRFlow
-    from distillers.rflow import RFlow
-    from distillers.tcd import TCD
+def bundled_distillers() -> dict[str, dict]:
+    """{config name: {class_path, init_args}} of every bundled configs/distill_<method>.yaml, plus the
+    DistillModule options it sets (`module_options`): what the cost model prices, read, never listed."""
+    rows = {}
+    for path in sorted(bundled_config_dir().glob("distill_*.yaml")):
+        init_args = load_config(path)["model"]["init_args"]
+        options = {k: init_args[k] for k in ("cfg_conditioning", "cfg_tokens") if k in init_args}
+        rows[path.name] = {**init_args["distiller"], "module_options": options}
+    return rows
+
+
+def teacher_passes(distillers: dict[str, dict] | None = None) -> dict[str, float]:
+    """Frozen-network forward passes (the teacher, and the student's EMA where a distiller uses it as its
+    target) per training clip, for each distiller spec (default: `bundled_distillers()`), counted on
+    `micro`: a random teacher checkpoint, one `make_targets` of 4 clips."""
+    from lightning.pytorch.cli import instantiate_class
 
     from .distill import DistillModule
-    from .module import TeacherModule
+    from .testing import random_teacher_checkpoint
 
-    distillers = {"PeRFlow balanced (FADA-Balanced)": PeRFlow(mode="balanced"),
-                  "PeRFlow guided (FADA-Fast)": MixedPeRFlow(mode="guided", ref_scale=(1.0, 3.0), audio_scale=(1.0, 9.0)),
-                  "RFlow balanced": RFlow(mode="balanced"), "TCD guided": TCD(mode="guided"),
-                  "TCD balanced": TCD(mode="balanced")}
-    teacher = TeacherModule(preset="micro", ema_decay=None, clip_frames=2)
     passes = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "teacher.ckpt"
-        torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, path)
-        for name, distiller in distillers.items():
-            module = DistillModule(str(path), distiller, ema_decay=0.9)
+        path = random_teacher_checkpoint(Path(tmp) / "teacher.ckpt", clip_frames=2)
+        for name, spec in (distillers or bundled_distillers()).items():
+            spec = dict(spec)
+            options = spec.pop("module_options", {})
+            distiller = instantiate_class((), spec)
+            module = DistillModule(path, distiller, ema_decay=0.9, **options)
             module.load_teacher()
             z, _, cond = example_inputs(module.net, 4, 2, device="cpu")
             with torch.no_grad(), PassCounter(module.teacher, module.ema.module) as counter:
                 distiller.make_targets(module.teacher, z, cond, distiller.sample_time(4, z.device), torch.randn_like(z),
                                        tiers=["strict", "lenient"] * 2)
-            passes[name] = counter.rows / 4
+            passes[f"{name} ({type(distiller).__name__}, {distiller.nfe()} NFE)"] = counter.rows / 4
     return passes
 
 
@@ -187,11 +194,11 @@ def main(argv=None):
         print(f"{label:30s} {acts:8.2f} {acts:8.2f}")
     fwd = forward_flops(teacher, 1, args.frames)
     print(f"\none forward, 1 clip of {args.frames} frames: {fwd / 1e12:.2f} TFLOP")
-    print(f"\n{'distiller':34s} {'teacher passes':>14s} {'TFLOP/clip':>10s} {'GPU-h 160 h':>11s} {'GPU-h 1300 h':>12s}")
+    print(f"\n{'distiller':52s} {'teacher passes':>14s} {'TFLOP/clip':>10s} {'GPU-h 160 h':>11s} {'GPU-h 1300 h':>12s}")
     for name, passes in {"teacher (Eq 1)": 0.0, **teacher_passes()}.items():
         step = (3 + passes) * fwd  # student forward + backward (~2x forward), and the frozen passes
         a, b = (gpu_hours(h, args.frames, step, args.tflops, args.mfu) for h in (160, 1300))
-        print(f"{name:34s} {passes:14g} {step / 1e12:10.1f} {a:11,.0f} {b:12,.0f}")
+        print(f"{name:52s} {passes:14g} {step / 1e12:10.1f} {a:11,.0f} {b:12,.0f}")
     print(f"\nGPU-hours: one pass over the data at {args.tflops:g} TFLOP/s x {args.mfu:.0%} utilisation")
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from datamodules.synthetic import render_clip
 from fada_lightning.cli import main
-from fada_lightning.presets import bundled_config_dir, find_config, load_preset
+from fada_lightning.presets import bundled_config_dir, find_config, load_preset, load_config
 from fada_lightning.video_io import encode_wav, write_atomic
 
 FADA = str(Path(sys.executable).with_name("fada"))
@@ -81,7 +81,7 @@ class SlowerTeacher(TeacherModule):
 
 
 def _tiny_run_config(tmp_path: Path, model_class: str, base: str = "teacher.yaml", name: str = "tiny") -> Path:
-    config = yaml.safe_load(find_config(base).read_text())
+    config = load_config(base)
     config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, log_every_n_steps=1,
                              default_root_dir=str(tmp_path / "run"))
     config["trainer"]["logger"]["init_args"] = {"save_dir": str(tmp_path / "run"), "name": "tb", "version": "t"}

@@ -8,7 +8,7 @@ from distillers.perflow import PeRFlow
 from distillers.rflow import RFlow
 from distillers.tcd import TCD
 from fada_lightning.diffusion import schedule as S
-from fada_lightning.presets import find_config
+from fada_lightning.presets import bundled_config_dir, load_config
 from fada_lightning.testing import DistillerContract
 
 from conftest import WobblyNet, random_batch, random_latents
@@ -89,24 +89,26 @@ def test_rflow_is_perflow_with_one_window(mode):
     assert "num_windows" not in rflow.spec()["init_args"] and rflow.spec()["class_path"] == "distillers.rflow.RFlow"
 
 
-def test_distiller_configs_differ_only_in_the_distiller():
-    """distill_rflow.yaml and distill_tcd.yaml are distill_perflow.yaml with another method (TCD also sets the
-    EMA that is its target network) and their own run folder."""
-    configs = {name: yaml.safe_load(find_config(f"distill_{name}.yaml").read_text())
-               for name in ("perflow", "rflow", "tcd")}
+def test_each_method_config_is_an_override_of_the_shared_base():
+    """distill_<method>.yaml names distill.yaml as its base and sets only its run folder and method (TCD also
+    the EMA that is its target network; the FADA configs the tiers and the student's CFG conditioning), so
+    checkpoint cadence, data and the teacher's path are one edit in distill.yaml."""
+    allowed = {"base", "trainer.default_root_dir", "trainer.logger", "model.init_args.distiller",
+               "model.init_args.ema_decay", "model.init_args.cfg_conditioning", "model.init_args.cfg_tokens",
+               "model.init_args.ref_scale", "model.init_args.audio_scale", "data.init_args.tier_weights"}
 
-    def without_method(config, name):
-        config = yaml.safe_load(yaml.safe_dump(config))
-        config["model"]["init_args"].pop("distiller")
-        if name == "tcd":
-            assert config["model"]["init_args"].pop("ema_decay") == 0.95
-        else:
-            config["model"]["init_args"].pop("ema_decay")
-        text = yaml.safe_dump(config)
-        return yaml.safe_load(text.replace(f"runs/{name}", "runs/METHOD"))
+    def keys(config, prefix=""):
+        if not isinstance(config, dict) or f"{prefix}".rstrip(".") in allowed:
+            return {prefix.rstrip(".")}
+        return {k for key, value in config.items() for k in keys(value, f"{prefix}{key}.")}
 
-    base = without_method(configs["perflow"], "perflow")
-    for name in ("rflow", "tcd"):
-        assert without_method(configs[name], name) == base, name
-    assert configs["rflow"]["model"]["init_args"]["distiller"]["class_path"] == "distillers.rflow.RFlow"
-    assert configs["tcd"]["model"]["init_args"]["distiller"]["class_path"] == "distillers.tcd.TCD"
+    methods = sorted(bundled_config_dir().glob("distill_*.yaml"))
+    assert [p.stem for p in methods] == ["distill_fada_fast", "distill_mixed", "distill_perflow", "distill_rflow",
+                                         "distill_tcd"]
+    for path in methods:
+        config = yaml.safe_load(path.read_text())
+        assert config["base"] == "distill.yaml" and keys(config) <= allowed, (path.name, keys(config) - allowed)
+        whole = load_config(path.name)
+        assert whole["trainer"]["logger"]["init_args"] == {"save_dir": f"runs/{path.stem[len('distill_'):]}",
+                                                           "name": "tb", "version": "run"}
+        assert whole["trainer"]["callbacks"] == load_config("distill.yaml")["trainer"]["callbacks"]

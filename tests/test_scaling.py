@@ -50,11 +50,18 @@ def test_sharding_divides_every_state_by_the_gpus():
 
 
 def test_teacher_passes_per_clip_follow_each_distillers_definition():
-    passes = scaling.teacher_passes()
-    assert passes["PeRFlow balanced (FADA-Balanced)"] == 8  # N = 8 conditional DDIM steps in the window
-    assert passes["PeRFlow guided (FADA-Fast)"] == 24  # x 3: Eq 9's passes
-    assert passes["RFlow balanced"] == 32  # one window, 32 steps
-    assert passes["TCD guided"] == 4 and passes["TCD balanced"] == 2  # one teacher step (x 3 / x 1) + the EMA
+    passes = scaling.teacher_passes()  # every bundled distill_<method>.yaml, read from the configs
+    assert passes == {
+        "distill_fada_fast.yaml (MixedPeRFlow, 6 NFE)": 24,  # 8 DDIM steps in the window x 3: Eq 9's passes
+        "distill_mixed.yaml (MixedPeRFlow, 18 NFE)": 8,  # N = 8 conditional DDIM steps in the window
+        "distill_perflow.yaml (PeRFlow, 18 NFE)": 8,
+        "distill_rflow.yaml (RFlow, 18 NFE)": 32,  # one window, 32 steps
+        "distill_tcd.yaml (TCD, 6 NFE)": 4}  # one guided teacher step (x 3) + the EMA's pass
+
+
+def test_a_distiller_passed_in_is_priced_without_an_edit():
+    spec = {"class_path": "distillers.tcd.TCD", "init_args": {"mode": "balanced"}}
+    assert scaling.teacher_passes({"mine": spec}) == {"mine (TCD, 18 NFE)": 2}  # one unguided step + the EMA
 
 
 @pytest.mark.slow
@@ -66,6 +73,6 @@ def test_docs_scaling_shows_what_the_command_prints(capsys):
     printed = capsys.readouterr().out
     page = (Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
     for figure in ["1776.3", "1820.3", "27.12", "6.78", "3.31", "0.85", "27.49", "7.04", "18.40", "202.4", "496.8",
-                   "644.0", "128.8", "92.0", "3,294", "8,085", "10,481", "2,096"]:
+                   "644.0", "128.8", "3,294", "8,085", "10,481", "2,096"]:
         assert figure in printed, figure
         assert figure.replace("18.40", "18.4").replace("1776.3", "1,776.3").replace("1820.3", "1,820.3") in page, figure
