@@ -1,10 +1,10 @@
 """`fada ablate`: train and evaluate every row of an ablation, then write the table (Markdown, CSV)
 and, for CFG sweeps, PNG plots of FVD and Sync-D against each scale (FADA's Figures 3 and 4).
 
-    fada ablate --config ablation/distillers.yaml            # every row, in order; finished rows are skipped
-    fada ablate --config ablation/distillers.yaml --quick    # two rows, few steps: a first look, and CI's check
-    fada ablate --config ablation/mixed.yaml --row "Adaptive-0.25"   # one row (a cluster job per row) ...
-    fada ablate --config ablation/mixed.yaml --collect       # ... then the table from the finished rows
+    fada ablate --config tables/distillers.yaml            # every row, in order; finished rows are skipped
+    fada ablate --config tables/distillers.yaml --quick    # two rows, few steps: a first look, and CI's check
+    fada ablate --config tables/mixed.yaml --row "Adaptive-0.25"   # one row (a cluster job per row) ...
+    fada ablate --config tables/mixed.yaml --collect       # ... then the table from the finished rows
 
 An ablation YAML names its rows; each row trains with `fit` (configs, as `fada fit --config`) plus
 `overrides` (dotted keys), or re-evaluates another row's checkpoint (`checkpoint_of`) with other
@@ -245,8 +245,8 @@ def plot_sweep(path: Path, scale: str, points: list, model: str) -> Path:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="fada ablate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="an ablation YAML (bundled: ablation/distillers.yaml, "
-                   "ablation/mixed.yaml, ablation/cfg.yaml, ablation/cfg_sweep.yaml)")
+    p.add_argument("--config", required=True, help="an ablation YAML (bundled: tables/distillers.yaml, "
+                   "tables/mixed.yaml, tables/cfg.yaml, tables/cfg_sweep.yaml)")
     p.add_argument("--quick", action="store_true", help="two rows, few steps, few clips (into <out>-quick)")
     p.add_argument("--row", action="append", help="run only this row (repeatable); its dependencies must be finished")
     p.add_argument("--collect", action="store_true", help="only write the table from the finished rows")

@@ -4,7 +4,7 @@
     fada fit --config teacher.yaml --print_config
     fada sample --ckpt CKPT --image face.png --audio speech.wav -o out.mp4
     fada evaluate --ckpt CKPT                 # FID, FVD, Sync-D/C, E-FID, IQA, NFE-D on held-out clips
-    fada ablate --config ablation/distillers.yaml
+    fada ablate --config tables/distillers.yaml
     fada cache SHARDS --preset sd15 --out cached/   # add VAE latents + audio features to shards
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ from fada_lightning import ablate, evaluate
 from fada_lightning.cli import main as fada
 from fada_lightning.presets import bundled_config_dir
 
-ABLATION_SPECS = sorted(p.name for p in (bundled_config_dir() / "ablation").glob("*.yaml"))
+ABLATION_SPECS = sorted(p.name for p in (bundled_config_dir() / "tables").glob("*.yaml"))
 
 
 def test_the_issue_s_ablations_are_bundled():
@@ -18,7 +18,7 @@ def test_the_issue_s_ablations_are_bundled():
 
 @pytest.mark.parametrize("name", ABLATION_SPECS)
 def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, capsys):
-    spec = ablate.load_ablation(f"ablation/{name}")
+    spec = ablate.load_ablation(f"tables/{name}")
     ablation = ablate.Ablation(spec)
     for row in spec["rows"]:
         if "fit" not in row:
@@ -33,7 +33,7 @@ def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, c
 
 
 def test_the_sweep_expands_into_evaluation_rows_of_one_checkpoint():
-    spec = ablate.load_ablation("ablation/cfg_sweep.yaml")
+    spec = ablate.load_ablation("tables/cfg_sweep.yaml")
     sweep = [row for row in spec["rows"] if "sweep" in row]
     assert len(sweep) == 7 + 5 and all(row["checkpoint_of"] == "FADA-Fast" for row in sweep)
     assert {(r["evaluate"]["ref_scale"], r["evaluate"]["audio_scale"]) for r in sweep if r["sweep"] == "ref_scale"} == \

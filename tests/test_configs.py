@@ -9,7 +9,7 @@ from fada_lightning.presets import bundled_config_dir
 
 ROWS = {"table3": ("distill_mixed.yaml", "model.init_args.distiller.init_args.gt_weight"),
         "table4": ("distill_fada_fast.yaml", "model.init_args.cfg_conditioning")}
-ABLATIONS = sorted(f"{p.parent.name}/{p.stem}" for p in (bundled_config_dir() / "ablations").rglob("*.yaml"))
+ABLATIONS = sorted(f"{p.parent.name}/{p.stem}" for p in (bundled_config_dir() / "table_rows").rglob("*.yaml"))
 
 
 def resolved(capsys, *configs) -> dict:
@@ -38,7 +38,7 @@ def test_an_ablation_row_differs_from_its_base_only_where_the_row_does(row, caps
     table, name = row.split("/")
     base_name, row_key = ROWS[table]
     base = resolved(capsys, base_name)
-    mine = resolved(capsys, base_name, f"ablations/{row}.yaml")
+    mine = resolved(capsys, base_name, f"table_rows/{row}.yaml")
     changed = differences(base, mine)
     run_dirs = {k: v for k, v in changed.items() if k in ("trainer.default_root_dir", "trainer.logger.init_args.save_dir")}
     assert {v[1] for v in run_dirs.values()} == {f"runs/{row}"} and len(run_dirs) == 2  # its own run folder
@@ -49,7 +49,7 @@ def test_each_row_is_a_different_setting(capsys):
     settings = {}
     for row in ABLATIONS:
         table = row.split("/")[0]
-        config = resolved(capsys, ROWS[table][0], f"ablations/{row}.yaml")
+        config = resolved(capsys, ROWS[table][0], f"table_rows/{row}.yaml")
         value = config
         for key in ROWS[table][1].split("."):
             value = value[key]
@@ -84,10 +84,10 @@ def test_fada_configs_differ_from_their_bases_only_where_fada_does(capsys):
 
 def test_an_ablation_row_alone_says_to_give_its_base_first():
     with pytest.raises(SystemExit) as done:
-        main(["fit", "--config", "ablations/table4/cfg_layer.yaml", "--print_config"])
+        main(["fit", "--config", "table_rows/table4/cfg_layer.yaml", "--print_config"])
     message = str(done.value.code)
     assert "overrides a base config" in message
-    assert "fada fit --config distill_fada_fast.yaml --config ablations/table4/cfg_layer.yaml" in message
+    assert "fada fit --config distill_fada_fast.yaml --config table_rows/table4/cfg_layer.yaml" in message
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp2"])
