@@ -168,10 +168,11 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict:
     return checkpoint
 
 
-def read_metadata(path: str | Path) -> dict:
+def read_metadata(path: str | Path, weights_only: bool = False) -> dict:
     """Lightning's metadata of a checkpoint ("global_step", "hyper_parameters", ...) without reading
     its weights (a file is memory-mapped; a folder keeps them in meta.pt)."""
     path = Path(path).expanduser()
+    recover_folder_swap(path)
     if is_sharded_checkpoint(path):
-        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
-    return read_checkpoint(path, weights_only=False)
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
+    return read_checkpoint(path, weights_only=weights_only)

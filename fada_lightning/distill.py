@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from distillers.base import Distiller, DistillTargets, Optimization
 
-from .checkpoints import CheckpointError, check_role, read_checkpoint
+from .checkpoints import CheckpointError, check_role, read_checkpoint, read_metadata
 from .models.denoiser import AvatarDenoiser
 from .module import AvatarModule
 from .presets import ConfigError, load_preset
@@ -34,14 +34,16 @@ MUST_MATCH = ("preset", "prediction_type", "schedule")  # the student is the tea
 FROM_TEACHER = (*MUST_MATCH, "clip_frames", "motion_frames", "ref_scale", "audio_scale")
 
 
-def read_teacher_checkpoint(path: str | Path | None) -> dict:
+def read_teacher_checkpoint(path: str | Path | None, weights: bool = True) -> dict:
+    """The teacher checkpoint at `path` (a file or a sharded run's folder), checked to be a fada-lightning
+    teacher's; `weights=False` reads its metadata only (hyper_parameters, global_step, role)."""
     if not path:
         raise ConfigError(f"no teacher checkpoint given (model.init_args.teacher_ckpt): {HOW_TO_TRAIN_A_TEACHER}")
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"teacher checkpoint {path} does not exist: {HOW_TO_TRAIN_A_TEACHER}")
     try:
-        checkpoint = read_checkpoint(path)  # a file, or a sharded run's folder
+        checkpoint = read_checkpoint(path) if weights else read_metadata(path, weights_only=True)
     except CheckpointError as err:
         raise CheckpointError(f"teacher checkpoint {err}: {HOW_TO_TRAIN_A_TEACHER}") from None
     except Exception as err:  # one holding arbitrary objects
@@ -160,10 +162,10 @@ class DistillModule(AvatarModule):
     def _teacher_settings(teacher_ckpt, given: dict) -> dict:
         """Fill the settings not given from the teacher's checkpoint and check the given ones fit it.
         A student checkpoint away from its teacher has them all: it can sample, not train."""
-        if all(v is not None for v in given.values()) and not (teacher_ckpt and Path(teacher_ckpt).is_file()):
+        if all(v is not None for v in given.values()) and not (teacher_ckpt and Path(teacher_ckpt).expanduser().exists()):
             return given
         path = Path(teacher_ckpt or "").expanduser()
-        theirs = read_teacher_checkpoint(teacher_ckpt)["hyper_parameters"]
+        theirs = read_teacher_checkpoint(teacher_ckpt, weights=False)["hyper_parameters"]
         ours = dict(given, preset=load_preset(given["preset"]) if given["preset"] is not None else None)
         problems = [line for key in MUST_MATCH if ours[key] is not None
                     for line in _differences(theirs.get(key), ours[key], f"{key}.")]

@@ -170,6 +170,28 @@ def test_a_teacher_of_another_preset_is_refused(teacher_ckpt):
         DistillModule(teacher_ckpt, PeRFlow(), prediction_type="epsilon")
 
 
+def test_a_sharded_folder_teacher_is_checked_from_its_metadata_alone(teacher_ckpt, tmp_path, monkeypatch):
+    """A teacher saved as a folder of shards (FSDP2) is checked like a file, even with every setting given,
+    and only its meta.pt is read to do so (the shards are read when the teacher is loaded)."""
+    import torch.distributed.checkpoint as dcp
+
+    from torch.distributed.checkpoint import state_dict_loader
+
+    saved = torch.load(teacher_ckpt, weights_only=False)
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": saved.pop("state_dict")}, checkpoint_id=folder, no_dist=True)
+    torch.save(saved, folder / "meta.pt")
+    given = dict(prediction_type="v_prediction", schedule=S.SD15_SCHEDULE, clip_frames=4, motion_frames=2,
+                 ref_scale=2.5, audio_scale=6.5)
+    def no_shards(*args, **kwargs):
+        raise AssertionError("the teacher's shards were read to check its settings")
+
+    monkeypatch.setattr(state_dict_loader, "_load_state_dict_from_keys", no_shards)
+    with pytest.raises(ConfigError, match=r"block_out_channels: teacher \[32, 32, 64\], student \[64, 64, 128\]"):
+        DistillModule(str(folder), PeRFlow(), preset="micro", **given)
+    assert DistillModule(str(folder), PeRFlow(), preset=small_preset(), **given).hparams.clip_frames == 4
+
+
 def test_a_missing_or_foreign_teacher_checkpoint_says_how_to_make_one(tmp_path):
     with pytest.raises(ConfigError, match="does not exist.*fada fit --config teacher.yaml"):
         DistillModule(str(tmp_path / "nope.ckpt"), PeRFlow())
