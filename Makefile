@@ -20,9 +20,11 @@ demo: $(STAMP)
 	$(BIN)/python -m fada_lightning.demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 
 test-fast: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 bench: $(STAMP)

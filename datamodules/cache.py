@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise ValueError(f"no shards in {args.shards} for part {args.part}")
         cacher = Cacher(args.preset, args.device, args.dtype)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fada cache: {err}")
+        raise SystemExit(f"fada cache: {err}") from None
     out, written, failed = Path(args.out), [], 0
     with tqdm(desc="caching", unit="clip") as bar:
         for url in urls:

@@ -187,7 +187,7 @@ class ClipDecoder:
         try:
             quality = torch.tensor([float(scores.get(k, "nan")) for k in self.quality_keys])
         except (AttributeError, TypeError, ValueError):
-            raise SkipSample(f"json quality {scores!r} is not a mapping of numbers")
+            raise SkipSample(f"json quality {scores!r} is not a mapping of numbers") from None
         item = {
             "audio": audio_windows(features, start, f, self.audio_radius),  # (F, 2r + 1, L, D)
             "mouth_open": mouth_open,

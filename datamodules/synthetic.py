@@ -186,7 +186,7 @@ def render_faces(face: dict, size: int, pose: np.ndarray, blink: np.ndarray, mou
     lid = 0.62 * eye_r * (1 - 0.92 * blink[:, None, None])  # eyelid opening shrinks as blink -> 1
     for eye_x in (-face["eye_dx"], face["eye_dx"]):
         def sclera(u, v):
-            return ellipse(u, v, eye_x, eye_y, eye_r, lid)
+            return ellipse(u, v, eye_x, eye_y, eye_r, lid)  # noqa: B023 (drawn in this iteration)
         draw(eye_x, eye_y - 1.6 * eye_r, 1.3 * eye_r, 0.3 * eye_r, hair * 0.8)  # brow
         draw(eye_x, eye_y, eye_r, lid, (0.95, 0.95, 0.93))
         draw(eye_x, eye_y, 0.55 * eye_r, 0.55 * eye_r, face["iris"], sclera)

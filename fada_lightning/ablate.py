@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     ablation.run_row(row)
         written = ablation.write_outputs()
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fada ablate: {err}")
+        raise SystemExit(f"fada ablate: {err}") from None
     print(f"[ablate] wrote {', '.join(str(p) for p in written)}")
     print((ablation.out / "table.md").read_text())
     return written

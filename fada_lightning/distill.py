@@ -47,7 +47,7 @@ def read_teacher_checkpoint(path: str | Path | None, weights: bool = True) -> di
     except CheckpointError as err:
         raise CheckpointError(f"teacher checkpoint {err}: {HOW_TO_TRAIN_A_TEACHER}") from None
     except Exception as err:  # one holding arbitrary objects
-        raise ConfigError(f"teacher checkpoint {path} cannot be read ({type(err).__name__}): {HOW_TO_TRAIN_A_TEACHER}")
+        raise ConfigError(f"teacher checkpoint {path} cannot be read ({type(err).__name__}): {HOW_TO_TRAIN_A_TEACHER}") from err
     check_role(path, checkpoint, "teacher", f"model.init_args.teacher_ckpt names the teacher to distil; "
                f"{HOW_TO_TRAIN_A_TEACHER}")
     if not isinstance(checkpoint.get("hyper_parameters", {}).get("preset"), dict):

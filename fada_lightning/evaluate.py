@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result = run(list(argv or []))
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fada evaluate: {err}")
+        raise SystemExit(f"fada evaluate: {err}") from None
     print(f"{result['checkpoint']}: {format_metrics(result)}")
     print(f"wrote {result['json']} (and sample clips beside it; TensorBoard: eval/* in "
           f"{run_dir(Path(result['checkpoint']))})")

@@ -105,7 +105,7 @@ def main(argv=None):
         done = sample_file(args.ckpt, args.image, args.audio, args.output, args.steps, args.ref_cfg, args.audio_cfg,
                            args.seed, eta=args.eta)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fada sample: {err}")
+        raise SystemExit(f"fada sample: {err}") from None
     print(f"wrote {done['output']}: {done['frames']} frames ({done['frames'] / FPS:.2f} s), "
           f"NFE {done['nfe']:g} per clip window ({type(done['module']).__name__}, "
           f"{type(done['module'].scheduler()).__name__}), {done['seconds']:.1f} s wall")

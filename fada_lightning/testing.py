@@ -253,9 +253,11 @@ class DistillerContract:
         trained = set()
         with torch.no_grad():
             for t in support.split(256):
-                many = cond.map(lambda x: x.repeat(len(t), *[1] * (x.ndim - 1)))
-                job = module.distiller.make_targets(module.teacher, z0.repeat(len(t), *[1] * (z0.ndim - 1)), many, t,
-                                                    torch.randn(len(t), *z0.shape[1:], generator=g), g, ["strict"] * len(t))
+                n = len(t)
+                many = cond.map(lambda x, n=n: x.repeat(n, *[1] * (x.ndim - 1)))
+                z = z0.repeat(n, *[1] * (z0.ndim - 1))
+                job = module.distiller.make_targets(module.teacher, z, many, t, torch.randn(z.shape, generator=g), g,
+                                                    ["strict"] * len(t))
                 trained.update(torch.round(job.timestep.double(), decimals=3).tolist())
         scheduler = module.scheduler()
         scheduler.set_timesteps(module.hparams.sample_steps)

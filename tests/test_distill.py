@@ -50,7 +50,7 @@ def _slow_target(teacher, distiller, z0, cond, t, eps):
         a_s, a_e = float(abar[idx(t_s)]), float(abar[idx(t_e)])
         z = a_s ** 0.5 * z0[i:i + 1] + (1 - a_s) ** 0.5 * eps[i:i + 1]
         z_s = z
-        c = cond.map(lambda x: x[i:i + 1])
+        c = cond.map(lambda x, i=i: x[i:i + 1])
         times = [t_s + (t_e - t_s) * j / distiller.solver_steps for j in range(distiller.solver_steps + 1)]
         for a, b in zip(times[:-1], times[1:]):
             n, a_n, a_b = idx(a), float(abar[idx(a)]), float(abar[idx(b)])

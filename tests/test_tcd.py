@@ -83,7 +83,7 @@ def _slow_targets(distiller, teacher, ema, z0, cond, eps, n, n_s):
     for i in range(len(n)):
         n_t, n_prev = int(n[i]), max(int(n[i]) - distiller.skip, 0)
         a_t, a_prev = float(ABAR[n_t]), float(ABAR[n_prev])
-        c = cond.map(lambda x: x[i:i + 1])
+        c = cond.map(lambda x, i=i: x[i:i + 1])
         z = a_t ** 0.5 * z0[i:i + 1] + (1 - a_t) ** 0.5 * eps[i:i + 1]
         if distiller.mode == "guided":
             no_audio = Conditions(ref=c.ref, motion=c.motion, audio=torch.zeros_like(c.audio))

@@ -30,7 +30,7 @@ def load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{what} weights {path} are not a plain state dict of tensors ({type(err).__name__}: {err})")
+        raise ValueError(f"{what} weights {path} are not a plain state dict of tensors ({type(err).__name__}: {err})") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
