@@ -7,8 +7,13 @@ from fada_lightning.diffusion import schedule as S
 from fada_lightning.diffusion.guidance import Conditions, cfg_conditions, condition_dropout, multi_cfg
 from fada_lightning.diffusion.sampling import NFECounter, guided_denoiser, sample_loop
 
-torch.manual_seed(0)
 ABAR = S.alphas_cumprod()
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Each test draws from the same seed, whatever runs before it (or beside it under xdist)."""
+    torch.manual_seed(0)
 
 
 def _abar(n, like):

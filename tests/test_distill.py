@@ -1,11 +1,15 @@
 """DistillModule + PeRFlow: the frozen teacher, the student, targets against slow references, NFE, checkpoints."""
+import inspect
 import shutil
-from dataclasses import replace
+import sys
+import textwrap
+import types
 
 import pytest
 import torch
 from lightning.pytorch.cli import instantiate_class
 
+from distillers.base import Distiller
 from distillers.perflow import PeRFlow
 from fada_lightning import sample
 from fada_lightning.diffusion import PeRFlowScheduler
@@ -245,26 +249,28 @@ def test_bf16_mixed_runs_the_teacher_under_autocast_and_keeps_the_student_fp32(t
     assert torch.isfinite(torch.tensor(trainer.callback_metrics["train/loss"].item()))
 
 
-class NoisyFirst(PeRFlow):
-    """The worked example of the Distiller docstring."""
+def docstring_example(monkeypatch) -> type:
+    """The worked example of the Distiller docstring, run as written: its code is `my_distillers.py`."""
+    doc = inspect.getdoc(Distiller)
+    body = doc.split("In `my_distillers.py`:", 1)[1].split("\nand in a copy", 1)[0]
+    module = types.ModuleType("my_distillers")
+    exec(compile(textwrap.dedent(body), "my_distillers.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "my_distillers", module)
+    return module.NoisyFirst
 
-    def __init__(self, power: float = 1.0, num_windows: int = 4, solver_steps: int = 8):
-        super().__init__(num_windows=num_windows, solver_steps=solver_steps)
 
-    def make_targets(self, teacher, z0, cond, t, eps, generator=None, tiers=None):
-        job = super().make_targets(teacher, z0, cond, t, eps, generator, tiers)
-        return replace(job, weight=job.weight * (2 * t) ** self.hparams.power)
-
-
-def test_a_subclass_records_its_arguments_and_reweights():
+def test_the_docstring_example_records_its_arguments_and_reweights(monkeypatch):
+    NoisyFirst = docstring_example(monkeypatch)
     mine = _bound(NoisyFirst(power=2.0, solver_steps=1))
     spec = mine.spec()
-    assert spec["class_path"] == f"{__name__}.NoisyFirst"
+    assert spec["class_path"] == "my_distillers.NoisyFirst"
     assert spec["init_args"]["power"] == 2.0 and spec["init_args"]["solver_steps"] == 1
+    assert spec["init_args"]["mode"] == "balanced"  # **kwargs: every PeRFlow argument is the subclass's too
     rebuilt = instantiate_class((), spec)
     assert type(rebuilt) is NoisyFirst and dict(rebuilt.hparams) == dict(mine.hparams)
-    assert "mode" not in spec["init_args"]  # a parent's argument the subclass does not take
-    z0 = torch.randn(2, 4, 12, 4, 4)
-    cond = Conditions(ref=torch.randn(2, 12, 4, 4), motion=torch.randn(2, 2, 12, 4, 4), audio=torch.randn(2, 4, 5, 1, 8))
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(2, 4, 12, 4, 4, generator=g)
+    cond = Conditions(ref=torch.randn(2, 12, 4, 4, generator=g), motion=torch.randn(2, 2, 12, 4, 4, generator=g),
+                      audio=torch.randn(2, 4, 5, 1, 8, generator=g))
     job = mine.make_targets(ExactNet(z0, "v_prediction"), z0, cond, torch.tensor([1.0, 0.25]), torch.randn_like(z0))
     torch.testing.assert_close(job.weight, torch.tensor([4.0, 0.25]))
