@@ -42,7 +42,8 @@ def replace_entry(config: dict, given: dict) -> dict:
 def test_the_page_marks_the_steps_it_walks_through():
     marks = [(lang, mark) for lang, mark, _ in marked_blocks(PAGE.read_text())]
     assert marks[0] == ("python", "file=my_distillers.py") and ("yaml", "replace=my_distill.yaml") in marks
-    assert sum(lang == "bash" and mark == "run" for lang, mark in marks) == 3
+    assert ("python", "file=my_weighting.py") in marks and ("python", "file=test_my_distillers.py") in marks
+    assert sum(lang == "bash" and mark == "run" for lang, mark in marks) == 6
 
 
 @pytest.mark.slow
@@ -74,7 +75,23 @@ def test_adding_a_distiller_as_the_page_says(teacher_ckpt, tmp_path):
     assert student["global_step"] == 3
     assert student["hyper_parameters"]["distiller"]["class_path"] == "my_distillers.LogitNormalTime"
     assert student["hyper_parameters"]["distiller"]["init_args"]["std"] == 1.2
-    assert "NFE 18 per clip window" in outputs[-1] and (tmp_path / "mine.mp4").is_file()
+    sampled = next(out for out in outputs if "per clip window" in out)
+    assert "NFE 18 per clip window" in sampled and (tmp_path / "mine.mp4").is_file()
+    weighted = torch.load(tmp_path / "runs/perflow/tb/weighting/checkpoints/last.ckpt", weights_only=True)
+    assert weighted["global_step"] == 3 and len(weighted["optimizer_states"]) == 2  # the student's and the weighting's
+    assert any(k.startswith("distiller.networks.weighting.") for k in weighted["state_dict"])
+    scalars = {tag for events in (tmp_path / "runs/perflow/tb/weighting").glob("events.out.tfevents.*")
+               for tag in _scalar_tags(events)}
+    assert {"train/loss", "train/weighting_loss", "train/grad_norm/weighting", "train/u_mean"} <= scalars
+    assert " passed" in outputs[-1] and "failed" not in outputs[-1]  # the contract, from outside the repository
+
+
+def _scalar_tags(events) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -85,7 +102,8 @@ def test_every_relative_link_in_the_docs_resolves():
     root = PAGE.parents[1]
     missing = []
     for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
-        for target in LINK.findall(page.read_text()):
+        prose = re.sub(r"^```.*?^```$", "", page.read_text(), flags=re.S | re.M)  # code is not links
+        for target in LINK.findall(prose):
             path = target.split("#")[0]
             if path and "://" not in path and not (page.parent / path).exists():
                 missing.append(f"{page.relative_to(root)}: {target}")
