@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +21,7 @@ import yaml
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .checkpoints import AtomicCheckpointIO, check_role, read_checkpoint, recover_folder_swap
 from .presets import ConfigError, config_bases, find_config
@@ -49,6 +51,51 @@ def print_commands() -> None:
     lines += ["", "tools:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in TOOLS.items()]
     print("\n".join(lines))
+
+
+class FadaParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors lead with the one line that says what is wrong (and, for a
+    misspelled option, what is accepted) instead of the usage text and jsonargparse's union dump."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # a nested parser trying one type of a union: jsonargparse handles it
+            super().error(message, ex)
+        sys.exit(f"fada: {explain_parse_error(message, self)}\n(`fada {sys.argv[1] if len(sys.argv) > 1 else ''} "
+                 f"--help` lists every option; --print_config shows the config as read)")
+
+
+def explain_parse_error(message: str, parser=None) -> str:
+    """jsonargparse's error -> 'where: what', where naming the option's path and class, with close
+    matches and the accepted names for an option that is not accepted."""
+    lines = [line.strip().removeprefix("- ").strip() for line in message.splitlines()]
+    unknown = re.match(r"unrecognized arguments: (\S+)", lines[0])
+    if unknown:
+        given = unknown.group(1).split("=")[0]
+        options = [o for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
+        close = difflib.get_close_matches(given, options, n=3)
+        return f"{given} is not an option" + (f"; did you mean {', '.join(close)}?" if close else "")
+    keys = [m.group(1) for line in lines if (m := re.match(r'Parser key "([^"]+)"', line))]
+    classes = [m.group(1) for line in lines if (m := re.match(r"Problem with given class_path '([^']+)'", line))]
+    noise = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Problem with given class_path",
+             "Expected a <class 'NoneType'>", "Given value")
+    causes = [line for line in lines if line and not line.startswith(noise)]
+    if not keys or not causes:
+        return message
+    where = ".init_args.".join(keys) + (f" ({classes[-1]})" if classes else "")
+    what = causes[0]
+    rejected = re.match(r"Option '(\w+)' is not accepted", what)
+    if rejected and classes:
+        from distillers.base import config_arguments
+
+        module_name, _, name = classes[-1].rpartition(".")
+        try:
+            accepted = sorted(config_arguments(getattr(importlib.import_module(module_name), name)))
+        except (ImportError, AttributeError):
+            accepted = []
+        close = difflib.get_close_matches(rejected.group(1), accepted, n=3)
+        what += (f"; did you mean {', '.join(close)}?" if close else "") + (
+            f" It takes: {', '.join(accepted)}" if accepted else "")
+    return f"{where}: {what}"
 
 
 class FadaCLI(LightningCLI):
@@ -175,7 +222,7 @@ def main(argv: list[str] | None = None):
     sys.argv = [sys.argv[0], *argv]  # LightningCLI reads the (resolved) command line itself
     try:
         FadaCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, parser_class=FadaParser)
     except Exception as err:
         config_error = _config_error(err)
         if config_error is None:
@@ -183,11 +230,18 @@ def main(argv: list[str] | None = None):
         sys.exit(f"fada: {config_error}")
 
 
-def _config_error(err: BaseException | None) -> ConfigError | None:
-    """The ConfigError behind err: jsonargparse re-raises what a class raised while it built it."""
-    while err is not None and not isinstance(err, ConfigError):
+def _config_error(err: BaseException | None) -> BaseException | None:
+    """The error to show alone for an exception LightningCLI raised while building the config's classes:
+    a ConfigError anywhere in the chain, or what a class raised (a ValueError of a distiller's checks)
+    under jsonargparse's "Does not validate against any of the Union subtypes" wrapper; None otherwise."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
         err = err.__cause__ or err.__context__
-    return err
+    found = next((e for e in chain if isinstance(e, ConfigError)), None)
+    if found is None and chain and "Does not validate against any of the Union subtypes" in str(chain[0]):
+        found = chain[-1]
+    return found
 
 
 if __name__ == "__main__":
