@@ -13,7 +13,8 @@ import time
 import torch
 
 from datamodules.audio_features import LogMelFeatures
-from datamodules.streaming import ClipDecoder, ClipStream
+from datamodules.clips import ClipDecoder
+from datamodules.streams import ClipStream
 from datamodules.synthetic import ensure_dataset
 
 

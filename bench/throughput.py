@@ -91,8 +91,8 @@ def training(args, tmp: Path) -> float:
 def data_rate(shards, workers: int, clips: int, cached: bool) -> float:
     """Clips per second out of the training DataLoader (the first batch, worker start-up, not timed)."""
     model = TeacherModule(preset="micro")
-    data = AvatarDataModule(train_shards=shards, batch_size=4, num_workers=workers, epoch_samples=clips,
-                            cached=cached, shuffle_buffer=16)
+    data = AvatarDataModule.for_model(model, train_shards=shards, batch_size=4, num_workers=workers,
+                                      epoch_samples=clips, cached=cached, shuffle_buffer=16)
     data.trainer = type("T", (), {"lightning_module": model, "global_rank": 0, "world_size": 1,
                                   "current_epoch": 0})()
     data.setup("fit")

@@ -4,7 +4,7 @@
 
 For every sample of every shard it decodes all frames (PyAV in a decode server, at the preset's frame size) and the
 wav, and adds `latents.npy` (n, C, h, w) = the preset's codec on every frame, `audio.npy` (n, L, D)
-= its audio features, and json["cache"] = what made them (`streaming.cache_spec`: codec, audio
+= its audio features, and json["cache"] = what made them (`clips.cache_spec`: codec, audio
 features, frame size), which `data.cached: true` checks against the model it trains. The shards are
 written to `--out` under their own names, each complete or not at all (written aside, then renamed);
 a shard already there is skipped, so a stopped run continues. A sample that cannot be decoded is
@@ -29,7 +29,8 @@ from tqdm import tqdm
 from fada_lightning.presets import load_preset
 
 from .decoding import open_video, read_wav
-from .streaming import REQUIRED_FIELDS, BadSampleWarning, _describe, cache_spec, resolve_shards
+from .clips import REQUIRED_FIELDS, BadSampleWarning, _describe, cache_spec
+from .shards import resolve_shards
 from .synthetic import write_tar
 
 

@@ -107,6 +107,12 @@ class FadaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--base", type=str | None, default=None,
                             help="the config a config file overrides (read before it; set in YAML, `base: distill.yaml`)")
+        # the data is cut and featurised as the model needs it: a data module that takes these gets the model's
+        from datamodules.streaming import model_settings
+
+        for key in model_settings(None):
+            parser.link_arguments("model", f"data.init_args.{key}", apply_on="instantiate",
+                                  compute_fn=lambda model, key=key: model_settings(model)[key])
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")

@@ -92,7 +92,8 @@ class VideoEvaluator(nn.Module):
 def eval_clips(module, clips: int, frames: int, shards: str | list[str] | None, synthetic: dict | None):
     """The first `clips` usable clips of `shards` (or of the synthetic world's test split, seed + 2000,
     written on first use), each decoded from frame 0 for `frames` frames with its wav, at the model's size."""
-    from datamodules.streaming import ClipDecoder, FixedClips, check_local_shards, resolve_shards
+    from datamodules.clips import ClipDecoder, FixedClips
+    from datamodules.shards import check_local_shards, resolve_shards
     from datamodules.synthetic import ensure_dataset
 
     size = module.preset["frame_size"]

@@ -71,9 +71,10 @@ def cpu_trainer(root, steps: int, **kwargs) -> L.Trainer:
                      limit_val_batches=0, enable_model_summary=False, default_root_dir=str(root), **kwargs)
 
 
-def shard_data(shards: list[str], batch_size: int = 4) -> AvatarDataModule:
-    return AvatarDataModule(train_shards=shards, val_shards=shards[:1], batch_size=batch_size, num_workers=2,
-                            epoch_samples=64, val_samples=4)
+def shard_data(shards: list[str], model, batch_size: int = 4) -> AvatarDataModule:
+    """The shards as training and validation data cut for `model` (its clip shape and audio features)."""
+    return AvatarDataModule.for_model(model, train_shards=shards, val_shards=shards[:1], batch_size=batch_size,
+                                      num_workers=2, epoch_samples=64, val_samples=4)
 
 
 def random_batch(b: int = 2, f: int = 4, m: int = 2, size: int = 32, seed: int = 0) -> dict:
@@ -167,7 +168,7 @@ class DistillerContract:
                               **self.module_options)
         watch = UpdateWatch()
         trainer = cpu_trainer(root, TRAIN_STEPS, enable_checkpointing=False, callbacks=[watch])
-        trainer.fit(model, shard_data(shards, batch_size=2))
+        trainer.fit(model, shard_data(shards, model, batch_size=2))
         trainer.save_checkpoint(root / "student.ckpt")
         return model, trainer, root / "student.ckpt", watch
 
@@ -292,7 +293,7 @@ class DistillerContract:
 
         resumed = DistillModule(teacher_ckpt, self.make_distiller(), ema_decay=0.9, **self.module_options)
         again = cpu_trainer(tmp_path, TRAIN_STEPS + 1, enable_checkpointing=False, callbacks=[Restored()])
-        again.fit(resumed, shard_data(shards, batch_size=2), ckpt_path=str(path))
+        again.fit(resumed, shard_data(shards, resumed, batch_size=2), ckpt_path=str(path))
         assert again.global_step == TRAIN_STEPS + 1
         assert _same(restored["state"], {k: v for k, v in saved["state_dict"].items()})
         assert len(restored["optimizers"]) == len(saved["optimizer_states"]) == len(model.trained_networks())

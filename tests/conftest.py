@@ -109,6 +109,6 @@ def teacher_ckpt(shards, tmp_path_factory) -> str:
     torch.manual_seed(0)
     model = TeacherModule(preset=small_preset(), ema_decay=0.9, clip_frames=4, lr=2e-3, warmup_steps=5)
     trainer = cpu_trainer(root, 60, enable_checkpointing=False)
-    trainer.fit(model, shard_data(shards))
+    trainer.fit(model, shard_data(shards, model))
     trainer.save_checkpoint(root / "teacher.ckpt")
     return str(root / "teacher.ckpt")

@@ -17,7 +17,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.streaming import ClipDecoder, FixedClips, resolve_shards
+from datamodules.clips import ClipDecoder, FixedClips
+
+from datamodules.shards import resolve_shards
 from distillers.base import DistillTargets
 from fada_lightning.distill import DistillModule
 
@@ -34,17 +36,18 @@ class _Indexed(Dataset):
 
 
 class IndexedClips(L.LightningDataModule):
-    """The first `count` clips of `shards`, in order, each with its index (fixed crops: rng=None)."""
+    """The first `count` clips of `shards`, in order, each with its index (fixed crops: rng=None). The clip
+    shape, audio features and preset are the model's (`fada fit` links them, datamodules.streaming.model_settings)."""
 
-    def __init__(self, shards: str, count: int = 8, batch_size: int = 4):
+    def __init__(self, shards: str, count: int = 8, batch_size: int = 4, clip_frames: int | None = None,
+                 motion_frames: int | None = None, audio_features: torch.nn.Module | None = None,
+                 preset: dict | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["audio_features", "preset", "clip_frames", "motion_frames"])
+        self.decoder = ClipDecoder(audio_features, clip_frames, motion_frames, frame_size=preset["frame_size"])
 
     def setup(self, stage: str):
-        model = self.trainer.lightning_module
-        decoder = ClipDecoder(model.audio_features, model.hparams.clip_frames, model.hparams.motion_frames,
-                              frame_size=model.preset.get("frame_size"))
-        self.clips = _Indexed(FixedClips(resolve_shards(self.hparams.shards), decoder, self.hparams.count))
+        self.clips = _Indexed(FixedClips(resolve_shards(self.hparams.shards), self.decoder, self.hparams.count))
 
     def train_dataloader(self):  # in order: rank r gets clips r, r + P, ... (Lightning's own sampler shuffles)
         sampler = DistributedSampler(self.clips, self.trainer.world_size, self.trainer.global_rank, shuffle=False)

@@ -11,7 +11,8 @@ import webdataset as wds
 
 from datamodules.cache import main as cache_main
 from datamodules.cache import shard_name
-from datamodules.streaming import AvatarDataModule, BadSampleWarning, ClipDecoder, SkipSample, cache_spec
+from datamodules.clips import BadSampleWarning, ClipDecoder, SkipSample, cache_spec
+from datamodules.streaming import AvatarDataModule
 from fada_lightning.module import TeacherModule
 from fada_lightning.presets import load_preset
 
@@ -88,8 +89,8 @@ def test_a_model_trains_on_cached_shards(cached, tmp_path):
     from conftest import cpu_trainer
 
     model = TeacherModule(preset=PRESET, ema_decay=None, clip_frames=4)
-    data = AvatarDataModule(train_shards=cached, val_shards=cached[:1], batch_size=2, num_workers=0,
-                            epoch_samples=4, val_samples=2, cached=True, shuffle_buffer=4)
+    data = AvatarDataModule.for_model(model, train_shards=cached, val_shards=cached[:1], batch_size=2, num_workers=0,
+                                      epoch_samples=4, val_samples=2, cached=True, shuffle_buffer=4)
     trainer = cpu_trainer(tmp_path, 2, enable_checkpointing=False)
     trainer.fit(model, data)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -15,7 +15,8 @@ from conftest import burst_clip, write_shard
 from datamodules.audio_features import LogMelFeatures
 from datamodules.decoding import (VIDEO_BACKENDS, DecodeError, DecoderCrash, DecodeServer, IsolatedClip,
                                   decode_server, open_video, read_audio_pyav, read_wav)
-from datamodules.streaming import BadSampleWarning, ClipDecoder, ClipStream, CrashedSamples
+from datamodules.clips import BadSampleWarning, ClipDecoder
+from datamodules.streams import ClipStream, CrashedSamples
 from datamodules.synthetic import encode_sample
 from fada_lightning.faults import MUTATIONS, mutations
 from fada_lightning.video_io import encode_wav

@@ -108,7 +108,7 @@ def test_distillation_loss_falls_on_the_synthetic_world(teacher_ckpt, shards, tm
     torch.manual_seed(0)
     model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2, min_snr_gamma=5.0), lr=3e-4, warmup_steps=5,
                           ema_decay=None)
-    dm = shard_data(shards)
+    dm = shard_data(shards, model)
     trainer = cpu_trainer(tmp_path, 40, enable_checkpointing=False)
     dm.trainer = trainer
     dm.setup("fit")
@@ -143,7 +143,7 @@ def test_student_checkpoint_round_trips_without_its_teacher(teacher_ckpt, shards
     model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2, num_windows=2, sample_steps=3), lr=1e-3,
                           ema_decay=0.9)
     trainer = cpu_trainer(tmp_path, 2, enable_checkpointing=False)
-    trainer.fit(model, shard_data(shards, batch_size=2))
+    trainer.fit(model, shard_data(shards, model, batch_size=2))
     path = tmp_path / "student.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=True)
@@ -239,7 +239,7 @@ def test_bf16_mixed_runs_the_teacher_under_autocast_and_keeps_the_student_fp32(t
     trainer = cpu_trainer(tmp_path, 1, enable_checkpointing=False, precision="bf16-mixed")
     AvatarDenoiser.forward = spy
     try:
-        trainer.fit(model, shard_data(shards, batch_size=1))
+        trainer.fit(model, shard_data(shards, model, batch_size=1))
     finally:
         AvatarDenoiser.forward = forward
     assert (True, torch.bfloat16, False) in seen  # the teacher's solve: autocast, no autograd

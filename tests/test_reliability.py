@@ -15,7 +15,8 @@ import webdataset as wds
 from conftest import burst_clip, write_shard
 
 from datamodules.audio_features import LogMelFeatures
-from datamodules.streaming import ClipDecoder, ClipStream, ResizedClipWarning
+from datamodules.clips import ClipDecoder, ResizedClipWarning
+from datamodules.streams import ClipStream
 from fada_lightning.checkpoints import (AtomicCheckpointIO, CheckpointError, check_role, checkpoint_role,
                                         read_checkpoint, write_atomically)
 from fada_lightning.cli import check_resumable, main

@@ -15,8 +15,10 @@ import webdataset as wds
 from conftest import burst_clip, cpu_trainer, frame_index, make_shards, small_preset, write_shard
 
 from datamodules.audio_features import LogMelFeatures, Wav2Vec2Features, audio_windows
-from datamodules.streaming import (AvatarDataModule, BadSampleWarning, ClipDecoder, ClipStream, TierMix,
-                                   resolve_shards, split_shards)
+from datamodules.clips import BadSampleWarning, ClipDecoder
+from datamodules.shards import resolve_shards, split_shards
+from datamodules.streaming import AvatarDataModule
+from datamodules.streams import ClipStream, TierMix
 
 TINY_WAV2VEC2 = dict(
     extractor_mode="group_norm", extractor_conv_layer_config=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
@@ -270,21 +272,39 @@ def test_datamodule_audio_features_by_class_path():
     assert isinstance(dm.audio_features, LogMelFeatures) and dm.audio_features.dim == 64
 
 
-def test_datamodule_takes_audio_features_and_clip_shape_from_the_model():
+def test_the_cli_links_the_models_clip_shape_and_audio_features_into_the_data(tmp_path, monkeypatch):
+    """LightningCLI argument linking: the data module gets what the model was built with, not a default."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from fada_lightning.cli import FadaCLI, FadaParser
+    from fada_lightning.presets import find_config
+
+    monkeypatch.chdir(tmp_path)
+    cli = FadaCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                  auto_configure_optimizers=False, parser_class=FadaParser,
+                  args=["--config", str(find_config("teacher.yaml")), "--model.init_args.clip_frames=6",
+                        "--model.init_args.motion_frames=3"])
+    data, model = cli.datamodule, cli.model
+    assert (data.clip_frames, data.motion_frames) == (6, 3)
+    assert data.audio_features is model.audio_features and data.preset == model.preset
+    decoder = data._make_decoder()
+    assert (decoder.clip_frames, decoder.motion_frames, decoder.frame_size) == (6, 3, model.preset["frame_size"])
+
+
+def test_data_built_for_another_model_is_refused_by_name():
     class Model:
         audio_features = LogMelFeatures(n_mels=8)
         hparams = {"clip_frames": 6, "motion_frames": 3}
+        preset = {"frame_size": 32}
 
-    class Trainer:
-        lightning_module = Model()
-
-    dm = AvatarDataModule(train_shards="x.tar")
-    dm.trainer = Trainer()
+    dm = AvatarDataModule.for_model(Model(), train_shards="x.tar")
     decoder = dm._make_decoder()
     assert decoder.audio_features is Model.audio_features and (decoder.clip_frames, decoder.motion_frames) == (6, 3)
-    dm = AvatarDataModule(train_shards="x.tar", clip_frames=4)
-    dm.trainer = Trainer()
-    assert dm._make_decoder().clip_frames == 4  # given here: wins
+    dm.decoder = AvatarDataModule(train_shards="x.tar", clip_frames=4)._make_decoder()
+    with pytest.raises(ValueError, match=r"clip_frames: data 4, model 6; motion_frames: data 2, model 3; audio_features: "
+                                         r"data \('LogMelFeatures', 1, 128\), model \('LogMelFeatures', 1, 32\)\): "
+                                         r"build it with AvatarDataModule.for_model"):
+        dm._check_fits(Model())
 
 
 def test_datamodule_generates_synthetic_data_and_trains_on_its_strict_shards(tmp_path):
@@ -335,7 +355,7 @@ def test_tiers_mix_by_their_weights_and_keep_their_tags(tiered):
 
 
 def test_items_carry_the_quality_scores_of_their_json(tiered):
-    from datamodules.streaming import QUALITY_KEYS
+    from datamodules.clips import QUALITY_KEYS
 
     dm = _tiered_data(tiered, tier_weights={"strict": 1, "lenient": 1}, epoch_samples=16)
     dm.setup("fit")
@@ -431,7 +451,8 @@ def test_a_killed_and_resumed_fit_trains_on_the_clips_an_uninterrupted_one_does(
     def fit(steps, ckpt_path=None, save=None):
         torch.manual_seed(0)
         model = TeacherModule(preset=small_preset(), clip_frames=4, ema_decay=None)
-        data = AvatarDataModule(train_shards=shards, batch_size=2, num_workers=2, epoch_samples=8, seed=3)
+        data = AvatarDataModule.for_model(model, train_shards=shards, batch_size=2, num_workers=2, epoch_samples=8,
+                                          seed=3)
         recorder = KeyRecorder()
         trainer = cpu_trainer(tmp_path, steps, callbacks=[recorder], enable_checkpointing=False,
                               plugins=[AtomicCheckpointIO()])

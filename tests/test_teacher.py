@@ -40,9 +40,9 @@ def test_loss_targets_are_eq1_in_the_networks_own_space(kind):
 
 def test_teacher_loss_falls_on_the_synthetic_world(shards):
     torch.manual_seed(0)
-    dm = AvatarDataModule(train_shards=shards, val_shards=shards[:1], batch_size=4, num_workers=2,
-                          epoch_samples=160, val_samples=4)
     model = TeacherModule(preset=small_preset(), ema_decay=None, clip_frames=4, lr=2e-3, warmup_steps=5)
+    dm = AvatarDataModule.for_model(model, train_shards=shards, val_shards=shards[:1], batch_size=4, num_workers=2,
+                                    epoch_samples=160, val_samples=4)
     trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
     dm.trainer = trainer

@@ -1,0 +1,61 @@
+"""Shard lists (SPEC 5): what `train_shards` / `val_shards` name, and which of them each (rank, worker) reads."""
+from __future__ import annotations
+
+import glob
+import os
+
+import webdataset as wds
+
+
+
+def is_remote(url: str) -> bool:
+    """True for anything webdataset opens that is not a local path (http://, s3://, pipe:, ...)."""
+    return "://" in url or url.startswith("pipe:")
+
+
+def resolve_shards(spec: str | list[str] | None) -> list[str]:
+    """A directory (its *.tar, sorted), a glob, brace notation ("x-{00000..00007}.tar"), a URL,
+    or a list of any of these -> a flat list of shard URLs. Whether listed files exist is
+    checked by `check_local_shards`; an empty directory or a glob matching nothing fails here."""
+    if not spec:
+        return []
+    if not isinstance(spec, str):
+        return [url for item in spec for url in resolve_shards(item)]
+    if is_remote(spec) or "{" in spec:
+        return wds.shardlists.expand_urls(spec)
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in directory {path}")
+        return found
+    if glob.has_magic(path):
+        found = sorted(glob.glob(path))
+        if not found:
+            raise FileNotFoundError(f"no shards match {path}")
+        return found
+    return [path]
+
+
+def check_local_shards(urls: list[str], name: str) -> None:
+    """One clear error, before training starts, for local shards that are missing or unreadable."""
+    if not urls:
+        raise FileNotFoundError(f"{name}: no shards found (give a directory of .tar files, a glob, "
+                                f"brace notation like 'data/strict/strict-{{00000..00007}}.tar', or a list)")
+    local = [u[len("file:"):] if u.startswith("file:") else u for u in urls if not is_remote(u)]
+    missing = [p for p in local if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise FileNotFoundError(f"{name}: shard {', '.join(missing[:3])}{more} does not exist")
+    unreadable = [p for p in local if not os.access(p, os.R_OK)]
+    if unreadable:
+        raise PermissionError(f"{name}: shard {unreadable[0]} is not readable")
+
+
+def split_shards(urls: list, rank: int, world_size: int, worker: int, num_workers: int) -> list:
+    """This (rank, worker)'s shards: by rank, then by worker. Disjoint and covering over all pairs."""
+    needed = world_size * num_workers
+    if len(urls) < needed:
+        raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks x {num_workers} data workers: "
+                         f"need at least {needed} shards (write smaller shards, or use fewer workers)")
+    return list(urls)[rank::world_size][worker::num_workers]
