@@ -106,7 +106,8 @@ class Distiller(HyperparametersMixin, nn.Module):
       student_every: the student is updated at steps s with s % student_every == 0 (default 1)
     Helpers: `abar(n, like)`, `to_eps(pred, z, abar)`, `eps_fn(net, cond, ...)`, `nfe(steps)`. The module
     calls `bind(schedule, prediction_type, student_ema)` once, before any hook runs, and, where it
-    trains or evaluates (never to sample), `build_networks(teacher)` once the teacher is loaded.
+    trains or evaluates (never to sample), `set_teacher(teacher)` once the teacher is loaded, which
+    calls `build_networks(teacher)`.
     Each key of the `logs` dict a loss returns is logged as `train/<key>` (a (B,) tensor: its mean
     as `train/<key>_mean` and a histogram); each network's loss as `train/<name>_loss` and its
     gradient norm as `train/grad_norm/<name>`.
@@ -190,6 +191,12 @@ class Distiller(HyperparametersMixin, nn.Module):
         self.networks[name] = net.requires_grad_(True)
         self.optimization[name] = optimization
         return net
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """The module hands over the frozen teacher once it is loaded: kept as `self.teacher` (a reference,
+        not a submodule), then `build_networks(teacher)`."""
+        self._frozen["teacher"] = teacher
+        self.build_networks(teacher)
 
     def build_networks(self, teacher: nn.Module) -> None:
         """Add the distiller's own trained networks (`add_network`), e.g. a copy of `teacher`. Called once

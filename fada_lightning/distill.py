@@ -209,9 +209,8 @@ class DistillModule(AvatarModule):
         for student in (self.net, self.ema.module if self.ema is not None else None):
             if student is not None:
                 student.load_state_dict(weights, strict=False)
-        self.distiller._frozen["teacher"] = teacher
-        self.distiller.build_networks(teacher)
-        self.distiller.to(device=self.device)
+        self.distiller.set_teacher(teacher)
+        self.distiller.to(device=self.device)  # its own networks, built on the CPU
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -14,9 +14,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from datamodules.audio_features import AudioFeatures
 from datamodules.clips import ClipDecoder, FixedClips
 
 from datamodules.shards import resolve_shards
@@ -40,7 +42,7 @@ class IndexedClips(L.LightningDataModule):
     shape, audio features and preset are the model's (`fada fit` links them, datamodules.streaming.model_settings)."""
 
     def __init__(self, shards: str, count: int = 8, batch_size: int = 4, clip_frames: int | None = None,
-                 motion_frames: int | None = None, audio_features: torch.nn.Module | None = None,
+                 motion_frames: int | None = None, audio_features: AudioFeatures | None = None,
                  preset: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["audio_features", "preset", "clip_frames", "motion_frames"])
@@ -105,9 +107,10 @@ class Record(L.Callback):
         state = full_state(pl_module)
         keys = _gather(self.keys)
         dtypes = sorted({str(p.dtype) for p in pl_module.net.parameters()})
+        sharded = {name: isinstance(net, FSDPModule) for name, net in pl_module.networks().items()}
         if trainer.global_rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            record = dict(losses=self.losses, network_losses=self.network_losses, keys=keys, dtypes=dtypes, world_size=trainer.world_size,
+            record = dict(losses=self.losses, network_losses=self.network_losses, keys=keys, sharded=sharded, dtypes=dtypes, world_size=trainer.world_size,
                           global_step=trainer.global_step)
             (self.out / "record.json").write_text(json.dumps(record))
             torch.save(state, self.out / "weights.pt")

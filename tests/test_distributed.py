@@ -112,6 +112,8 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(strategy, o
     moved = max((theirs[f"net.{k[len('ema.module.'):]}"] - v).abs().max().item()
                 for k, v in start.items() if k.startswith("ema.module."))
     assert moved > 2e-3  # the runs trained: the tolerance is far below how far the weights moved
+    # each network its own FSDP root (the distiller's probe too), none wrapped with another
+    assert run["sharded"] == {name: strategy == "fsdp2" for name in ("net", "ema", "teacher", "distiller.probe")}
     keys = run["keys"]  # each rank saw its own clips (clip i on rank i mod 2), as many batches each
     assert len(keys[0]) == len(keys[1]) == STEPS
     assert {k for step in keys[0] for k in step}.isdisjoint({k for step in keys[1] for k in step})
