@@ -264,10 +264,9 @@ class DistillModule(AvatarModule):
             net, optimization = trained[name]
             loss, logs = (self.distiller.student_loss(self.net, job) if name == "student"
                           else self.distiller.network_loss(name, job))
-            for optimizer in optimizers.values():  # only this update's gradients, only on this network
-                optimizer.zero_grad(set_to_none=True)
+            optimizers[name].zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            for other, (other_net, _) in trained.items():
+            for other, (other_net, _) in trained.items():  # only this update's gradients, only on this network
                 if other != name:
                     other_net.zero_grad(set_to_none=True)
             norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
