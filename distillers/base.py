@@ -160,7 +160,7 @@ class Distiller(HyperparametersMixin, nn.Module):
 
     @property
     def teacher(self) -> nn.Module | None:
-        """The frozen teacher, once the module has loaded it (`build_networks`)."""
+        """The frozen teacher, once the module has loaded it (`set_teacher`)."""
         return self._frozen["teacher"]
 
     def spec(self) -> dict:
@@ -211,7 +211,6 @@ class Distiller(HyperparametersMixin, nn.Module):
     # ---- helpers -------------------------------------------------------------------------
     def abar(self, n: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """abar_n (B,) broadcast over like (B, ...)."""
-        self.num_train_timesteps  # noqa: B018 (a clear error when unbound)
         return S.expand_like(self.alphas_cumprod[n], like)
 
     def to_eps(self, pred: torch.Tensor, z: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
