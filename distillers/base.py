@@ -22,17 +22,16 @@ it came from, "strict" / "lenient"), for methods that treat tiers differently.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, fields
 
 import torch
-from jsonargparse import ArgumentParser
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
 from fada_lightning.diffusion import schedule as S
 from fada_lightning.diffusion.guidance import Conditions, condition_dropout
 from fada_lightning.diffusion.sampling import conditional_denoiser, guided_denoiser
+from fada_lightning.presets import config_arguments
 
 
 @dataclass
@@ -254,15 +253,6 @@ class Distiller(HyperparametersMixin, nn.Module):
 
     def scheduler(self):
         raise NotImplementedError
-
-
-@functools.cache
-def config_arguments(cls: type) -> frozenset[str]:
-    """The constructor arguments a config may give `cls`, as LightningCLI resolves them: its own and
-    those of its parents that it forwards with **kwargs (less any it passes itself)."""
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, "init", fail_untyped=False)
-    return frozenset(a.dest.split(".")[1] for a in parser._actions if a.dest.startswith("init."))
 
 
 GUIDANCE_MODES = ("balanced", "guided")

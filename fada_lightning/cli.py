@@ -24,7 +24,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .checkpoints import AtomicCheckpointIO, check_role, read_checkpoint, recover_folder_swap
-from .presets import ConfigError, config_bases, find_config
+from .presets import ConfigError, config_arguments, config_bases, find_config
 
 
 LIGHTNING_COMMANDS = {
@@ -85,8 +85,6 @@ def explain_parse_error(message: str, parser=None) -> str:
     what = causes[0]
     rejected = re.match(r"Option '(\w+)' is not accepted", what)
     if rejected and classes:
-        from distillers.base import config_arguments
-
         module_name, _, name = classes[-1].rpartition(".")
         try:
             accepted = sorted(config_arguments(getattr(importlib.import_module(module_name), name)))

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 from importlib import resources
 from pathlib import Path
 
 import yaml
+from jsonargparse import ArgumentParser
 
 
 class ConfigError(ValueError):
@@ -71,3 +73,12 @@ def load_preset(preset: str | dict) -> dict:
         raise ValueError(f"preset {preset!r} lacks {sorted(missing)}")
     resolved.setdefault("name", Path(name).stem)
     return resolved
+
+
+@functools.cache
+def config_arguments(cls: type) -> frozenset[str]:
+    """The constructor arguments a config may give `cls`, as LightningCLI resolves them: its own and
+    those of its parents that it forwards with **kwargs (less any it passes itself)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "init", fail_untyped=False)
+    return frozenset(a.dest.split(".")[1] for a in parser._actions if a.dest.startswith("init."))
