@@ -7,7 +7,7 @@
         job = distiller.make_targets(teacher, z0, cond, t, eps, generator, tiers=batch["tier"])
     for name in distiller.updates(step):                # 3. which networks update this step, in order
         loss, logs = distiller.student_loss(student, job) if name == "student" \
-            else distiller.network_loss(name, job)      #    default student_loss: student forward + `loss`
+            else distiller.network_loss(name, student, job)  # default student_loss: forward + `loss`
         backward; clip; the network's optimizer and LR scheduler step
     distiller.scheduler(), .sample_steps, .sample_cfg   # 4. how the student samples
     (and .sample_eta)
@@ -97,7 +97,7 @@ class Distiller(HyperparametersMixin, nn.Module):
       loss(pred, job) -> (scalar, {name: scalar to log})           default: weighted ||eps_theta - eps_target||^2
       student_loss(student, job) -> (scalar, logs)                 default: loss(student(job.z, job.timestep, job.cond), job)
       build_networks(teacher)                                      default: none; add_network(...) for each
-      network_loss(name, job) -> (scalar, logs)                    required for each network added
+      network_loss(name, student, job) -> (scalar, logs)           required for each network added
       updates(step) -> names of the networks updated at `step`     default: each whose Optimization is due
       scheduler() -> a diffusers scheduler for the student          required
       sample_cfg: True -> Eq 9's three passes a step at inference, False -> one pass
@@ -243,8 +243,9 @@ class Distiller(HyperparametersMixin, nn.Module):
         update's gradients to the network it updates)."""
         return self.loss(student(job.z, job.timestep, job.cond), job)
 
-    def network_loss(self, name: str, job: DistillTargets) -> tuple[torch.Tensor, dict]:
-        """The loss of the distiller's own network `name` (self.networks[name]) for this step's job."""
+    def network_loss(self, name: str, student: nn.Module, job: DistillTargets) -> tuple[torch.Tensor, dict]:
+        """The loss of the distiller's own network `name` (self.networks[name]) for this step's job; the
+        student is there to sample from (under no_grad: this update trains `name` only)."""
         raise NotImplementedError(f"{type(self).__name__} adds network {name!r}, so it defines network_loss for it")
 
     def eps_error(self, pred: torch.Tensor, job: DistillTargets) -> torch.Tensor:

@@ -44,7 +44,7 @@ class ProbedPeRFlow(PeRFlow):
         agree = (self.to_eps(pred.float(), job.z, job.abar) - self.networks["probe"](job.z)).pow(2).mean()
         return loss + self.agreement * agree, {**logs, "probe_agreement": agree.detach()}
 
-    def network_loss(self, name, job):
+    def network_loss(self, name, student, job):
         return (self.networks[name](job.z) - job.eps_target).pow(2).mean(), {}
 
 
