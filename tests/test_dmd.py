@@ -1,0 +1,126 @@
+"""DMD's math (fada_lightning/diffusion/dmd.py) against SPEC 3b's cheap checks: a Gaussian world with
+exact scores, where the analytic answer is known, and the identities of the gradient and its loss."""
+import pytest
+import torch
+
+from fada_lightning.diffusion import dmd
+from fada_lightning.diffusion import schedule as S
+
+ABAR = S.alphas_cumprod().double()
+
+
+def posterior_mean(x_t, abar, mean, var):
+    """E[x0 | x_t] for x0 ~ N(mean, diag var) and x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+    a = abar.sqrt()
+    return mean + a * var / (abar * var + 1 - abar) * (x_t - a * mean)
+
+
+def train_gaussian_generator(real_x0, fake_term: bool = True, steps: int = 1000, seed: int = 0):
+    """x = scale * z + shift, z ~ N(0, I) in 4 dimensions, trained with the DMD loss; the fake score is exact
+    for the generator's own distribution N(shift, scale^2) (or, with fake_term False, replaced by x itself:
+    plain score distillation). -> (shift, |scale|)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    shift = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([scale, shift], lr=2e-2)
+    for _ in range(steps):
+        z = torch.randn(256, 4, generator=g, dtype=torch.float64)
+        x = scale * z + shift
+        with torch.no_grad():
+            abar = ABAR[dmd.dmd_timesteps(256, generator=g)][:, None]
+            x_t = S.add_noise(x, torch.randn(x.shape, generator=g, dtype=torch.float64), abar)
+            x0_real = real_x0(x_t, abar)
+            x0_fake = posterior_mean(x_t, abar, shift, scale**2) if fake_term else x
+            grad = dmd.dmd_gradient(x, x0_real, x0_fake).double()
+        opt.zero_grad()
+        dmd.dmd_loss(x, grad).backward()
+        opt.step()
+    return shift.detach(), scale.detach().abs()
+
+
+MU = torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=torch.float64)
+SIGMA = torch.tensor([0.5, 1.0, 0.2, 1.5], dtype=torch.float64)
+
+
+def test_dmd_recovers_the_data_distribution_with_exact_scores():
+    shift, scale = train_gaussian_generator(lambda x_t, abar: posterior_mean(x_t, abar, MU, SIGMA**2))
+    torch.testing.assert_close(shift, MU, rtol=0, atol=1e-2)
+    torch.testing.assert_close(scale, SIGMA, rtol=0, atol=1e-2)
+
+
+def test_without_the_fake_score_the_spread_collapses():
+    """Plain score distillation (the fake score replaced by the sample): every sample is pulled to the
+    real posterior mean, so the generator's spread shrinks far below the data's (the negative control)."""
+    shift, scale = train_gaussian_generator(lambda x_t, abar: posterior_mean(x_t, abar, MU, SIGMA**2),
+                                            fake_term=False)
+    assert (scale < 0.3 * SIGMA).all(), scale
+
+
+def test_the_guided_target_is_recovered():
+    """Conditional N(mu_c, sigma^2) and unconditional N(mu_u, sigma^2) (equal variance): CFG at scale s on the
+    real score makes the target N(mu_u + s (mu_c - mu_u), sigma^2)."""
+    mu_u, s = torch.tensor([0.0, 0.5, -1.0, 1.0], dtype=torch.float64), 2.0
+
+    def guided(x_t, abar):
+        x0_c, x0_u = posterior_mean(x_t, abar, MU, SIGMA**2), posterior_mean(x_t, abar, mu_u, SIGMA**2)
+        return x0_u + s * (x0_c - x0_u)
+
+    shift, scale = train_gaussian_generator(guided)
+    torch.testing.assert_close(shift, mu_u + s * (MU - mu_u), rtol=0, atol=1e-2)
+    torch.testing.assert_close(scale, SIGMA, rtol=0, atol=1e-2)
+
+
+def test_equal_scores_give_a_zero_gradient():
+    g = torch.Generator().manual_seed(1)
+    x, x0 = torch.randn(2, 3, 2, 4, 4, 4, generator=g)
+    assert torch.equal(dmd.dmd_gradient(x, x0, x0), torch.zeros_like(x))
+
+
+def test_the_loss_gradient_is_grad_over_numel():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 4, 5, 5, generator=g, requires_grad=True)
+    x0_real, x0_fake = torch.randn(2, *x.shape, generator=g)
+    grad = dmd.dmd_gradient(x.detach(), x0_real, x0_fake)
+    dmd.dmd_loss(x, grad).backward()
+    # exact up to float32's rounding of x - (x - grad): 1e-10 on gradients of ~1e-3
+    torch.testing.assert_close(x.grad, grad / x.numel(), rtol=0, atol=1e-9)
+
+
+def test_the_normaliser_is_per_sample():
+    g = torch.Generator().manual_seed(3)
+    x, x0_real, x0_fake = torch.randn(3, 4, 2, 3, 3, generator=g)
+    before = dmd.dmd_gradient(x, x0_real, x0_fake)
+    x[1] = 10 * x[1]  # another sample far away
+    after = dmd.dmd_gradient(x, x0_real, x0_fake)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    assert not torch.equal(after[1], before[1])
+    x = x0_real.clone()  # |x - x0_real| = 0: no direction, not a NaN
+    assert torch.equal(dmd.dmd_gradient(x, x0_real, x0_fake), torch.zeros_like(x))
+
+
+def test_generator_timesteps_and_the_comparison_range():
+    assert dmd.generator_timesteps(4).tolist() == [999, 749, 499, 249]
+    assert dmd.generator_timesteps(1).tolist() == [999]
+    t = dmd.dmd_timesteps(20000, generator=torch.Generator().manual_seed(0))
+    assert int(t.min()) == 20 and int(t.max()) == 980
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_backward_simulation_runs_the_generator_and_renoises_to_the_next_timestep(steps):
+    """With a generator that always answers x0 = c, the input after k >= 1 steps is c noised to timestep k."""
+    timesteps = dmd.generator_timesteps(4)
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(4))
+    c = torch.full((2, 3), 0.7)
+    seen = []
+
+    def denoise(x, t):
+        seen.append(t)
+        return c
+
+    x = dmd.backward_simulation(denoise, noise, timesteps, steps, ABAR.float(), torch.Generator().manual_seed(5))
+    assert seen == timesteps[:steps].tolist()
+    if steps == 0:
+        assert torch.equal(x, noise)
+    else:
+        eps = [torch.randn(2, 3, generator=g) for g in [torch.Generator().manual_seed(5)] for _ in range(steps)][-1]
+        torch.testing.assert_close(x, S.add_noise(c, eps, ABAR.float()[int(timesteps[steps])]))
