@@ -124,3 +124,66 @@ def test_backward_simulation_runs_the_generator_and_renoises_to_the_next_timeste
     else:
         eps = [torch.randn(2, 3, generator=g) for g in [torch.Generator().manual_seed(5)] for _ in range(steps)][-1]
         torch.testing.assert_close(x, S.add_noise(c, eps, ABAR.float()[int(timesteps[steps])]))
+
+
+# ---- the DMD distiller (distillers/dmd.py) on the contract ---------------------------------------
+from distillers.dmd import DMD  # noqa: E402
+from fada_lightning.diffusion import DMDScheduler  # noqa: E402
+from fada_lightning.distill import DistillModule  # noqa: E402
+from fada_lightning.testing import DistillerContract, random_batch  # noqa: E402
+
+
+class TestDMD(DistillerContract):
+    def make_distiller(self):
+        return DMD(two_time_scale=2, fake_lr=1e-3)
+
+
+class TestDMDWithCFGTokens(DistillerContract):
+    """Scales drawn per clip and told to the student through FADA's CFG tokens: steerable at 4 NFE."""
+
+    module_options = {"cfg_conditioning": "layer_tokens", "ref_scale": 2.0, "audio_scale": 6.5}
+
+    def make_distiller(self):
+        return DMD(ref_scale=(1.0, 3.0), audio_scale=(1.0, 9.0))
+
+
+@pytest.mark.parametrize("prediction_type", S.PREDICTION_TYPES)
+def test_the_scheduler_steps_through_the_training_chain(prediction_type):
+    """Timesteps [999, 749, 499, 249]; each step reads x0 from the model and re-noises it to the next
+    timestep with fresh noise, as backward simulation does; the last returns x0."""
+    scheduler = DMDScheduler(prediction_type=prediction_type)
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    abar = S.alphas_cumprod().float()
+    x0 = torch.full((2, 3), 0.4)
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    g, reference = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for i, n in enumerate(scheduler.timesteps):
+        output = S.from_eps(S.x0_to_eps(z, x0, abar[int(n)]), z, abar[int(n)], prediction_type)  # an exact model
+        z = scheduler.step(output, n, z, generator=g).prev_sample
+        if i < 3:
+            torch.testing.assert_close(z, S.add_noise(x0, torch.randn(2, 3, generator=reference),
+                                                      abar[int(scheduler.timesteps[i + 1])]))
+    torch.testing.assert_close(z, x0)
+
+
+def test_equal_scores_at_scale_one_give_the_generator_no_gradient(teacher_ckpt):
+    """F = R (F starts as the teacher's copy) and s_r = s_a = 1 (Eq 9 is then the conditional pass):
+    x0_fake = x0_real, so the DMD gradient, and G's, is zero."""
+    model = DistillModule(teacher_ckpt, DMD(ref_scale=1.0, audio_scale=1.0), ema_decay=None)
+    model.load_teacher()
+    loss, logs = model.distillation_loss(random_batch(), torch.Generator().manual_seed(0))
+    assert float(logs["dmd/x0_gap"].abs().max()) < 1e-5  # Eq 9 at (1, 1) differs from one pass by rounding only
+    loss.backward()
+    zero = max(float(p.grad.abs().max()) for p in model.net.parameters() if p.grad is not None)
+    guided = DistillModule(teacher_ckpt, DMD(), ema_decay=None)  # the default scales, for scale
+    guided.load_teacher()
+    guided.distillation_loss(random_batch(), torch.Generator().manual_seed(0))[0].backward()
+    assert zero < 1e-4 * max(float(p.grad.abs().max()) for p in guided.net.parameters() if p.grad is not None)
+
+
+def test_dmd_refuses_settings_it_cannot_train():
+    with pytest.raises(ValueError, match="mode must be guided"):
+        DMD(mode="balanced")
+    with pytest.raises(ValueError, match="sample_steps 6 must equal generator_steps 4"):
+        DMD(sample_steps=6)
