@@ -4,12 +4,14 @@
 
 Nothing is allocated: parameters are counted, saved activations are summed by a saved-tensors hook
 during a forward on meta tensors, and FLOPs come from torch's FlopCounterMode on the same forward.
-Teacher passes per training clip are counted on `micro` (the count depends on the distiller only), for
-every bundled configs/distill_<method>.yaml: a new distiller config appears here without an edit.
+Network passes per training clip (with and without gradient, every network a training step runs)
+are counted on a tiny preset (the count depends on the distiller only), for every bundled
+configs/distill_<method>.yaml: a new distiller config appears here without an edit.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -105,10 +107,11 @@ def forward_flops(net: AvatarDenoiser, batch: int, frames: int, device="meta") -
 
 
 class PassCounter:
-    """Rows of the batches that `nets` run forward while in the `with` block (forward hooks)."""
+    """Rows of the batches that `nets` run forward while in the `with` block (forward hooks), split by
+    whether autograd was recording (a pass with gradient also costs its backward, about 2 forwards)."""
 
     def __init__(self, *nets: nn.Module):
-        self.nets, self.rows, self.hooks = nets, 0, []
+        self.nets, self.rows, self.grad_rows, self.hooks = nets, 0, 0, []
 
     def __enter__(self) -> "PassCounter":
         self.hooks = [net.register_forward_hook(self.count) for net in self.nets]
@@ -119,7 +122,10 @@ class PassCounter:
             hook.remove()
 
     def count(self, net, args, output):
-        self.rows += args[0].shape[0]
+        if torch.is_grad_enabled():
+            self.grad_rows += args[0].shape[0]
+        else:
+            self.rows += args[0].shape[0]
 
 
 def bundled_distillers() -> dict[str, dict]:
@@ -133,12 +139,19 @@ def bundled_distillers() -> dict[str, dict]:
     return rows
 
 
-def teacher_passes(distillers: dict[str, dict] | None = None) -> dict[str, float]:
-    """Frozen-network forward passes (the teacher, and the student's EMA where a distiller uses it as its
-    target) per training clip, for each distiller spec (default: `bundled_distillers()`), counted on
-    `micro`: a random teacher checkpoint, one `make_targets` of 4 clips."""
+def _distiller(spec: dict):
     from lightning.pytorch.cli import instantiate_class
 
+    spec = dict(spec)
+    options = spec.pop("module_options", {})
+    return instantiate_class((), spec), options
+
+
+def step_passes(distillers: dict[str, dict] | None = None, periods: int = 8) -> dict[str, tuple[float, float]]:
+    """Network passes per training clip, (with gradient, without), for each distiller spec (default:
+    `bundled_distillers()`): forward rows through every network (student, teacher, EMA, the distiller's
+    own) over whole training steps (job + every update due), averaged over `periods` cycles of the
+    update schedule, counted on a tiny random teacher, 4 clips a step."""
     from .distill import DistillModule
     from .testing import random_teacher_checkpoint
 
@@ -146,23 +159,47 @@ def teacher_passes(distillers: dict[str, dict] | None = None) -> dict[str, float
     with tempfile.TemporaryDirectory() as tmp:
         path = random_teacher_checkpoint(Path(tmp) / "teacher.ckpt", clip_frames=2)
         for name, spec in (distillers or bundled_distillers()).items():
-            spec = dict(spec)
-            options = spec.pop("module_options", {})
-            distiller = instantiate_class((), spec)
+            distiller, options = _distiller(spec)
             module = DistillModule(path, distiller, ema_decay=0.9, **options)
             module.load_teacher()
             z, _, cond = example_inputs(module.net, 4, 2, device="cpu")
-            with torch.no_grad(), PassCounter(module.teacher, module.ema.module) as counter:
-                distiller.make_targets(module.teacher, z, cond, distiller.sample_time(4, z.device), torch.randn_like(z),
-                                       tiers=["strict", "lenient"] * 2)
-            passes[f"{name} ({type(distiller).__name__}, {distiller.nfe()} NFE)"] = counter.rows / 4
+            everies = [distiller.student_every, *(o.every for o in distiller.optimization.values())]
+            steps = periods * math.lcm(*everies)
+            torch.manual_seed(0)
+            nets = [module.net, module.teacher, module.ema.module, *distiller.networks.values()]
+            with PassCounter(*nets) as counter:
+                for step in range(steps):
+                    with torch.no_grad():
+                        job = distiller.make_targets(module.teacher, z, cond, distiller.sample_time(4, z.device),
+                                                     torch.randn_like(z), tiers=["strict", "lenient"] * 2)
+                    for update in distiller.updates(step):
+                        if update == "student":
+                            distiller.student_loss(module.net, job)
+                        else:
+                            distiller.network_loss(update, module.net, job)
+            passes[f"{name} ({type(distiller).__name__}, {distiller.nfe()} NFE)"] = (
+                counter.grad_rows / (4 * steps), counter.rows / (4 * steps))
     return passes
 
 
-def state_gib_per_gpu(student: int, teacher: int, gpus: int, sharded: bool, teacher_bf16: bool = True) -> dict:
-    """Weights, gradients and optimizer state per GPU: DDP keeps all of it on every GPU, FSDP 1 / gpus."""
+def trained_parameters(spec: dict, preset: str | dict = "sd15") -> tuple[int, int]:
+    """Parameters a distiller trains at `preset` (meta device): (the student, the student and the
+    networks the distiller adds)."""
+    from fada_lightning.diffusion import schedule as S
+
+    distiller, options = _distiller(spec)
+    student = meta_denoiser(preset, options.get("cfg_conditioning", "none"))
+    distiller.bind(S.SD15_SCHEDULE, "epsilon", student_ema=student)  # the EMA only stands in: it is not trained
+    distiller.set_teacher(meta_denoiser(preset))
+    return count(student), count(student) + sum(count(net) for net in distiller.networks.values())
+
+
+def state_gib_per_gpu(student: int, teacher: int, gpus: int, sharded: bool, teacher_bf16: bool = True,
+                      trained: int | None = None) -> dict:
+    """Weights, gradients and optimizer state per GPU: DDP keeps all of it on every GPU, FSDP 1 / gpus.
+    `trained`: every trained parameter (the student and a distiller's own networks), default the student's."""
     share = 1 / gpus if sharded else 1
-    parts = {"student + grads + AdamW": student * TRAINED, "student EMA": student * EMA,
+    parts = {"trained + grads + AdamW": (student if trained is None else trained) * TRAINED, "student EMA": student * EMA,
              "teacher": teacher * (TEACHER_BF16 if teacher_bf16 else TEACHER_FP32)}
     return {k: v * share / GIB for k, v in parts.items()}
 
@@ -194,11 +231,21 @@ def main(argv=None):
         print(f"{label:30s} {acts:8.2f} {acts:8.2f}")
     fwd = forward_flops(teacher, 1, args.frames)
     print(f"\none forward, 1 clip of {args.frames} frames: {fwd / 1e12:.2f} TFLOP")
-    print(f"\n{'distiller':52s} {'teacher passes':>14s} {'TFLOP/clip':>10s} {'GPU-h 160 h':>11s} {'GPU-h 1300 h':>12s}")
-    for name, passes in {"teacher (Eq 1)": 0.0, **teacher_passes()}.items():
-        step = (3 + passes) * fwd  # student forward + backward (~2x forward), and the frozen passes
+    distillers = bundled_distillers()
+    print(f"\n{'distiller':46s} {'passes: grad':>12s} {'no grad':>8s} {'TFLOP/clip':>10s} {'GPU-h 160 h':>11s} "
+          f"{'GPU-h 1300 h':>12s}")
+    for name, (grad, no_grad) in {"teacher (Eq 1)": (1.0, 0.0), **step_passes(distillers)}.items():
+        step = (3 * grad + no_grad) * fwd  # a pass with gradient: forward + backward (~2 forwards)
         a, b = (gpu_hours(h, args.frames, step, args.tflops, args.mfu) for h in (160, 1300))
-        print(f"{name:52s} {passes:14g} {step / 1e12:10.1f} {a:11,.0f} {b:12,.0f}")
+        print(f"{name:46s} {grad:12.2f} {no_grad:8.2f} {step / 1e12:10.1f} {a:11,.0f} {b:12,.0f}")
+    counts = sorted({8, args.gpus})
+    print("\nper GPU (GiB): weights, gradients and optimizer state of every trained network, student EMA, teacher")
+    print(f"{'distiller':30s} {'trained (M)':>11s} {'DDP':>8s}" + "".join(f" {f'FSDP {g}':>8s}" for g in counts))
+    for name, spec in distillers.items():
+        own, trained = trained_parameters(spec, args.preset)
+        state = [sum(state_gib_per_gpu(own, count(teacher), gpus, sharded, trained=trained).values())
+                 for gpus, sharded in [(1, False), *((g, True) for g in counts)]]
+        print(f"{name:30s} {trained / 1e6:11.1f}" + "".join(f" {gib:8.2f}" for gib in state))
     print(f"\nGPU-hours: one pass over the data at {args.tflops:g} TFLOP/s x {args.mfu:.0%} utilisation")
 
 

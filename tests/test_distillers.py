@@ -94,6 +94,7 @@ def test_each_method_config_is_an_override_of_the_shared_base():
     the EMA that is its target network; the FADA configs the tiers and the student's CFG conditioning), so
     checkpoint cadence, data and the teacher's path are one edit in distill.yaml."""
     allowed = {"base", "trainer.default_root_dir", "trainer.logger", "model.init_args.distiller",
+               "model.init_args.lr", "model.init_args.warmup_steps",
                "model.init_args.ema_decay", "model.init_args.cfg_conditioning", "model.init_args.cfg_tokens",
                "model.init_args.ref_scale", "model.init_args.audio_scale", "data.init_args.tier_weights"}
 
@@ -103,8 +104,8 @@ def test_each_method_config_is_an_override_of_the_shared_base():
         return {k for key, value in config.items() for k in keys(value, f"{prefix}{key}.")}
 
     methods = sorted(bundled_config_dir().glob("distill_*.yaml"))
-    assert [p.stem for p in methods] == ["distill_fada_fast", "distill_mixed", "distill_perflow", "distill_rflow",
-                                         "distill_tcd"]
+    assert [p.stem for p in methods] == ["distill_dmd", "distill_fada_fast", "distill_mixed", "distill_perflow",
+                                         "distill_rflow", "distill_tcd"]
     for path in methods:
         config = yaml.safe_load(path.read_text())
         assert config["base"] == "distill.yaml" and keys(config) <= allowed, (path.name, keys(config) - allowed)

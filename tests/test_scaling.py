@@ -45,23 +45,38 @@ def test_meta_counts_equal_real_counts_on_micro(micro_pair):
 def test_sharding_divides_every_state_by_the_gpus():
     ddp = scaling.state_gib_per_gpu(1_000_000, 2_000_000, 8, sharded=False)
     fsdp = scaling.state_gib_per_gpu(1_000_000, 2_000_000, 8, sharded=True)
-    assert ddp["student + grads + AdamW"] * 2**30 == 16_000_000 and ddp["teacher"] * 2**30 == 4_000_000
+    assert ddp["trained + grads + AdamW"] * 2**30 == 16_000_000 and ddp["teacher"] * 2**30 == 4_000_000
     assert all(abs(fsdp[k] * 8 - ddp[k]) < 1e-12 for k in ddp)
 
 
-def test_teacher_passes_per_clip_follow_each_distillers_definition():
-    passes = scaling.teacher_passes()  # every bundled distill_<method>.yaml, read from the configs
+def test_passes_per_clip_follow_each_distillers_definition():
+    """(with gradient, without) forward rows per clip over whole training steps: every network counts."""
+    passes = scaling.step_passes()  # every bundled distill_<method>.yaml, read from the configs
+    dmd = passes.pop("distill_dmd.yaml (DMD, 4 NFE)")
     assert passes == {
-        "distill_fada_fast.yaml (MixedPeRFlow, 6 NFE)": 24,  # 8 DDIM steps in the window x 3: Eq 9's passes
-        "distill_mixed.yaml (MixedPeRFlow, 18 NFE)": 8,  # N = 8 conditional DDIM steps in the window
-        "distill_perflow.yaml (PeRFlow, 18 NFE)": 8,
-        "distill_rflow.yaml (RFlow, 18 NFE)": 32,  # one window, 32 steps
-        "distill_tcd.yaml (TCD, 6 NFE)": 4}  # one guided teacher step (x 3) + the EMA's pass
+        "distill_fada_fast.yaml (MixedPeRFlow, 6 NFE)": (2, 24),  # (2B) student rows; 8 DDIM steps x 3 (Eq 9)
+        "distill_mixed.yaml (MixedPeRFlow, 18 NFE)": (2, 8),  # N = 8 conditional DDIM steps in the window
+        "distill_perflow.yaml (PeRFlow, 18 NFE)": (1, 8),
+        "distill_rflow.yaml (RFlow, 18 NFE)": (1, 32),  # one window, 32 steps
+        "distill_tcd.yaml (TCD, 6 NFE)": (1, 4)}  # one guided teacher step (x 3) + the EMA's pass
+    # DMD, G every 5th step, F every step: with gradient F's 1 + G's 1/5. Without, per step: F's G sample
+    # (k + 1 passes, E k = 1.5) + on G's steps k + Eq 9's 3 + F's 1, over 5: 2.5 + 5.5 / 5 = 3.6 expected,
+    # and k is drawn (seeded) 40 times here
+    assert dmd[0] == pytest.approx(1.2) and dmd[1] == pytest.approx(3.6, abs=0.3)
 
 
 def test_a_distiller_passed_in_is_priced_without_an_edit():
     spec = {"class_path": "distillers.tcd.TCD", "init_args": {"mode": "balanced"}}
-    assert scaling.teacher_passes({"mine": spec}) == {"mine (TCD, 18 NFE)": 2}  # one unguided step + the EMA
+    assert scaling.step_passes({"mine": spec}) == {"mine (TCD, 18 NFE)": (1, 2)}  # one unguided step + the EMA
+
+
+def test_trained_parameters_count_every_network_a_distiller_trains():
+    teacher = scaling.count(scaling.meta_denoiser("sd15"))
+    specs = scaling.bundled_distillers()
+    assert scaling.trained_parameters(specs["distill_perflow.yaml"]) == (teacher, teacher)
+    assert scaling.trained_parameters(specs["distill_dmd.yaml"]) == (teacher, 2 * teacher)  # G and F: the teacher's size
+    fada_fast, _ = scaling.trained_parameters(specs["distill_fada_fast.yaml"])
+    assert fada_fast > teacher  # CFG layers and tokens
 
 
 @pytest.mark.slow
@@ -72,7 +87,9 @@ def test_docs_scaling_shows_what_the_command_prints(capsys):
     scaling.main(["--preset", "sd15", "--frames", "16", "--gpus", "32", "--tflops", "312", "--mfu", "0.4"])
     printed = capsys.readouterr().out
     page = (Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
-    for figure in ["1776.3", "1820.3", "27.12", "6.78", "3.31", "0.85", "27.49", "7.04", "18.40", "202.4", "496.8",
-                   "644.0", "128.8", "3,294", "8,085", "10,481", "2,096"]:
+    for figure in ["1776.3", "1820.3", "27.12", "6.78", "3.31", "0.85", "27.49", "7.04", "18.40", "202.4", "257.6",
+                   "552.0", "644.0", "128.8", "132.5", "3,294", "4,192", "8,984", "10,481", "2,096", "2,156",
+                   "3552.6", "62.86", "7.86", "1.96", "37.21", "4.65", "36.39", "4.55"]:
         assert figure in printed, figure
-        assert figure.replace("18.40", "18.4").replace("1776.3", "1,776.3").replace("1820.3", "1,820.3") in page, figure
+        on_page = {"18.40": "18.4", "1776.3": "1,776.3", "1820.3": "1,820.3", "3552.6": "3,552.6"}.get(figure, figure)
+        assert on_page in page, figure
