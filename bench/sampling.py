@@ -6,11 +6,15 @@ on the same `micro` network and the same inputs.
 Rows: the teacher (25 DDIM steps x 3 CFG passes as one batch), the same teacher with its three
 passes run one after another, and students of each distiller at 6 steps: PeRFlow / FADA-Balanced,
 RFlow and TCD balanced (x 3 passes, FADA's 18-NFE table rows), TCD guided (1 pass, diffusers'
-TCDScheduler with gamma 0.3) and FADA-Fast (1 pass told the scales through CFG layers and tokens).
-Then the cost of one network call: a conditional pass, the teacher's three-pass batch, and a step
-of each Table 4 student variant; the bound FADA-Fast's end-to-end speed-up is held to is
-(three-pass batch / one pass) x 25 / 6. Weights do not change the cost; without --teacher a random
-micro teacher is used.
+TCDScheduler with gamma 0.3), FADA-Fast (1 pass told the scales through CFG layers and tokens) and
+DMD (4 steps x 1 pass). Then the cost of one network call: a conditional pass, the teacher's
+three-pass batch, a step of each Table 4 student variant, and the reference net's pass that makes a
+window's bank (once per window: 1 condition, or Eq 9's 3 as one batch). The bound a student's
+end-to-end speed-up is held to comes from these costs:
+
+    (bank of 3 + 25 x three-pass step) / (bank of 1 + steps x one-pass step)
+
+Weights do not change the cost; without --teacher a random micro teacher is used.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from distillers.dmd import DMD
 from distillers.mixed import MixedPeRFlow
 from distillers.perflow import PeRFlow
 from distillers.rflow import RFlow
@@ -80,16 +85,22 @@ def time_windows(rows: list[tuple], clips: int, repeats: int) -> list[tuple[floa
     return [(statistics.median(t), n) for t, n in zip(times, nfe)]
 
 
-def time_calls(calls: dict[str, tuple], rounds: int) -> dict[str, float]:
+def time_calls(calls: dict[str, tuple], banks: dict[str, tuple], rounds: int) -> dict[str, float]:
     """{name: (net, z, cond)} -> {name: median seconds of one call at t = 500}, each call's reference
-    bank computed beforehand. The calls take turns, so drift in the machine's speed hits all alike."""
-    times = {name: [] for name in calls}
+    bank computed beforehand; {name: (net, cond)} -> the same for the reference pass making a bank.
+    Everything takes turns, so drift in the machine's speed hits all alike."""
+    times = {name: [] for name in [*calls, *banks]}
     with torch.inference_mode():
-        banks = {name: net.encode_reference(cond) for name, (net, z, cond) in calls.items()}
+        made = {name: net.encode_reference(cond) for name, (net, z, cond) in calls.items()}
         for i in range(rounds + 1):  # round 0 warms up
             for name, (net, z, cond) in calls.items():
                 start = time.perf_counter()
-                net(z, torch.tensor(500), cond, reference=banks[name])
+                net(z, torch.tensor(500), cond, reference=made[name])
+                if i:
+                    times[name].append(time.perf_counter() - start)
+            for name, (net, cond) in banks.items():
+                start = time.perf_counter()
+                net.encode_reference(cond)
                 if i:
                     times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -126,6 +137,7 @@ def main(argv=None):
                                     cfg_conditioning=kind, ref_scale=2.0, audio_scale=6.5)
                 for kind in CFG_CONDITIONING}
         students.append(("FADA-Fast student (CFG tokens), 6 x 1", fast["layer_tokens"]))
+        students.append(("DMD student, 4 x 1", DistillModule(path, DMD())))
     s_r, s_a = teacher.hparams.ref_scale, teacher.hparams.audio_scale
     rows = [("teacher, DDIM 25 x 3 passes batched", teacher, own_denoiser(teacher), 25),
             ("teacher, DDIM 25 x 3 passes one by one", teacher, lambda n, c: sequential_cfg_denoiser(n, c, s_r, s_a), 25)]
@@ -146,20 +158,27 @@ def main(argv=None):
              "teacher step: 3 passes as one batch": (net, z.repeat(3, 1, 1, 1, 1), cfg_conditions(cond))}
     calls.update({f"student step, cfg_conditioning {kind}": (module.sampling_net.eval(), z, told)
                   for kind, module in fast.items()})
+    banks = {"reference bank, 1 condition": (net, cond), "reference bank, 3 conditions batched": (net, cfg_conditions(cond))}
     rounds = args.repeats * 30
-    seconds = time_calls(calls, rounds)
+    seconds = time_calls(calls, banks, rounds)
     flops = {name: count_flops(*call) for name, call in calls.items()}
     one_pass = seconds["conditional pass"]
     print(f"\none network call (median of {rounds}, taking turns), relative to a conditional pass of the teacher's net:")
     print(f"{'':48s} {'time':>10s} {'ratio':>6s} {'flops ratio':>12s}")
     for name, t in seconds.items():
-        print(f"{name:48s} {t * 1e3:7.1f} ms {t / one_pass:6.3f} {flops[name] / flops['conditional pass']:12.4f}")
-    three_pass = seconds["teacher step: 3 passes as one batch"]
-    fast_row = measured[-1]
-    bound = three_pass / one_pass * 25 / 6
-    print(f"\nFADA-Fast end to end: {measured[0][0] / fast_row[0]:.2f}x faster than the teacher "
-          f"({measured[0][1] / fast_row[1]:.1f}x fewer NFE); the pass counts allow "
-          f"(3-pass batch / 1 pass) x 25/6 = {bound:.2f}x")
+        ratio = f"{flops[name] / flops['conditional pass']:12.4f}" if name in flops else ""
+        print(f"{name:48s} {t * 1e3:7.1f} ms {t / one_pass:6.3f} {ratio}")
+    teacher_window = seconds["reference bank, 3 conditions batched"] + 25 * seconds["teacher step: 3 passes as one batch"]
+    print("\nend to end against the bound from the measured call costs "
+          "(bank of 3 + 25 x 3-pass step) / (bank of 1 + steps x 1-pass step):")
+    for (name, student), (window, nfe) in zip(students, measured[2:]):
+        if student.samples_with_cfg:
+            continue
+        step = seconds.get(f"student step, cfg_conditioning {student.hparams.cfg_conditioning}", one_pass)
+        bound = teacher_window / (seconds["reference bank, 1 condition"] + student.hparams.sample_steps * step)
+        speed_up = measured[0][0] / window
+        print(f"{name:40s} {measured[0][1]:g} -> {nfe:g} NFE: {speed_up:6.2f}x of a {bound:6.2f}x bound "
+              f"({speed_up / bound:.2f})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """DMD's math (fada_lightning/diffusion/dmd.py) against SPEC 3b's cheap checks: a Gaussian world with
 exact scores, where the analytic answer is known, and the identities of the gradient and its loss."""
+import math
+
 import pytest
 import torch
 
@@ -105,25 +107,28 @@ def test_generator_timesteps_and_the_comparison_range():
     assert int(t.min()) == 20 and int(t.max()) == 980
 
 
-@pytest.mark.parametrize("steps", [0, 1, 3])
-def test_backward_simulation_runs_the_generator_and_renoises_to_the_next_timestep(steps):
-    """With a generator that always answers x0 = c, the input after k >= 1 steps is c noised to timestep k."""
+def test_backward_simulation_runs_the_generator_and_renoises_to_the_next_timestep():
+    """With a generator that always answers x0 = c, a clip's input after k >= 1 steps is c noised to
+    timestep k with its k-th re-noising eps; a clip of k = 0 keeps its noise; extra passes change nothing."""
     timesteps = dmd.generator_timesteps(4)
-    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(4))
-    c = torch.full((2, 3), 0.7)
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
+    renoise = torch.randn(3, 3, 2, generator=torch.Generator().manual_seed(5))
+    steps = torch.tensor([0, 1, 3])
+    c = torch.full((3, 2), 0.7)
     seen = []
 
     def denoise(x, t):
-        seen.append(t)
-        return c
+        seen.append(t.tolist())
+        return c[:len(x)]
 
-    x = dmd.backward_simulation(denoise, noise, timesteps, steps, ABAR.float(), torch.Generator().manual_seed(5))
-    assert seen == timesteps[:steps].tolist()
-    if steps == 0:
-        assert torch.equal(x, noise)
-    else:
-        eps = [torch.randn(2, 3, generator=g) for g in [torch.Generator().manual_seed(5)] for _ in range(steps)][-1]
-        torch.testing.assert_close(x, S.add_noise(c, eps, ABAR.float()[int(timesteps[steps])]))
+    x = dmd.backward_simulation(denoise, noise, timesteps, steps, ABAR.float(), renoise)
+    assert seen == [[999] * 3, [749] * 3, [499] * 3]  # every pass runs the whole batch
+    assert torch.equal(x[0], noise[0])
+    for b in (1, 2):
+        k = int(steps[b])
+        torch.testing.assert_close(x[b], S.add_noise(c[b], renoise[b, k - 1], ABAR.float()[int(timesteps[k])]))
+    fewer = dmd.backward_simulation(denoise, noise[:2], timesteps, steps[:2], ABAR.float(), renoise[:2], passes=3)
+    assert torch.equal(fewer, x[:2])
 
 
 # ---- the DMD distiller (distillers/dmd.py) on the contract ---------------------------------------
@@ -136,6 +141,11 @@ from fada_lightning.testing import DistillerContract, random_batch  # noqa: E402
 class TestDMD(DistillerContract):
     def make_distiller(self):
         return DMD(two_time_scale=2, fake_lr=1e-3)
+
+
+class TestDMDWithGANHead(DistillerContract):
+    def make_distiller(self):
+        return DMD(two_time_scale=2, fake_lr=1e-3, gan_gen_weight=1e-3)
 
 
 class TestDMDWithCFGTokens(DistillerContract):
@@ -187,3 +197,32 @@ def test_dmd_refuses_settings_it_cannot_train():
         DMD(mode="balanced")
     with pytest.raises(ValueError, match="sample_steps 6 must equal generator_steps 4"):
         DMD(sample_steps=6)
+
+
+def test_the_gan_head_starts_undecided(teacher_ckpt):
+    """The head's last layer starts at zero: every logit is 0, so D's loss is 2 ln 2 and G's ln 2; only
+    strict clips are real."""
+    model = DistillModule(teacher_ckpt, DMD(gan_gen_weight=1e-3), ema_decay=None)
+    model.load_teacher()
+    job = model.distillation_job({**random_batch(), "tier": ["strict", "lenient"]}, torch.Generator().manual_seed(0))
+    assert job.real_mask.tolist() == [1.0, 0.0]
+    _, logs = model.distiller.network_loss("fake_score", model.net, job)
+    assert float(logs["gan/d_loss"]) == pytest.approx(2 * math.log(2)) and float(logs["gan/logit_real"]) == 0
+    _, logs = model.distiller.student_loss(model.net, job)
+    assert float(logs["gan/g_loss"]) == pytest.approx(math.log(2))
+
+
+def test_the_job_holds_every_draw_so_clips_are_the_same_alone_or_together(teacher_ckpt):
+    """Two jobs of one clip each, joined, give the losses of the same two clips in one job: what makes
+    1 and P processes agree."""
+    model = DistillModule(teacher_ckpt, DMD(ref_scale=(1.0, 3.0)), ema_decay=None)
+    model.load_teacher()
+    batch = random_batch()
+    seeded = lambda i: torch.Generator().manual_seed(11 + i)  # noqa: E731
+    parts = [model.distillation_job({k: v[i:i + 1] for k, v in batch.items()}, seeded(i)) for i in range(2)]
+    joined = type(parts[0]).cat(parts)
+    assert parts[0].timestep != parts[1].timestep  # a k each: the joined job runs the larger k's passes
+    for loss in (model.distiller.student_loss, lambda *a: model.distiller.network_loss("fake_score", *a)):
+        together = loss(model.net, joined)[0]
+        alone = [loss(model.net, part)[0] for part in parts]
+        torch.testing.assert_close(together, sum(alone) / 2)

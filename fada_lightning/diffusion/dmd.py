@@ -48,14 +48,19 @@ def dmd_timesteps(batch_size: int, num_train_timesteps: int = 1000, low: float =
     return torch.randint(first, last + 1, (batch_size,), generator=generator, device=gen_device).to(device)
 
 
-def backward_simulation(denoise: Callable[[torch.Tensor, int], torch.Tensor], noise: torch.Tensor,
-                        timesteps: torch.Tensor, steps: int, alphas_cumprod: torch.Tensor,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """G's input after `steps` of its own sampling (call it under no_grad): x = noise at timesteps[0];
-    `steps` times x0 = denoise(x, timestep) and x = add_noise(x0, fresh eps, the next timestep)."""
+def backward_simulation(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                        timesteps: torch.Tensor, steps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                        renoise: torch.Tensor, passes: int | None = None) -> torch.Tensor:
+    """G's input after steps[b] of its own sampling, per clip (call it under no_grad).
+
+    noise (B, ...) is x at timesteps[0]; renoise (B, S, ...) the fresh eps of each re-noising. Pass i
+    runs the whole batch: x0 = denoise(x, timesteps[i] (B,)) and, for the clips with steps > i,
+    x = add_noise(x0, renoise[:, i], alphas_cumprod[timesteps[i + 1]]). `passes` (default max(steps))
+    may be more, so every rank of a sharded model runs as many passes: extra passes change nothing."""
     x = noise
-    for i in range(steps):
-        x0 = denoise(x, int(timesteps[i]))
-        eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
-        x = add_noise(x0, eps.to(x0), alphas_cumprod[int(timesteps[i + 1])].to(x0))
+    passes = int(steps.max()) if passes is None else passes
+    for i in range(passes):
+        x0 = denoise(x, timesteps[i].expand(len(x)))
+        renoised = add_noise(x0, renoise[:, i].to(x0), alphas_cumprod[timesteps[i + 1]].to(x0))
+        x = torch.where((steps > i).reshape(-1, *[1] * (x.ndim - 1)), renoised, x)
     return x
