@@ -95,7 +95,7 @@ def main(argv=None):
         ("FADA-Balanced (mixed, 2B)", lambda: MixedPeRFlow(mode="balanced")),
         ("FADA-Fast (guided, CFG tokens)", lambda: MixedPeRFlow(mode="guided", ref_scale=(1.0, 3.0),
                                                                    audio_scale=(1.0, 9.0))),
-        ("DMD (4 steps, G every 2nd step)", lambda: DMD(two_time_scale=2)),
+        ("DMD (G every 2nd step)", lambda: DMD(two_time_scale=2)),
     ]
     options = {"FADA-Fast (guided, CFG tokens)": {"cfg_conditioning": "layer_tokens"}}
     batches = fixed_batches(teacher, args.batch, args.steps + 1)
