@@ -178,7 +178,7 @@ class DMD(CFGDistiller):
         job = DMDTargets(z=eps, timestep=timestep, cond=cond.with_guidance(ref_scale, audio_scale), eps_target=None,
                          abar=self.alphas_cumprod[timestep.long()], weight=torch.ones_like(t), real_cond=cond,
                          renoise=normal(b, self.generator_steps - 1, *z0.shape[1:]),
-                         dmd_t=index(int(self.dmd_range[0] * T), int(self.dmd_range[1] * T)),
+                         dmd_t=dmd.dmd_timesteps(b, T, *self.dmd_range, generator, z0.device),
                          dmd_noise=normal(*z0.shape), fake_t=index(0, T - 1), fake_noise=normal(*z0.shape))
         if self.gan:
             mask = [True] * b if tiers is None else [tier in self.real_tiers for tier in tiers]
@@ -227,11 +227,10 @@ class DMD(CFGDistiller):
                 "gan_gen_weight: 0")
         x = self.generator_x0(student, self.generator_input(student, job), job.timestep, job.cond)
         t, abar = job.dmd_t, self.abar(job.dmd_t, x)
+        x_t = S.add_noise(x if self.gan else x.detach(), job.dmd_noise, abar)  # D's verdict reaches G through x_t
         with torch.no_grad():
-            x_t = S.add_noise(x, job.dmd_noise, abar)
             x0_real = self.x0_of(self.eps_fn(self.teacher, job.real_cond, *job.cond.guidance.unbind(1)), x_t, t)
-        with torch.set_grad_enabled(self.gan and torch.is_grad_enabled()):  # D's verdict reaches G through x_t
-            x_t = S.add_noise(x if self.gan else x.detach(), job.dmd_noise, abar)
+        with torch.set_grad_enabled(self.gan and torch.is_grad_enabled()):
             pred, logits = self.fake_score(x_t, t, job.real_cond)
         x0_fake = S.eps_to_x0(x_t, S.to_eps(pred, x_t, abar, self.prediction_type), abar).detach()
         grad = dmd.dmd_gradient(x.detach(), x0_real, x0_fake)
