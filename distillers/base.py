@@ -248,6 +248,10 @@ class Distiller(HyperparametersMixin, nn.Module):
         student is there to sample from (under no_grad: this update trains `name` only)."""
         raise NotImplementedError(f"{type(self).__name__} adds network {name!r}, so it defines network_loss for it")
 
+    def update_loss(self, name: str, student: nn.Module, job: DistillTargets) -> tuple[torch.Tensor, dict]:
+        """The loss of update `name` (one of `updates(step)`): the student's, or a network's of its own."""
+        return self.student_loss(student, job) if name == "student" else self.network_loss(name, student, job)
+
     def eps_error(self, pred: torch.Tensor, job: DistillTargets) -> torch.Tensor:
         """(B,) mean ||eps_theta(z_t) - eps_target||^2 per sample, the student's output read as eps."""
         return (self.to_eps(pred.float(), job.z, job.abar) - job.eps_target).pow(2).flatten(1).mean(1)

@@ -262,8 +262,7 @@ class DistillModule(AvatarModule):
         losses = {}
         for i, name in enumerate(self._updated):
             net, optimization = trained[name]
-            loss, logs = (self.distiller.student_loss(self.net, job) if name == "student"
-                          else self.distiller.network_loss(name, self.net, job))
+            loss, logs = self.distiller.update_loss(name, self.net, job)
             optimizers[name].zero_grad(set_to_none=True)
             self.manual_backward(loss)
             for other, (other_net, _) in trained.items():  # only this update's gradients, only on this network

@@ -173,10 +173,7 @@ def step_passes(distillers: dict[str, dict] | None = None, periods: int = 8) -> 
                         job = distiller.make_targets(module.teacher, z, cond, distiller.sample_time(4, z.device),
                                                      torch.randn_like(z), tiers=["strict", "lenient"] * 2)
                     for update in distiller.updates(step):
-                        if update == "student":
-                            distiller.student_loss(module.net, job)
-                        else:
-                            distiller.network_loss(update, module.net, job)
+                        distiller.update_loss(update, module.net, job)
             passes[f"{name} ({type(distiller).__name__}, {distiller.nfe()} NFE)"] = (
                 counter.grad_rows / (4 * steps), counter.rows / (4 * steps))
     return passes
