@@ -15,7 +15,8 @@
 That loop is `DistillModule.training_step`; it never asks which distiller it runs. A method whose
 only trained network is the student overrides `make_targets` and perhaps `loss`; one that trains
 networks of its own (DMD's fake score, a discriminator) adds them in `build_networks` with
-`add_network(name, net, Optimization(...))` and defines `network_loss` for them. Besides the teacher,
+`add_network(name, net, Optimization(...))` and defines `network_loss` for them; frozen networks of
+its own (a copy of the starting student) with `add_frozen(name, net)`. Besides the teacher,
 hooks may use `self.teacher` and `self.student_ema` (the student's EMA, a consistency method's
 target network), which the module hands over; `tiers` names each clip's data tier (the shard set
 it came from, "strict" / "lenient"), for methods that treat tiers differently.
@@ -96,17 +97,18 @@ class Distiller(HyperparametersMixin, nn.Module):
       make_targets(teacher, z0, cond, t, eps, generator, tiers)    required: -> DistillTargets
       loss(pred, job) -> (scalar, {name: scalar to log})           default: weighted ||eps_theta - eps_target||^2
       student_loss(student, job) -> (scalar, logs)                 default: loss(student(job.z, job.timestep, job.cond), job)
-      build_networks(teacher)                                      default: none; add_network(...) for each
+      build_networks(teacher, student)                             default: none; add_network(...) for each
       network_loss(name, student, job) -> (scalar, logs)           required for each network added
       updates(step) -> names of the networks updated at `step`     default: each whose Optimization is due
+      begin_step(step)                                             default: nothing; a curriculum's progress
       scheduler() -> a diffusers scheduler for the student          required
       sample_cfg: True -> Eq 9's three passes a step at inference, False -> one pass
       sample_eta: a stochasticity the scheduler's `step(..., eta=)` takes (TCD's gamma), or None
       student_every: the student is updated at steps s with s % student_every == 0 (default 1)
     Helpers: `abar(n, like)`, `to_eps(pred, z, abar)`, `eps_fn(net, cond, ...)`, `nfe(steps)`. The module
     calls `bind(schedule, prediction_type, student_ema)` once, before any hook runs, and, where it
-    trains or evaluates (never to sample), `set_teacher(teacher)` once the teacher is loaded, which
-    calls `build_networks(teacher)`.
+    trains or evaluates (never to sample), `set_teacher(teacher, student)` once the teacher is loaded
+    and the student initialised, which calls `build_networks(teacher, student)`.
     Each key of the `logs` dict a loss returns is logged as `train/<key>` (a (B,) tensor: its mean
     as `train/<key>_mean` and a histogram); each network's loss as `train/<name>_loss` and its
     gradient norm as `train/grad_norm/<name>`.
@@ -143,6 +145,7 @@ class Distiller(HyperparametersMixin, nn.Module):
         self.register_buffer("alphas_cumprod", torch.empty(0), persistent=False)
         self._frozen: dict[str, nn.Module | None] = {"student_ema": None, "teacher": None}  # references, not submodules
         self.networks = nn.ModuleDict()  # the distiller's own trained networks (`add_network`)
+        self.frozen: dict[str, nn.Module] = {}  # its own frozen networks (`add_frozen`): not submodules, not in checkpoints
         self.optimization: dict[str, Optimization] = {}
 
     def bind(self, schedule: dict, prediction_type: str, student_ema: nn.Module | None = None) -> None:
@@ -191,15 +194,41 @@ class Distiller(HyperparametersMixin, nn.Module):
         self.optimization[name] = optimization
         return net
 
-    def set_teacher(self, teacher: nn.Module) -> None:
-        """The module hands over the frozen teacher once it is loaded: kept as `self.teacher` (a reference,
-        not a submodule), then `build_networks(teacher)`."""
-        self._frozen["teacher"] = teacher
-        self.build_networks(teacher)
+    def add_frozen(self, name: str, net: nn.Module) -> nn.Module:
+        """Keep `net` frozen beside the teacher: in eval mode, without gradients, moved and sharded with
+        the module's networks, and never in a checkpoint (`build_networks` makes it again on resume)."""
+        if name in self.frozen:
+            raise ValueError(f"{type(self).__name__}: a frozen network is already named {name!r}")
+        self.frozen[name] = net.requires_grad_(False).eval()
+        return net
 
-    def build_networks(self, teacher: nn.Module) -> None:
-        """Add the distiller's own trained networks (`add_network`), e.g. a copy of `teacher`. Called once
-        the teacher is loaded, before sharding and before a checkpoint is restored."""
+    def set_teacher(self, teacher: nn.Module, student: nn.Module | None = None) -> None:
+        """The module hands over the frozen teacher once it is loaded, and the student as it starts (the
+        teacher's copy, or an earlier stage's student): the teacher kept as `self.teacher` (a reference,
+        not a submodule), then `build_networks(teacher, student)`."""
+        self._frozen["teacher"] = teacher
+        self.build_networks(teacher, student if student is not None else teacher)
+
+    def build_networks(self, teacher: nn.Module, student: nn.Module) -> None:
+        """Add the distiller's own trained networks (`add_network`), e.g. a copy of `teacher`, and frozen
+        ones (`add_frozen`), e.g. a copy of the starting `student`. Called once the teacher is loaded
+        and the student initialised, before sharding and before a checkpoint is restored."""
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for net in self.frozen.values():  # they follow the module's device and dtype like the teacher
+            net._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for net in self.frozen.values():
+            net.eval()
+        return self
+
+    def begin_step(self, step: int) -> None:
+        """Called by the training step with its global step (from 0) before the job is made: a method whose
+        sampling follows training progress (a curriculum) records it, in a buffer if a resume needs it."""
 
     def updates(self, step: int) -> list[str]:
         """The networks updated at training step `step` (from 0), in order: "student" when

@@ -121,9 +121,7 @@ class DMD(CFGDistiller):
         if mode != "guided":
             raise ValueError("DMD's real score is the teacher's Eq 9: mode must be guided (its student samples "
                              "with one pass a step)")
-        if sample_steps != generator_steps:
-            raise ValueError(f"DMD samples at the steps it trains: sample_steps {sample_steps} must equal "
-                             f"generator_steps {generator_steps}")
+        self.check_sample_steps(sample_steps, generator_steps)
         if two_time_scale < 1 or not 0 <= dmd_range[0] < dmd_range[1] <= 1:
             raise ValueError(f"DMD needs two_time_scale >= 1 and 0 <= low < high <= 1, got {two_time_scale}, {dmd_range}")
         if gan_gen_weight < 0 or gan_head_weight <= 0:
@@ -134,11 +132,16 @@ class DMD(CFGDistiller):
         self.student_every = two_time_scale
         self.fake = Optimization(lr=fake_lr, betas=tuple(fake_betas), grad_clip=fake_grad_clip)
 
+    def check_sample_steps(self, sample_steps: int, generator_steps: int) -> None:
+        if sample_steps != generator_steps:
+            raise ValueError(f"DMD samples at the steps it trains: sample_steps {sample_steps} must equal "
+                             f"generator_steps {generator_steps}")
+
     @property
     def gan(self) -> bool:
         return self.gan_gen_weight > 0
 
-    def build_networks(self, teacher):
+    def build_networks(self, teacher, student):
         head = None
         if self.gan:  # from a fixed seed: every rank, and every run of a config, starts from the same head
             with torch.random.fork_rng(devices=[]):
@@ -226,6 +229,16 @@ class DMD(CFGDistiller):
                 "sharded root in G's backward, which FSDP2 does not unshard here. Use the DDP strategy, or "
                 "gan_gen_weight: 0")
         x = self.generator_x0(student, self.generator_input(student, job), job.timestep, job.cond)
+        loss, logs, logits = self.matching_loss(x, job)
+        if self.gan:
+            gan_loss = F_.softplus(-logits).mean()
+            loss = loss + self.gan_gen_weight * gan_loss
+            logs.update({"gan/g_loss": gan_loss.detach(), "gan/logit_generated": logits.detach().mean()})
+        return loss, logs
+
+    def matching_loss(self, x: torch.Tensor, job: DMDTargets):
+        """The DMD loss of G's sample x (B, ...), x noised to job.dmd_t and R's and F's x0 there -> (loss,
+        logs, with the GAN head the (B,) logits of x noised, with gradient to x, else None)."""
         t, abar = job.dmd_t, self.abar(job.dmd_t, x)
         x_t = S.add_noise(x if self.gan else x.detach(), job.dmd_noise, abar)  # D's verdict reaches G through x_t
         with torch.no_grad():
@@ -234,12 +247,7 @@ class DMD(CFGDistiller):
             pred, logits = self.fake_score(x_t, t, job.real_cond)
         x0_fake = S.eps_to_x0(x_t, S.to_eps(pred, x_t, abar, self.prediction_type), abar).detach()
         grad = dmd.dmd_gradient(x.detach(), x0_real, x0_fake)
-        loss, logs = dmd.dmd_loss(x, grad), {"dmd/x0_gap": (x0_fake - x0_real).abs().flatten(1).mean(1)}
-        if self.gan:
-            gan_loss = F_.softplus(-logits).mean()
-            loss = loss + self.gan_gen_weight * gan_loss
-            logs.update({"gan/g_loss": gan_loss.detach(), "gan/logit_generated": logits.detach().mean()})
-        return loss, logs
+        return dmd.dmd_loss(x, grad), {"dmd/x0_gap": (x0_fake - x0_real).abs().flatten(1).mean(1)}, logits
 
     def network_loss(self, name, student, job: DMDTargets):
         """F's denoising loss on a fresh G sample, in the network's own parameterisation; with the GAN

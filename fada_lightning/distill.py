@@ -83,8 +83,34 @@ def check_weights_fit(net: torch.nn.Module, weights: dict, path) -> None:
                  for k in sorted(own.keys() & weights.keys()) if weights[k].shape != own[k].shape]
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise ConfigError(f"teacher checkpoint {path} does not fit the student's network: "
+        raise ConfigError(f"checkpoint {path} does not fit the student's network: "
                          + "; ".join(problems[:8]) + more)
+
+
+def read_student_start(path: str | Path, hparams: dict) -> dict[str, torch.Tensor]:
+    """The weights of the student checkpoint at `path` (an earlier stage's: its EMA if it kept one) to start
+    a student from, checked to be a fada-lightning student of the same network: preset, prediction
+    type, schedule and CFG conditioning equal to `hparams` (the new student's)."""
+    hint = "model.init_args.student_ckpt names an earlier stage's student checkpoint (`fada fit` of a distiller)"
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"student checkpoint {path} does not exist: {hint}")
+    try:
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"student checkpoint {err}: {hint}") from None
+    check_role(path, checkpoint, "student", hint)
+    theirs = dict(checkpoint.get("hyper_parameters", {}))
+    if "distiller" not in theirs:
+        raise ConfigError(f"{path} is not a fada-lightning student checkpoint (no distiller in its hyper_parameters): "
+                          f"{hint}")
+    theirs["preset"] = load_preset(theirs["preset"])
+    problems = [line for key in (*MUST_MATCH, "cfg_conditioning", "cfg_tokens")
+                for line in _differences(theirs.get(key), hparams[key], f"{key}.")]
+    problems = [p.replace(": teacher ", ": checkpoint ") for p in problems if not p.startswith("preset.name:")]
+    if problems:
+        raise ConfigError(f"student checkpoint {path} does not fit this student: " + "; ".join(problems))
+    return teacher_weights(checkpoint, path)
 
 
 class DistillModule(AvatarModule):
@@ -96,7 +122,9 @@ class DistillModule(AvatarModule):
     by default (for a student that takes them, the ones it is told).
     cfg_conditioning (models/cfg.py): how a one-pass student is told the CFG scales it imitates,
     "none", "time_embedding", "layer" or "layer_tokens" (FADA-Fast), with `cfg_tokens` tokens per
-    set; the parts it adds start at zero output, the rest of the student is the teacher's. The teacher is
+    set; the parts it adds start at zero output, the rest of the student is the teacher's.
+    student_ckpt: start the student (and its EMA) from an earlier stage's student checkpoint instead of
+    the teacher (TurboTalk's stage 2 from its DMD student), checked to be the same network. The teacher is
     loaded in `setup` (only training and evaluation need it): frozen, in eval mode, outside the
     optimizers and out of the checkpoints. The student's optimizer: AdamW at lr, betas, weight_decay,
     warmed up over warmup_steps, its gradient norm clipped to grad_clip (None: not clipped).
@@ -111,7 +139,8 @@ class DistillModule(AvatarModule):
                  clip_frames: int | None = None, motion_frames: int | None = None,
                  ref_scale: float | None = None, audio_scale: float | None = None,
                  cfg_conditioning: str = "none", cfg_tokens: int = 4, activation_checkpointing: bool = False,
-                 betas: tuple[float, float] = (0.9, 0.999), grad_clip: float | None = None):
+                 betas: tuple[float, float] = (0.9, 0.999), grad_clip: float | None = None,
+                 student_ckpt: str | None = None):
         if isinstance(distiller, dict):  # a checkpoint written outside LightningCLI holds the spec
             distiller = instantiate_class((), distiller)
         given = dict(preset=preset, prediction_type=prediction_type, schedule=schedule, clip_frames=clip_frames,
@@ -146,9 +175,10 @@ class DistillModule(AvatarModule):
 
     def networks(self) -> dict[str, nn.Module]:
         """The networks a sharding strategy shards, each on its own: the student and its EMA, the teacher
-        and the distiller's own trained networks."""
+        and the distiller's own networks, trained and frozen."""
         return {**super().networks(), **({"teacher": self.teacher} if self.teacher is not None else {}),
-                **{f"distiller.{name}": net for name, net in self.distiller.networks.items()}}
+                **{f"distiller.{name}": net for name, net in self.distiller.networks.items()},
+                **{f"distiller.frozen.{name}": net for name, net in self.distiller.frozen.items()}}
 
     def trained_networks(self) -> dict[str, tuple[nn.Module, Optimization]]:
         """name -> (network, how it is updated): the student first, then the distiller's own."""
@@ -189,8 +219,9 @@ class DistillModule(AvatarModule):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def load_teacher(self):
-        """Build the frozen teacher from its checkpoint and start the student (and its EMA) as a copy.
-        Runs in `setup`, before a Trainer restores a checkpoint (which then brings the trained student)."""
+        """Build the frozen teacher from its checkpoint and start the student (and its EMA) as a copy, or
+        from `student_ckpt`. Runs in `setup`, before a Trainer restores a checkpoint (which then brings
+        the trained student)."""
         if self.teacher is not None:
             return
         path = self.hparams.teacher_ckpt
@@ -209,7 +240,13 @@ class DistillModule(AvatarModule):
         for student in (self.net, self.ema.module if self.ema is not None else None):
             if student is not None:
                 student.load_state_dict(weights, strict=False)
-        self.distiller.set_teacher(teacher)
+        if self.hparams.student_ckpt:
+            start = read_student_start(self.hparams.student_ckpt, {**self.hparams, "preset": self.preset})
+            check_weights_fit(self.net, start, self.hparams.student_ckpt)
+            for student in (self.net, self.ema.module if self.ema is not None else None):
+                if student is not None:
+                    student.load_state_dict(start)
+        self.distiller.set_teacher(teacher, self.net)
         self.distiller.to(device=self.device)  # its own networks, built on the CPU
 
     def train(self, mode: bool = True):
@@ -250,6 +287,7 @@ class DistillModule(AvatarModule):
     def training_step(self, batch, batch_idx):
         """Each network due this step, in turn: its loss on this step's job, backward, clip, step."""
         b = len(batch["audio"])
+        self.distiller.begin_step(self.global_step)
         job = self.distillation_job(batch)
         self._updated = self.distiller.updates(self.global_step)
         if not self._updated:

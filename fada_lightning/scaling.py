@@ -187,7 +187,7 @@ def trained_parameters(spec: dict, preset: str | dict = "sd15") -> tuple[int, in
     distiller, options = _distiller(spec)
     student = meta_denoiser(preset, options.get("cfg_conditioning", "none"))
     distiller.bind(S.SD15_SCHEDULE, "epsilon", student_ema=student)  # the EMA only stands in: it is not trained
-    distiller.set_teacher(meta_denoiser(preset))
+    distiller.set_teacher(meta_denoiser(preset), student)
     return count(student), count(student) + sum(count(net) for net in distiller.networks.values())
 
 

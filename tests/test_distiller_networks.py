@@ -35,7 +35,7 @@ class ProbedPeRFlow(PeRFlow):
         super().__init__(**kwargs)
         self.agreement, self.probe = agreement, Optimization(lr=probe_lr, every=probe_every, grad_clip=1.0)
 
-    def build_networks(self, teacher):
+    def build_networks(self, teacher, student):
         self.add_network("probe", Probe(teacher.denoising_net.config.in_channels), self.probe)
 
     def student_loss(self, student, job):
