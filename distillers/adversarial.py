@@ -32,7 +32,6 @@ import torch.nn.functional as F_
 from diffusers.models.embeddings import get_timestep_embedding
 from lightning.pytorch.cli import instantiate_class
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from fada_lightning.diffusion import adversarial as adv
 from fada_lightning.diffusion import schedule as S
@@ -130,7 +129,10 @@ class TimestepHead(nn.Module):
 class Discriminator(nn.Module):
     """Heads on the decoder blocks `blocks` (indices into the denoising UNet's up_blocks) of a backbone
     denoiser: `backbone` its own trainable copy, or None to run on the one given at call time (the frozen
-    teacher: then D trains its heads only). Called like a denoiser, with t-hat; -> (B, H) logits."""
+    teacher: then D trains its heads only). Called like a denoiser, with t-hat; -> (B, H) logits.
+    `backbone_grad` False (G's update): the backbone's reference bank is made without gradient (G's
+    gradient needs none there, and one entering the reference net's blocks past their outputs would
+    find them sharded under FSDP2)."""
 
     def __init__(self, channels: list[int], blocks: list[int], backbone: nn.Module | None = None, embed_dim: int = 128):
         super().__init__()
@@ -139,14 +141,18 @@ class Discriminator(nn.Module):
         self.heads = nn.ModuleList(TimestepHead(channels[i], embed_dim) for i in self.blocks)
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Conditions,
-                backbone: nn.Module | None = None) -> torch.Tensor:
+                backbone: nn.Module | None = None, backbone_grad: bool = True) -> torch.Tensor:
         net = self.backbone if self.backbone is not None else backbone
+        reference = None
+        if self.backbone is None or not backbone_grad:  # the bank depends on the conditions only: without
+            with torch.no_grad():                        # gradient unless D's own backbone trains (D's update)
+                reference = net.encode_reference(cond)
         up_blocks = net.denoising_net.up_blocks
         features = {}
         hooks = [up_blocks[i].register_forward_hook(lambda m, args, out, i=i: features.__setitem__(i, out))
                  for i in self.blocks]
         try:
-            net(x_t, timestep, cond)
+            net(x_t, timestep, cond, reference=reference)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -258,22 +264,18 @@ class Adversarial(DMD):
         return job.z
 
     # ---- the losses ---------------------------------------------------------------------------------
-    def discriminate(self, x: torch.Tensor, job: AdversarialTargets) -> torch.Tensor:
+    def discriminate(self, x: torch.Tensor, job: AdversarialTargets, backbone_grad: bool = True) -> torch.Tensor:
         """x (n B, ...), n sides of the batch -> (n B, H) logits, each side re-noised to job.d_t with job.d_noise."""
         n = len(x) // len(job.d_t)
         t, noise = job.d_t.repeat(n), job.d_noise.repeat(n, *[1] * (x.ndim - 1))
         x_t = S.add_noise(x, noise, self.abar(t, x))
-        return self.networks["discriminator"](x_t, t, Conditions.cat([job.real_cond] * n), backbone=self.teacher)
+        return self.networks["discriminator"](x_t, t, Conditions.cat([job.real_cond] * n), backbone=self.teacher,
+                                              backbone_grad=backbone_grad)
 
     def student_loss(self, student, job: AdversarialTargets):
         """softplus(-D(G's x)) (D's verdict reaching G through the re-noised x), plus the DMD term when on."""
-        if self.backbone == "trainable" and isinstance(self.networks["discriminator"], FSDPModule):
-            raise NotImplementedError(
-                "Adversarial with a trainable backbone under FSDP2 is not supported yet: G's loss backpropagates "
-                "through D's sharded backbone, which FSDP2 does not unshard there. Use the DDP strategy, or "
-                "backbone: teacher")
         x = self.generator_x0(student, job.z, job.timestep, job.cond)
-        logits = self.discriminate(x, job)
+        logits = self.discriminate(x, job, backbone_grad=False)
         loss = adv.generator_loss(logits)
         logs = {"adversarial/g_loss": loss.detach(), "adversarial/logit_generated": logits.detach().mean()}
         if self.dmd_weight > 0:

@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F_
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from fada_lightning.diffusion import dmd
 from fada_lightning.diffusion import schedule as S
@@ -83,19 +82,26 @@ class FakeScore(nn.Module):
     """F: a trainable copy of the teacher (`score`), and the GAN head on its mid-block when on (one
     network, one optimizer, as DMD2 trains them). Called as the teacher is; `with_logits` also gives
     the head's (B,) logits from the same pass, inside this module's forward (where FSDP gathers the
-    head's weights with the rest of this root's)."""
+    head's weights with the rest of this root's). `reference_grad` False: the reference bank is made
+    without gradient, for G's update (a gradient into the bank would enter the reference net's
+    blocks past their outputs, where FSDP2 does not gather their weights for backward)."""
 
     def __init__(self, score: nn.Module, head: GANHead | None = None):
         super().__init__()
         self.score, self.head = score, head
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Conditions, with_logits: bool = False):
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Conditions, with_logits: bool = False,
+                reference_grad: bool = True):
+        reference = None
+        if not reference_grad:  # G's update: the reference bank depends on the conditions only, not on G's x
+            with torch.no_grad():
+                reference = self.score.encode_reference(cond)
         if not with_logits:
-            return self.score(x_t, timestep, cond)
+            return self.score(x_t, timestep, cond, reference=reference)
         features = []
         hook = self.score.denoising_net.mid_block.register_forward_hook(lambda m, args, out: features.append(out))
         try:
-            pred = self.score(x_t, timestep, cond)
+            pred = self.score(x_t, timestep, cond, reference=reference)
         finally:
             hook.remove()
         return pred, self.head(features[-1], len(x_t))
@@ -214,20 +220,17 @@ class DMD(CFGDistiller):
     def x0_of(self, eps_fn, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return S.eps_to_x0(x_t, eps_fn(x_t, t), self.abar(t, x_t))
 
-    def fake_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditions):
+    def fake_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditions, reference_grad: bool = True):
         """F's prediction at x_t, and with the GAN head its (B,) logits from the same pass (else None)."""
         net = self.networks["fake_score"]
-        return net(x_t, t, cond, with_logits=True) if self.gan else (net(x_t, t, cond), None)
+        if self.gan:
+            return net(x_t, t, cond, with_logits=True, reference_grad=reference_grad)
+        return net(x_t, t, cond, reference_grad=reference_grad), None
 
     # ---- the losses ----------------------------------------------------------------------------
     def student_loss(self, student, job: DMDTargets):
         """The DMD loss of G's one step with gradient (its value means little: watch the gradient norm),
         plus the GAN term when on."""
-        if self.gan and isinstance(self.networks["fake_score"], FSDPModule):
-            raise NotImplementedError(
-                "DMD's GAN head under FSDP2 is not supported yet: G's GAN term backpropagates through F, a second "
-                "sharded root in G's backward, which FSDP2 does not unshard here. Use the DDP strategy, or "
-                "gan_gen_weight: 0")
         x = self.generator_x0(student, self.generator_input(student, job), job.timestep, job.cond)
         loss, logs, logits = self.matching_loss(x, job)
         if self.gan:
@@ -244,7 +247,7 @@ class DMD(CFGDistiller):
         with torch.no_grad():
             x0_real = self.x0_of(self.eps_fn(self.teacher, job.real_cond, *job.cond.guidance.unbind(1)), x_t, t)
         with torch.set_grad_enabled(self.gan and torch.is_grad_enabled()):
-            pred, logits = self.fake_score(x_t, t, job.real_cond)
+            pred, logits = self.fake_score(x_t, t, job.real_cond, reference_grad=False)
         x0_fake = S.eps_to_x0(x_t, S.to_eps(pred, x_t, abar, self.prediction_type), abar).detach()
         grad = dmd.dmd_gradient(x.detach(), x0_real, x0_fake)
         return dmd.dmd_loss(x, grad), {"dmd/x0_gap": (x0_fake - x0_real).abs().flatten(1).mean(1)}, logits

@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import instantiate_class
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
 
@@ -166,6 +167,9 @@ class AvatarModule(L.LightningModule):
     # ---- Lightning hooks ------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
+            for net in (self.net, self.ema.module):  # an FSDP2 root keeps its own weights gathered after a
+                if isinstance(net, FSDPModule):      # forward (strategies.FSDP2): back to shards, paired
+                    net.reshard()
             self.ema.update_parameters(self.net)
 
     def log_data_health(self, batch: dict):

@@ -83,7 +83,12 @@ class FSDP2(ModelParallelStrategy):
                 continue  # sharded already (configure_model runs again for a second fit or test)
             for unit in sharding_units(net):
                 fully_shard(unit, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
-            fully_shard(net, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
+            # the root's own weights (conv in/out, embeddings: small) stay gathered from forward to backward,
+            # FSDP2's default for a root (None). Needed where a gradient skips the root's output: a head reading
+            # decoder features through a hook backpropagates into conv_in, and the root's pre-backward
+            # gather hangs on its output
+            fully_shard(net, mesh=mesh, reshard_after_forward=None if self.reshard_after_forward else False,
+                        mp_policy=policy)
             for method in FORWARD_METHODS:
                 if hasattr(net, method):
                     register_fsdp_forward_method(net, method)

@@ -126,8 +126,8 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(strategy, o
     assert {k for step in keys[0] for k in step}.isdisjoint({k for step in keys[1] for k in step})
 
 
-DMD_SPECS = {"ddp": DMD,  # FSDP2 without the GAN head (not supported there: distillers/dmd.py says why)
-             "fsdp2": {"class_path": DMD["class_path"], "init_args": {**DMD["init_args"], "gan_gen_weight": 0.0}}}
+DMD_SPECS = {"ddp": {"class_path": DMD["class_path"], "init_args": {**DMD["init_args"], "gan_gen_weight": 0.0}},
+             "fsdp2": DMD}  # the GAN head where G's backward crosses F's sharded root through a hook
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +177,64 @@ def test_dmd_resumes_both_optimizers_and_the_two_time_scale_phase(teacher_ckpt, 
                                        for name, losses in straight["network_losses"].items()}
     assert resumed["network_losses"]["student"] == straight["network_losses"]["student"][-1:]
     assert resumed["network_losses"]["fake_score"] == straight["network_losses"]["fake_score"][-2:]
+    assert_same_weights(weights(resumed), weights(straight), atol=0)
+
+
+ADVERSARIAL = {"class_path": "distillers.adversarial.Adversarial",  # G and D every step, D on the frozen teacher
+               "init_args": {"d_lr": 1e-3, "real_weight": 0.5,
+                             "step_schedule": {"class_path": "distillers.adversarial.Progressive",
+                                               "init_args": {"ramp_steps": 2}}}}
+ADVERSARIAL_SPECS = {"fsdp2": ADVERSARIAL,  # D's own trainable backbone and the DMD term (F trains too) under DDP
+                     "ddp": {"class_path": ADVERSARIAL["class_path"],
+                             "init_args": {**ADVERSARIAL["init_args"], "backbone": "trainable", "dmd_weight": 0.5,
+                                           "fake_lr": 1e-3}}}
+
+
+@pytest.fixture(scope="module")
+def adversarial_one_process(tmp_path_factory, teacher_ckpt, shards):
+    return {strategy: fit(tmp_path_factory.mktemp("adversarial_one"), f"adversarial_one_{strategy}", teacher_ckpt,
+                          shards, distiller=spec) for strategy, spec in ADVERSARIAL_SPECS.items()}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_adversarial_on_two_processes_follows_one_process(strategy, adversarial_one_process, teacher_ckpt, shards,
+                                                          tmp_path):
+    """G, its frozen reference G4 (sharded like the teacher), D's heads on the decoder blocks of the frozen
+    teacher (FSDP2) or of D's own backbone with the DMD term beside (DDP), real clips beside G4's: each
+    clip's draws (its step, t-hat, noises) are in the job and D's loss is a mean over clips, so P
+    processes make one process's steps. G's backward enters the backbone through the heads' hooks,
+    not its output (strategies.FSDP2 keeps a root's own weights gathered for it)."""
+    spec = ADVERSARIAL_SPECS[strategy]
+    run = two_processes(tmp_path, f"adversarial_{strategy}", teacher_ckpt, shards, strategy, distiller=spec)
+    one = adversarial_one_process[strategy]
+    names = {"student", "discriminator"} | ({"fake_score"} if strategy == "ddp" else set())
+    assert run["network_losses"].keys() == one["network_losses"].keys() == names
+    for name, losses in one["network_losses"].items():
+        rtol = 1e-3 if name == "student" and strategy == "ddp" else 1e-5  # the DMD term: see the DMD test
+        torch.testing.assert_close(torch.tensor(run["network_losses"][name]), torch.tensor(losses), rtol=rtol, atol=1e-8)
+    # with the DMD term (DDP), G's gradient and the samples F and D's backbone learn from carry its difference of
+    # near-equal scores: elements with gradients near zero in float noise may move by an AdamW step (lr 1e-3)
+    # either way, each step; without it, weights to 1e-4 as for every distiller
+    assert_same_weights(weights(run), weights(one), atol=STEPS * 1e-3 if strategy == "ddp" else 1e-4)
+    assert run["sharded"] == {name: strategy == "fsdp2" for name in
+                              ("net", "ema", "teacher", *[f"distiller.{n}" for n in sorted(names - {"student"})],
+                               "distiller.frozen.g4")}
+
+
+def test_adversarial_resumes_g_d_their_optimizers_and_the_schedule(teacher_ckpt, shards, tmp_path):
+    """3 steps, then resumed to 5, equals 5 steps straight, bit for bit: G, D, both AdamWs and the
+    progressive schedule's step (in the checkpoint)."""
+    data = ("--data.init_args.count=2", "--data.init_args.batch_size=2")
+    first = fit(tmp_path, "first", teacher_ckpt, shards, *data, distiller=ADVERSARIAL)
+    assert int(torch.load(first["dir"] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"][
+        "distiller.step_schedule.step"]) == STEPS - 1
+    straight = fit(tmp_path, "straight", teacher_ckpt, shards, *data, f"--trainer.max_steps={STEPS + 2}",
+                   distiller=ADVERSARIAL)
+    resumed = fit(tmp_path, "resumed", teacher_ckpt, shards, *data, f"--trainer.max_steps={STEPS + 2}",
+                  f"--ckpt_path={first['dir'] / 'checkpoints' / 'last.ckpt'}", distiller=ADVERSARIAL)
+    for name, losses in straight["network_losses"].items():
+        assert resumed["network_losses"][name] == losses[-2:], name
+    assert_same_weights(weights(resumed, "start"), weights(first), atol=0)
     assert_same_weights(weights(resumed), weights(straight), atol=0)
 
 
