@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 LOCK    := requirements.lock
 
-.PHONY: demo test test-fast bench lock clean
+.PHONY: demo demo-one-step test test-fast bench lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml $(LOCK)
 
 demo: $(STAMP)
 	$(BIN)/python -m fada_lightning.demo
+
+demo-one-step: $(STAMP)   # TurboTalk's stages: teacher -> DMD (4 NFE) -> one step (1 NFE)
+	$(BIN)/python -m fada_lightning.demo --one-step
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,13 +6,19 @@ on the same `micro` network and the same inputs.
 Rows: the teacher (25 DDIM steps x 3 CFG passes as one batch), the same teacher with its three
 passes run one after another, and students of each distiller at 6 steps: PeRFlow / FADA-Balanced,
 RFlow and TCD balanced (x 3 passes, FADA's 18-NFE table rows), TCD guided (1 pass, diffusers'
-TCDScheduler with gamma 0.3), FADA-Fast (1 pass told the scales through CFG layers and tokens) and
-DMD (4 steps x 1 pass). Then the cost of one network call: a conditional pass, the teacher's
+TCDScheduler with gamma 0.3), FADA-Fast (1 pass told the scales through CFG layers and tokens),
+DMD (4 steps x 1 pass) and the one-step student of adversarial 4 -> 1 (1 x 1, TurboTalk stage 2).
+Then the cost of one network call: a conditional pass, the teacher's
 three-pass batch, a step of each Table 4 student variant, and the reference net's pass that makes a
 window's bank (once per window: 1 condition, or Eq 9's 3 as one batch). The bound a student's
 end-to-end speed-up is held to comes from these costs:
 
     (bank of 3 + 25 x three-pass step) / (bank of 1 + steps x one-pass step)
+
+At one step the reference net's bank is a large share of a window: the last lines give that share,
+the bound if the reference image's features were cached across windows (only the M motion frames
+recomputed: each image goes through the reference net alone, so the cache would be exact), and the
+frames per second one-step sampling makes against the 25 a live avatar needs.
 
 Weights do not change the cost; without --teacher a random micro teacher is used.
 """
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from distillers.adversarial import Adversarial
 from distillers.dmd import DMD
 from distillers.mixed import MixedPeRFlow
 from distillers.perflow import PeRFlow
@@ -138,6 +145,7 @@ def main(argv=None):
                 for kind in CFG_CONDITIONING}
         students.append(("FADA-Fast student (CFG tokens), 6 x 1", fast["layer_tokens"]))
         students.append(("DMD student, 4 x 1", DistillModule(path, DMD())))
+        students.append(("one-step student (adversarial), 1 x 1", DistillModule(path, Adversarial())))
     s_r, s_a = teacher.hparams.ref_scale, teacher.hparams.audio_scale
     rows = [("teacher, DDIM 25 x 3 passes batched", teacher, own_denoiser(teacher), 25),
             ("teacher, DDIM 25 x 3 passes one by one", teacher, lambda n, c: sequential_cfg_denoiser(n, c, s_r, s_a), 25)]
@@ -158,7 +166,9 @@ def main(argv=None):
              "teacher step: 3 passes as one batch": (net, z.repeat(3, 1, 1, 1, 1), cfg_conditions(cond))}
     calls.update({f"student step, cfg_conditioning {kind}": (module.sampling_net.eval(), z, told)
                   for kind, module in fast.items()})
-    banks = {"reference bank, 1 condition": (net, cond), "reference bank, 3 conditions batched": (net, cfg_conditions(cond))}
+    motion_only = Conditions(ref=cond.motion[:, 0], motion=cond.motion[:, 1:], audio=cond.audio)  # M images, not 1 + M
+    banks = {"reference bank, 1 condition": (net, cond), "reference bank, 3 conditions batched": (net, cfg_conditions(cond)),
+             f"reference pass, the {cond.motion.shape[1]} motion frames only": (net, motion_only)}
     rounds = args.repeats * 30
     seconds = time_calls(calls, banks, rounds)
     flops = {name: count_flops(*call) for name, call in calls.items()}
@@ -179,6 +189,19 @@ def main(argv=None):
         speed_up = measured[0][0] / window
         print(f"{name:40s} {measured[0][1]:g} -> {nfe:g} NFE: {speed_up:6.2f}x of a {bound:6.2f}x bound "
               f"({speed_up / bound:.2f})")
+
+    # one step: the reference net's share, a cache of the reference image's features, frames per second
+    bank, motion = seconds["reference bank, 1 condition"], seconds[f"reference pass, the {cond.motion.shape[1]} motion frames only"]
+    one_step_window = measured[-1][0]
+    frames = teacher.hparams.clip_frames * args.clips
+    print(f"\none-step student: the reference bank is {bank / (bank + one_pass):.0%} of a window's calls "
+          f"(bank {bank * 1e3:.1f} ms + 1 step {one_pass * 1e3:.1f} ms); with the reference image's features "
+          f"cached across windows (the motion frames' pass only, {motion * 1e3:.1f} ms) the bound is "
+          f"{teacher_window / (motion + one_pass):.1f}x instead of {teacher_window / (bank + one_pass):.1f}x "
+          f"(75 NFE -> 1 alone: 75x)")
+    print(f"frames per second on this CPU ({torch.get_num_threads()} threads): teacher {frames / measured[0][0]:.1f}, "
+          f"DMD 4 steps {frames / measured[-2][0]:.1f}, one step {frames / one_step_window:.1f} "
+          f"(calls alone, ref cached: {frames / (motion + one_pass):.1f}); a live avatar needs 25")
 
 
 if __name__ == "__main__":

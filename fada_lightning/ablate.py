@@ -8,7 +8,8 @@ and, for CFG sweeps, PNG plots of FVD and Sync-D against each scale (FADA's Figu
 
 An ablation YAML names its rows; each row trains with `fit` (configs, as `fada fit --config`) plus
 `overrides` (dotted keys), or re-evaluates another row's checkpoint (`checkpoint_of`) with other
-`evaluate` arguments; `teacher: ROW` hands that row's checkpoint to a distiller. A row's run folder is
+`evaluate` arguments; `teacher: ROW` hands that row's checkpoint to a distiller, `student: ROW` starts
+the student from that row's (a distiller's, for a second stage). A row's run folder is
 <out>/<row slug> (or its `run`, so tables can share a teacher); it is finished when its result.json
 exists, and a stopped row resumes from its last checkpoint.
 """
@@ -33,7 +34,7 @@ QUICK = {"rows": 2,  # unless the YAML lists its `quick` rows
                                       "data.init_args.batch_size": 2, "data.init_args.epoch_samples": 16},
          "eval_overrides": {"clips": 4, "frames": 16, "batch_size": 4, "videos": 1}}
 SCALE_NAMES = {"audio_scale": "s_a", "ref_scale": "s_r"}
-ROW_KEYS = {"name", "fit", "overrides", "run", "teacher", "reference", "checkpoint_of", "evaluate", "sweep"}
+ROW_KEYS = {"name", "fit", "overrides", "run", "teacher", "student", "reference", "checkpoint_of", "evaluate", "sweep"}
 
 
 def slug(name: str) -> str:
@@ -68,7 +69,7 @@ def load_ablation(path: str | Path) -> dict:
         if ("fit" in row) == ("checkpoint_of" in row):
             raise ValueError(f"{path}: row {row['name']!r} needs exactly one of `fit` (configs to train) or "
                              f"`checkpoint_of` (a row whose checkpoint it evaluates)")
-        for key in ("teacher", "checkpoint_of"):
+        for key in ("teacher", "student", "checkpoint_of"):
             if key in row and row[key] not in names[:i]:
                 raise ValueError(f"{path}: row {row['name']!r}: {key} {row[key]!r} is not a row above it "
                                  f"(rows: {', '.join(names[:i]) or 'none'})")
@@ -130,9 +131,10 @@ class Ablation:
         root, ckpt = self.run_dir(row), self.checkpoint(row)
         if (root / "trained").exists():
             return
-        if "teacher" in row and not self.checkpoint(self.by_name[row["teacher"]]).exists():
-            raise FileNotFoundError(f"row {row['name']!r} distils {row['teacher']!r}, whose checkpoint "
-                                    f"{self.checkpoint(self.by_name[row['teacher']])} does not exist yet: run that row first")
+        for key, verb in (("teacher", "distils"), ("student", "starts from")):
+            if key in row and not self.checkpoint(self.by_name[row[key]]).exists():
+                raise FileNotFoundError(f"row {row['name']!r} {verb} {row[key]!r}, whose checkpoint "
+                                        f"{self.checkpoint(self.by_name[row[key]])} does not exist yet: run that row first")
         args = self.fit_args(row)
         if ckpt.exists():
             print(f"[ablate] {row['name']}: resuming from {ckpt}")
@@ -151,8 +153,9 @@ class Ablation:
         for config in row["fit"]:
             args += ["--config", config]
         overrides = {**row.get("overrides", {}), **(QUICK["fit_overrides"] if self.quick else {})}
-        if "teacher" in row:
-            overrides["model.init_args.teacher_ckpt"] = str(self.checkpoint(self.by_name[row["teacher"]]))
+        for key in ("teacher", "student"):
+            if key in row:
+                overrides[f"model.init_args.{key}_ckpt"] = str(self.checkpoint(self.by_name[row[key]]))
         overrides.update({"trainer.default_root_dir": str(root), "trainer.logger.init_args.save_dir": str(root),
                           "trainer.logger.init_args.name": "tb", "trainer.logger.init_args.version": "run"})
         return args + [f"--{key}={json.dumps(value) if not isinstance(value, str) else value}"

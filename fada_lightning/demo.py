@@ -1,8 +1,11 @@
 """`make demo`: synthetic data -> the `micro` teacher -> its PeRFlow student -> talking-head mp4s
 from a face and a voice neither saw, with the cost (NFE, wall time) and honest measures of how
 well the mouth follows the audio, for the teacher, the teacher at the student's budget, and the student.
+`--one-step` (`make demo-one-step`) distils TurboTalk's way instead: teacher -> DMD (4 steps of one
+pass) -> adversarial 4 -> 1 (one pass per clip window), and compares all of them at their budgets.
 
     python -m fada_lightning.demo [--steps N] [--distill-steps N] [--out runs/demo] [--retrain]
+    python -m fada_lightning.demo --one-step [--dmd-steps N] [--one-step-steps N]
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from fada_lightning.video_io import encode_wav, write_atomic
 
 HELD_OUT_SEED = 2026  # training clips use seed 0, validation seed 1000: this face and voice are new
 DISTILL_STEPS = 100
+DMD_STEPS, ONE_STEP_STEPS = 200, 100
+MICRO_LR = "0.0001"  # the micro students' lr (tables/distillers.yaml), not SD1.5's 1e-5
 
 
 def mouth_sync(video: np.ndarray, audio: np.ndarray) -> float:
@@ -70,15 +75,32 @@ def train_teacher(out: Path, steps: int, retrain: bool) -> Path:
     return ckpt if _reuse(ckpt, retrain) else _fit("teacher.yaml", out / "teacher", steps)
 
 
-def distil_student(out: Path, teacher: Path, steps: int, retrain: bool) -> Path:
-    ckpt = out / "perflow" / "tb" / "demo" / "checkpoints" / "last.ckpt"
-    if _reuse(ckpt, retrain, newer_than=teacher):
+def distil(out: Path, name: str, config: str, teacher: Path, steps: int, retrain: bool, *overrides: str,
+           after: Path | None = None) -> Path:
+    """`fada fit --config <config>` of a student of `teacher` into out/name (reused if newer than `after`)."""
+    ckpt = out / name / "tb" / "demo" / "checkpoints" / "last.ckpt"
+    if _reuse(ckpt, retrain, newer_than=after or teacher):
         return ckpt
     checkpoint = {"class_path": "fada_lightning.callbacks.FinalCheckpoint",
                   "init_args": {"save_last": True, "every_n_train_steps": steps, "filename": "step{step:06d}",
                                 "auto_insert_metric_name": False}}
-    return _fit("distill_perflow.yaml", out / "perflow", steps, f"--model.init_args.teacher_ckpt={teacher}",
-                f"--trainer.callbacks={json.dumps([checkpoint])}")
+    return _fit(config, out / name, steps, f"--model.init_args.teacher_ckpt={teacher}",
+                f"--trainer.callbacks={json.dumps([checkpoint])}", *overrides)
+
+
+def distil_student(out: Path, teacher: Path, steps: int, retrain: bool) -> Path:
+    return distil(out, "perflow", "distill_perflow.yaml", teacher, steps, retrain)
+
+
+def distil_one_step(out: Path, teacher: Path, dmd_steps: int, steps: int, retrain: bool) -> tuple[Path, Path]:
+    """TurboTalk's two stages: DMD to 4 steps (F and G at the micro lr), then adversarial 4 -> 1 from it,
+    its progressive schedule reaching one step halfway. -> (the DMD student, the one-step student)."""
+    dmd = distil(out, "dmd", "distill_dmd.yaml", teacher, dmd_steps, retrain, f"--model.init_args.lr={MICRO_LR}",
+                 f"--model.init_args.distiller.init_args.fake_lr={MICRO_LR}")
+    one_step = distil(out, "turbo", "distill_turbo.yaml", teacher, steps, retrain, f"--model.init_args.student_ckpt={dmd}",
+                      f"--model.init_args.distiller.init_args.step_schedule.init_args.ramp_steps={steps // 2}",
+                      after=dmd)
+    return dmd, one_step
 
 
 def main(argv=None):
@@ -88,6 +110,10 @@ def main(argv=None):
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seconds", type=float, default=4.0, help="length of the held-out speech clip")
     p.add_argument("--retrain", action="store_true", help="train the teacher and the student anew")
+    p.add_argument("--one-step", action="store_true",
+                   help="teacher -> DMD (4 NFE) -> adversarial one-step student (1 NFE), TurboTalk's stages")
+    p.add_argument("--dmd-steps", type=int, default=DMD_STEPS, help="DMD steps (G steps every 5th)")
+    p.add_argument("--one-step-steps", type=int, default=ONE_STEP_STEPS, help="adversarial 4 -> 1 steps")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +121,10 @@ def main(argv=None):
 
     teacher = train_teacher(out, args.steps, args.retrain)
     trained = time.perf_counter()
-    student = distil_student(out, teacher, args.distill_steps, args.retrain)
+    if args.one_step:
+        dmd, student = distil_one_step(out, teacher, args.dmd_steps, args.one_step_steps, args.retrain)
+    else:
+        student = distil_student(out, teacher, args.distill_steps, args.retrain)
     distilled = time.perf_counter()
 
     frames = int(args.seconds * 25)
@@ -105,9 +134,15 @@ def main(argv=None):
     Image.fromarray(truth[0]).save(face)
     write_atomic(speech, encode_wav(audio))
     print(f"[demo] sampling {args.seconds:g} s of speech for a face neither model saw, with each model")
-    rows = [("teacher, DDIM 25 steps", teacher, None, "teacher_sample.mp4"),
-            ("teacher, DDIM 6 steps", teacher, 6, "teacher_6step_sample.mp4"),
-            ("PeRFlow student, 6 steps", student, None, "perflow_sample.mp4")]
+    rows = [("teacher, DDIM 25 steps", teacher, None, "teacher_sample.mp4")]
+    if args.one_step:
+        rows += [("teacher, DDIM 1 step", teacher, 1, "teacher_1step_sample.mp4"),
+                 ("DMD student, 4 steps", dmd, None, "dmd_sample.mp4"),
+                 ("DMD student, 1 step", dmd, 1, "dmd_1step_sample.mp4"),
+                 ("one-step student", student, None, "one_step_sample.mp4")]
+    else:
+        rows += [("teacher, DDIM 6 steps", teacher, 6, "teacher_6step_sample.mp4"),
+                 ("PeRFlow student, 6 steps", student, None, "perflow_sample.mp4")]
     results = []
     for name, ckpt, steps, file in rows:
         done = sample.sample_file(ckpt, face, speech, out / file, steps=steps, progress=False)

@@ -108,7 +108,7 @@ def forward_flops(net: AvatarDenoiser, batch: int, frames: int, device="meta") -
 
 class PassCounter:
     """Rows of the batches that `nets` run forward while in the `with` block (forward hooks), split by
-    whether autograd was recording (a pass with gradient also costs its backward, about 2 forwards)."""
+    whether the pass's output needs a gradient (it then also costs its backward, about 2 forwards)."""
 
     def __init__(self, *nets: nn.Module):
         self.nets, self.rows, self.grad_rows, self.hooks = nets, 0, 0, []
@@ -122,7 +122,7 @@ class PassCounter:
             hook.remove()
 
     def count(self, net, args, output):
-        if torch.is_grad_enabled():
+        if output.requires_grad:
             self.grad_rows += args[0].shape[0]
         else:
             self.rows += args[0].shape[0]
@@ -166,7 +166,9 @@ def step_passes(distillers: dict[str, dict] | None = None, periods: int = 8) -> 
             everies = [distiller.student_every, *(o.every for o in distiller.optimization.values())]
             steps = periods * math.lcm(*everies)
             torch.manual_seed(0)
-            nets = [module.net, module.teacher, module.ema.module, *distiller.networks.values()]
+            # every network of the teacher's size, once, wherever it sits (F's score, D's backbone, G4)
+            owners = [module.net, module.teacher, module.ema.module, *distiller.frozen.values(), *distiller.networks.values()]
+            nets = list({id(m): m for owner in owners for m in owner.modules() if isinstance(m, AvatarDenoiser)}.values())
             with PassCounter(*nets) as counter:
                 for step in range(steps):
                     with torch.no_grad():
@@ -179,16 +181,17 @@ def step_passes(distillers: dict[str, dict] | None = None, periods: int = 8) -> 
     return passes
 
 
-def trained_parameters(spec: dict, preset: str | dict = "sd15") -> tuple[int, int]:
-    """Parameters a distiller trains at `preset` (meta device): (the student, the student and the
-    networks the distiller adds)."""
+def trained_parameters(spec: dict, preset: str | dict = "sd15") -> tuple[int, int, int]:
+    """Parameters of a distiller's networks at `preset` (meta device): (the student, the student and the
+    networks the distiller trains, the frozen networks it keeps beside the teacher: G4)."""
     from fada_lightning.diffusion import schedule as S
 
     distiller, options = _distiller(spec)
     student = meta_denoiser(preset, options.get("cfg_conditioning", "none"))
     distiller.bind(S.SD15_SCHEDULE, "epsilon", student_ema=student)  # the EMA only stands in: it is not trained
     distiller.set_teacher(meta_denoiser(preset), student)
-    return count(student), count(student) + sum(count(net) for net in distiller.networks.values())
+    return (count(student), count(student) + sum(count(net) for net in distiller.networks.values()),
+            sum(count(net) for net in distiller.frozen.values()))
 
 
 def state_gib_per_gpu(student: int, teacher: int, gpus: int, sharded: bool, teacher_bf16: bool = True,
@@ -236,11 +239,12 @@ def main(argv=None):
         a, b = (gpu_hours(h, args.frames, step, args.tflops, args.mfu) for h in (160, 1300))
         print(f"{name:46s} {grad:12.2f} {no_grad:8.2f} {step / 1e12:10.1f} {a:11,.0f} {b:12,.0f}")
     counts = sorted({8, args.gpus})
-    print("\nper GPU (GiB): weights, gradients and optimizer state of every trained network, student EMA, teacher")
+    print("\nper GPU (GiB): weights, gradients and optimizer state of every trained network, student EMA, the teacher "
+          "and any other frozen network (bf16)")
     print(f"{'distiller':30s} {'trained (M)':>11s} {'DDP':>8s}" + "".join(f" {f'FSDP {g}':>8s}" for g in counts))
     for name, spec in distillers.items():
-        own, trained = trained_parameters(spec, args.preset)
-        state = [sum(state_gib_per_gpu(own, count(teacher), gpus, sharded, trained=trained).values())
+        own, trained, frozen = trained_parameters(spec, args.preset)
+        state = [sum(state_gib_per_gpu(own, count(teacher) + frozen, gpus, sharded, trained=trained).values())
                  for gpus, sharded in [(1, False), *((g, True) for g in counts)]]
         print(f"{name:30s} {trained / 1e6:11.1f}" + "".join(f" {gib:8.2f}" for gib in state))
     print(f"\nGPU-hours: one pass over the data at {args.tflops:g} TFLOP/s x {args.mfu:.0%} utilisation")

@@ -43,6 +43,8 @@ def test_the_sweep_expands_into_evaluation_rows_of_one_checkpoint():
 @pytest.mark.parametrize("rows, message", [
     ([{"name": "a", "fit": ["teacher.yaml"], "checkpoint_of": "a"}], "exactly one of"),
     ([{"name": "s", "fit": ["distill_perflow.yaml"], "teacher": "t"}], "is not a row above it"),
+    ([{"name": "t", "fit": ["teacher.yaml"]}, {"name": "s", "fit": ["distill_turbo.yaml"], "teacher": "t", "student": "d"}],
+     "student .d. is not a row above it"),
     ([{"name": "a", "fit": ["teacher.yaml"]}, {"name": "a", "fit": ["teacher.yaml"]}], "repeat"),
     ([{"name": "a", "fit": ["no_such_config.yaml"]}], "no_such_config"),
     ([{"name": "A + B", "Fixed-0": None, "fit": ["teacher.yaml"]}], r"unknown keys \['Fixed-0'\]"),

@@ -96,7 +96,8 @@ def test_each_method_config_is_an_override_of_the_shared_base():
     allowed = {"base", "trainer.default_root_dir", "trainer.logger", "model.init_args.distiller",
                "model.init_args.lr", "model.init_args.warmup_steps",
                "model.init_args.ema_decay", "model.init_args.cfg_conditioning", "model.init_args.cfg_tokens",
-               "model.init_args.ref_scale", "model.init_args.audio_scale", "data.init_args.tier_weights"}
+               "model.init_args.ref_scale", "model.init_args.audio_scale", "data.init_args.tier_weights",
+               "model.init_args.student_ckpt"}
 
     def keys(config, prefix=""):
         if not isinstance(config, dict) or f"{prefix}".rstrip(".") in allowed:
@@ -105,7 +106,7 @@ def test_each_method_config_is_an_override_of_the_shared_base():
 
     methods = sorted(bundled_config_dir().glob("distill_*.yaml"))
     assert [p.stem for p in methods] == ["distill_dmd", "distill_fada_fast", "distill_mixed", "distill_perflow",
-                                         "distill_rflow", "distill_tcd"]
+                                         "distill_rflow", "distill_tcd", "distill_turbo"]
     for path in methods:
         config = yaml.safe_load(path.read_text())
         assert config["base"] == "distill.yaml" and keys(config) <= allowed, (path.name, keys(config) - allowed)

@@ -58,7 +58,10 @@ def test_passes_per_clip_follow_each_distillers_definition():
         "distill_mixed.yaml (MixedPeRFlow, 18 NFE)": (2, 8),  # N = 8 conditional DDIM steps in the window
         "distill_perflow.yaml (PeRFlow, 18 NFE)": (1, 8),
         "distill_rflow.yaml (RFlow, 18 NFE)": (1, 32),  # one window, 32 steps
-        "distill_tcd.yaml (TCD, 6 NFE)": (1, 4)}  # one guided teacher step (x 3) + the EMA's pass
+        "distill_tcd.yaml (TCD, 6 NFE)": (1, 4),  # one guided teacher step (x 3) + the EMA's pass
+        # G and, for its gradient, the teacher under D's heads; G4's 4-step chain, G's sample for D, and the
+        # teacher under D's heads on G's sample, G4's output and that perturbed (R1): no gradient into them
+        "distill_turbo.yaml (Adversarial, 1 NFE)": (2, 8)}
     # DMD, G every 5th step, F every step: with gradient F's 1 + G's 1/5. Without, per step: F's G sample
     # (k + 1 passes, E k = 1.5) + on G's steps k + Eq 9's 3 + F's 1, over 5: 2.5 + 5.5 / 5 = 3.6 expected,
     # and k is drawn (seeded) 40 times here
@@ -73,9 +76,11 @@ def test_a_distiller_passed_in_is_priced_without_an_edit():
 def test_trained_parameters_count_every_network_a_distiller_trains():
     teacher = scaling.count(scaling.meta_denoiser("sd15"))
     specs = scaling.bundled_distillers()
-    assert scaling.trained_parameters(specs["distill_perflow.yaml"]) == (teacher, teacher)
-    assert scaling.trained_parameters(specs["distill_dmd.yaml"]) == (teacher, 2 * teacher)  # G and F: the teacher's size
-    fada_fast, _ = scaling.trained_parameters(specs["distill_fada_fast.yaml"])
+    assert scaling.trained_parameters(specs["distill_perflow.yaml"]) == (teacher, teacher, 0)
+    assert scaling.trained_parameters(specs["distill_dmd.yaml"]) == (teacher, 2 * teacher, 0)  # G and F: the teacher's size
+    student, trained, frozen = scaling.trained_parameters(specs["distill_turbo.yaml"])  # G, D's heads; G4 frozen
+    assert student == frozen == teacher and 0 < trained - teacher < 0.03 * teacher  # the heads: 2% at sd15
+    fada_fast, _, _ = scaling.trained_parameters(specs["distill_fada_fast.yaml"])
     assert fada_fast > teacher  # CFG layers and tokens
 
 
