@@ -93,11 +93,13 @@ def distil_student(out: Path, teacher: Path, steps: int, retrain: bool) -> Path:
 
 
 def distil_one_step(out: Path, teacher: Path, dmd_steps: int, steps: int, retrain: bool) -> tuple[Path, Path]:
-    """TurboTalk's two stages: DMD to 4 steps (F and G at the micro lr), then adversarial 4 -> 1 from it,
-    its progressive schedule reaching one step halfway. -> (the DMD student, the one-step student)."""
+    """TurboTalk's two stages: DMD to 4 steps (F and G at the micro lr), then adversarial 4 -> 1 from it
+    (G at the micro lr, D at 10x), its progressive schedule reaching one step halfway. -> (the DMD
+    student, the one-step student)."""
     dmd = distil(out, "dmd", "distill_dmd.yaml", teacher, dmd_steps, retrain, f"--model.init_args.lr={MICRO_LR}",
                  f"--model.init_args.distiller.init_args.fake_lr={MICRO_LR}")
     one_step = distil(out, "turbo", "distill_turbo.yaml", teacher, steps, retrain, f"--model.init_args.student_ckpt={dmd}",
+                      f"--model.init_args.lr={MICRO_LR}", "--model.init_args.distiller.init_args.d_lr=0.001",
                       f"--model.init_args.distiller.init_args.step_schedule.init_args.ramp_steps={steps // 2}",
                       after=dmd)
     return dmd, one_step
