@@ -25,6 +25,7 @@ at 2 or 4 of the generator's timesteps.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, replace
 
 import torch
@@ -57,6 +58,13 @@ class StepSchedule(nn.Module):
     def probabilities(self, step: int, num_steps: int) -> torch.Tensor:
         """(S,) float64, summing to 1."""
         raise NotImplementedError
+
+    def spec(self) -> dict:
+        """{class_path, init_args} that rebuild this schedule (its constructor's arguments, kept as
+        attributes of the same names): what a checkpoint records."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                "init_args": {name: getattr(self, name) for name in names}}
 
     def draw(self, batch_size: int, num_steps: int, generator: torch.Generator | None = None,
              device=None) -> torch.Tensor:
@@ -178,7 +186,7 @@ class AdversarialTargets(DMDTargets):
 
 
 class Adversarial(DMD):
-    """step_schedule: {class_path, init_args} of a `StepSchedule` (default Progressive(ramp_steps=300));
+    """step_schedule: a `StepSchedule` (YAML: class_path, init_args; default Progressive(ramp_steps=300));
     backbone: "teacher" (frozen, heads trained) or "trainable" (a copy of the teacher trained with the heads);
     head_blocks: decoder blocks with a head (default all); d_lr, d_betas, d_grad_clip: D's AdamW;
     d_timestep_loc, d_timestep_scale: t-hat = T sigmoid(N(loc, scale^2)); real_weight, real_tiers: real
@@ -187,7 +195,7 @@ class Adversarial(DMD):
     generator_steps). The rest are DMD's (two_time_scale: G steps every N steps, D every step) and
     CFGDistiller's (guided mode; G and G4 are told the scales)."""
 
-    def __init__(self, step_schedule: dict | None = None, backbone: str = "teacher",
+    def __init__(self, step_schedule: StepSchedule | None = None, backbone: str = "teacher",
                  head_blocks: tuple[int, ...] | None = None, d_lr: float = 1e-4,
                  d_betas: tuple[float, float] = (0.0, 0.99), d_grad_clip: float | None = 10.0,
                  d_timestep_loc: float = 1.0, d_timestep_scale: float = 1.0, real_weight: float = 0.0,
@@ -205,9 +213,12 @@ class Adversarial(DMD):
         self.d_timesteps = (d_timestep_loc, d_timestep_scale)
         self.real_weight, self.r1_weight, self.r1_sigma, self.dmd_weight = real_weight, r1_weight, r1_sigma, dmd_weight
         self.discriminator = Optimization(lr=d_lr, betas=tuple(d_betas), grad_clip=d_grad_clip)
-        self.step_schedule = instantiate_class((), step_schedule or {"class_path": f"{__name__}.Progressive"})
-        if not isinstance(self.step_schedule, StepSchedule):
-            raise ValueError(f"step_schedule must be a StepSchedule, got {type(self.step_schedule).__name__}")
+        if isinstance(step_schedule, dict):  # a spec, as a checkpoint records it
+            step_schedule = instantiate_class((), step_schedule)
+        if not isinstance(step_schedule, (StepSchedule, type(None))):
+            raise ValueError(f"step_schedule must be a StepSchedule, got {type(step_schedule).__name__}")
+        self.step_schedule = step_schedule if step_schedule is not None else Progressive()
+        self.hparams["step_schedule"] = self.step_schedule.spec()  # recorded as its spec, not the object
 
     def check_sample_steps(self, sample_steps: int, generator_steps: int) -> None:
         if sample_steps < 1 or generator_steps % sample_steps:

@@ -37,7 +37,8 @@ class FSDP2(ModelParallelStrategy):
     gradients' reduction and the optimizer stay float32); None: the shards' own dtype, under the
     Trainer's precision (bf16-mixed autocasts).
     reshard_after_forward: free a block's gathered weights after its forward (ZeRO-3, least memory);
-    False keeps them until backward (ZeRO-2-like, one all-gather less per block).
+    False keeps them until backward (ZeRO-2-like, one all-gather less per block). A network's own
+    weights outside its blocks stay gathered from forward to backward either way.
     """
 
     def __init__(self, param_dtype: str | None = None, reshard_after_forward: bool = True,
@@ -84,9 +85,8 @@ class FSDP2(ModelParallelStrategy):
             for unit in sharding_units(net):
                 fully_shard(unit, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
             # the root's own weights (conv in/out, embeddings: small) stay gathered from forward to backward,
-            # FSDP2's default for a root (None). Needed where a gradient skips the root's output: a head reading
-            # decoder features through a hook backpropagates into conv_in, and the root's pre-backward
-            # gather hangs on its output
+            # FSDP2's default for a root (None): its pre-backward gather is hooked on its output, and a head
+            # reading decoder features through a hook (a discriminator) backpropagates into conv_in past it
             fully_shard(net, mesh=mesh, reshard_after_forward=None if self.reshard_after_forward else False,
                         mp_policy=policy)
             for method in FORWARD_METHODS:

@@ -28,8 +28,12 @@ def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, c
             fada([*ablation.fit_args(row), "--print_config"])
         assert done.value.code in (0, None), row["name"]
         printed = yaml.safe_load(capsys.readouterr().out)
-        assert printed["trainer"]["max_steps"] == row["overrides"]["trainer.max_steps"]
         assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(ablation.run_dir(row))
+        for key, value in row["overrides"].items():  # each override lands where its dotted key says
+            found = printed
+            for part in key.split("."):
+                found = found[part]
+            assert found == value, (row["name"], key, found)
 
 
 def test_the_sweep_expands_into_evaluation_rows_of_one_checkpoint():
