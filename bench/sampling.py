@@ -192,16 +192,16 @@ def main(argv=None):
 
     # one step: the reference net's share, a cache of the reference image's features, frames per second
     bank, motion = seconds["reference bank, 1 condition"], seconds[f"reference pass, the {cond.motion.shape[1]} motion frames only"]
-    one_step_window = measured[-1][0]
+    one_step_window, step = measured[-1][0], seconds["student step, cfg_conditioning none"]  # as the bound above
     frames = teacher.hparams.clip_frames * args.clips
-    print(f"\none-step student: the reference bank is {bank / (bank + one_pass):.0%} of a window's calls "
-          f"(bank {bank * 1e3:.1f} ms + 1 step {one_pass * 1e3:.1f} ms); with the reference image's features "
+    print(f"\none-step student: the reference bank is {bank / (bank + step):.0%} of a window's calls "
+          f"(bank {bank * 1e3:.1f} ms + 1 step {step * 1e3:.1f} ms); with the reference image's features "
           f"cached across windows (the motion frames' pass only, {motion * 1e3:.1f} ms) the bound is "
-          f"{teacher_window / (motion + one_pass):.1f}x instead of {teacher_window / (bank + one_pass):.1f}x "
+          f"{teacher_window / (motion + step):.1f}x instead of {teacher_window / (bank + step):.1f}x "
           f"(75 NFE -> 1 alone: 75x)")
     print(f"frames per second on this CPU ({torch.get_num_threads()} threads): teacher {frames / measured[0][0]:.1f}, "
           f"DMD 4 steps {frames / measured[-2][0]:.1f}, one step {frames / one_step_window:.1f} "
-          f"(calls alone, ref cached: {frames / (motion + one_pass):.1f}); a live avatar needs 25")
+          f"(calls alone, ref cached: {frames / (motion + step):.1f}); a live avatar needs 25")
 
 
 if __name__ == "__main__":
