@@ -37,6 +37,31 @@ def resolve_shards(spec: str | list[str] | None) -> list[str]:
     return [path]
 
 
+def is_manifest(spec) -> bool:
+    """A `fada prepare` (or synthetic-world) manifest: a local path to a .json file."""
+    return isinstance(spec, str) and spec.endswith(".json") and not is_remote(spec)
+
+
+def read_manifest(path: str) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """manifest.json -> ({tier: shard paths}, {shard path: clips it holds}); shard paths are relative to
+    the manifest's folder. Each tier's shards are full but its last (`clips_per_shard` each)."""
+    import json
+
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        root, per = os.path.dirname(path), manifest["clips_per_shard"]
+        tiers = {tier: [os.path.join(root, p) for p in manifest[tier]] for tier in ("strict", "lenient") if tier in manifest}
+        sizes = {url: min(per, manifest["samples"][tier] - i * per)
+                 for tier, urls in tiers.items() for i, url in enumerate(urls)}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"manifest {path} does not exist (fada prepare writes it last: "
+                                "is the run finished?)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"manifest {path} is not a shard manifest ({type(err).__name__}: {err})") from None
+    return tiers, sizes
+
+
 def check_local_shards(urls: list[str], name: str) -> None:
     """One clear error, before training starts, for local shards that are missing or unreadable."""
     if not urls:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from .audio_features import AudioFeatures, LogMelFeatures
 from .clips import MAX_MEMBER_MB, QUALITY_KEYS, ClipDecoder, FixedClips, cache_spec
 from .decoding import VIDEO_BACKENDS
-from .shards import check_local_shards, resolve_shards
+from .shards import check_local_shards, is_manifest, read_manifest, resolve_shards
 from .streams import ClipStream, CrashedSamples, TierMix
 
 
@@ -44,7 +44,8 @@ def model_settings(model) -> dict:
 class AvatarDataModule(L.LightningDataModule):
     """Streams training clips from WebDataset shards; validates on a small fixed set.
 
-    Shards: a directory, a glob, brace notation, any URL webdataset opens, or a list. With
+    Shards: a directory, a glob, brace notation, any URL webdataset opens, a list, or the manifest.json
+    `fada prepare` writes (its strict tier; with `tier_weights`, the tiers named there). With
     `synthetic` (keyword arguments of `datamodules.synthetic.ensure_dataset`, e.g. {"root":
     "data/synthetic", "strict_clips": 512}) the synthetic world is generated on first use and
     its strict shards train when `train_shards` is empty. Tiers: `train_shards` as {tier: shards}
@@ -138,6 +139,8 @@ class AvatarDataModule(L.LightningDataModule):
             with open(manifest) as f:
                 counts = shard_sample_counts(json.load(f))
             sizes.update({os.path.join(self.hparams.synthetic["root"], p): n for p, n in counts.items()})
+        if is_manifest(self.hparams.train_shards):
+            sizes.update(read_manifest(self.hparams.train_shards)[1])
         if isinstance(given, str):
             with open(given) as f:
                 given = json.load(f)
@@ -172,6 +175,9 @@ class AvatarDataModule(L.LightningDataModule):
         spec, tiers = self.hparams.train_shards, self.hparams.tier_weights
         if isinstance(spec, dict):
             urls = {tier: resolve_shards(shards) for tier, shards in spec.items()}
+        elif is_manifest(spec):  # fada prepare's output: its tiers, strict alone unless tier_weights mix them
+            listed = read_manifest(spec)[0]
+            urls = {tier: listed[tier] for tier in (listed if tiers else ["strict"])}
         elif spec:
             urls = {"train": resolve_shards(spec)}
         elif self.hparams.synthetic:
@@ -243,13 +249,27 @@ class AvatarDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """{"streams": {"tier/global worker": [first_epoch, pulled, skipped]}, "in_epoch": {global
-        worker: items yielded this epoch}}, over all ranks (every rank takes part in a save)."""
+        worker: items yielded this epoch}}, over all ranks (every rank takes part in a save), and the
+        training faces' `face_crop` where known."""
         state = {"streams": {k: list(v) for k, v in self._positions.items()}, "in_epoch": dict(self._in_epoch)}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, state)
             state = {part: {k: v for rank_state in gathered for k, v in rank_state[part].items()} for part in state}
-        return state
+        crop = self.face_crop()
+        return {**state, "face_crop": crop} if crop else state
+
+    def face_crop(self) -> dict | None:
+        """How the training faces were cropped, for `fada sample` to crop a reference image the same way:
+        the manifest's `crop` (fada prepare's detector, margin, frame size); the synthetic world's frames
+        are whole faces (detector none); None when unknown (shards from elsewhere)."""
+        spec = self.hparams.train_shards
+        if is_manifest(spec):
+            with open(spec) as f:
+                return json.load(f).get("crop")
+        if self.hparams.synthetic and not spec:
+            return {"detector": "none", "margin": 1.0}
+        return None
 
     def load_state_dict(self, state: dict) -> None:
         self._positions = {k: tuple(v) for k, v in state.get("streams", {}).items()}

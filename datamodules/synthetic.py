@@ -266,6 +266,22 @@ def render_clip(seed: int, tier: str, index: int, size: int = 64, frames: int = 
     return video, wav, meta
 
 
+def render_raw_video(seed: int, index: int, shot_seconds=(6.0, 12.0, 4.0), size: int = 64,
+                     lenient_every: int = 3) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """The synthetic world as a raw long video, as `fada prepare` meets real ones: shots of different
+    identities joined by hard cuts (every `lenient_every`-th shot a lenient, degraded one). ->
+    (video (n, size, size, 3) uint8, wav (n * 640,), each shot's json meta with its first frame)."""
+    videos, wavs, shots, first = [], [], [], 0
+    for shot, seconds in enumerate(shot_seconds):
+        tier = "lenient" if lenient_every and shot % lenient_every == lenient_every - 1 else "strict"
+        video, wav, meta = render_clip(seed, tier, index * 100 + shot, size, round(seconds * FPS))
+        videos.append(video)
+        wavs.append(wav)
+        shots.append({**meta, "first_frame": first})
+        first += len(video)
+    return np.concatenate(videos), np.concatenate(wavs), shots
+
+
 def _floats(values) -> list[float]:
     return [round(float(v), 6) for v in values]
 

@@ -67,10 +67,47 @@ def probe_image(path) -> tuple[int, int]:
         raise ValueError(f"{path}: not a readable image ({error})") from error
 
 
+def training_face_crop(ckpt) -> dict | None:
+    """How the checkpoint's training faces were cropped (its data module's `face_crop`: fada prepare's
+    detector, margin and analysis size), or None when the checkpoint does not say."""
+    checkpoint = read_checkpoint(Path(ckpt), weights_only=False)
+    return next((state["face_crop"] for state in checkpoint.values()
+                 if isinstance(state, dict) and isinstance(state.get("face_crop"), dict)), None)
+
+
+def crop_reference(image_path, size: int, face_crop: dict | None) -> np.ndarray:
+    """The reference image as the model saw faces in training -> (size, size, 3) uint8: detected and
+    cropped square around the face with `face_crop`'s detector and margin (fada prepare's crop), or,
+    with no recorded crop or detector none, centre-cropped whole. No face is an error; several, a
+    warning (the largest is used)."""
+    if not face_crop or face_crop.get("detector", "none") == "none":
+        return read_image(image_path, size)
+    import cv2
+
+    from datamodules.prepare.faces import crop_frames, make_detector
+
+    image = read_image(image_path, None)
+    short = min(image.shape[:2])
+    scale = min(1.0, face_crop.get("analysis_size", 256) / short)
+    small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
+    detector = make_detector(face_crop["detector"], **face_crop.get("detector_args", {}))
+    boxes = np.asarray(detector(small), np.float32).reshape(-1, 4) / scale
+    if len(boxes) == 0:
+        raise ValueError(f"{image_path}: the {face_crop['detector']} face detector the training clips were cropped "
+                         "with finds no face; give a cropped face image with --no-crop")
+    if len(boxes) > 1:
+        warnings.warn(f"{image_path}: {len(boxes)} faces found; the largest is used (crop the image yourself "
+                      "and pass --no-crop to choose another)")
+    largest = boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))]
+    return crop_frames(image[None], largest[None], face_crop["margin"], size)[0]
+
+
 def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None, audio_scale=None, seed: int = 0,
-                progress: bool = True, eta: float | None = None) -> dict:
+                progress: bool = True, eta: float | None = None, crop: bool = True) -> dict:
     """Checkpoint + image file + audio file -> an mp4 at `output`; returns what it cost:
-    {"output", "frames", "nfe" (per clip window), "seconds" (sampling wall time), "module"}."""
+    {"output", "frames", "nfe" (per clip window), "seconds" (sampling wall time), "module"}.
+    The face is cropped as the training clips were (`crop_reference`); crop=False takes the image
+    as a cropped face (centre square, resized)."""
     width, height = probe_image(image_path)  # the inputs first: a wrong path costs no model load
     audio = read_audio(audio_path, SAMPLE_RATE)
     module = load_module(ckpt).eval()
@@ -78,7 +115,7 @@ def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None
     if min(width, height) < size / 2:
         warnings.warn(f"reference image {image_path} is {width}x{height}, far below the model's {size}x{size} "
                       "frames: it is upscaled, and the video will be as blurry")
-    image = read_image(image_path, size)
+    image = crop_reference(image_path, size, training_face_crop(ckpt) if crop else None)
     module.sampling_scales(ref_scale, audio_scale)  # a one-pass student refuses CFG scales before any work
     check_eta(module.scheduler(), eta)  # and a deterministic sampler refuses an eta
     start = time.perf_counter()
@@ -91,7 +128,9 @@ def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fada sample", description=__doc__)
     p.add_argument("--ckpt", required=True, help="a checkpoint written by `fada fit` (teacher or student)")
-    p.add_argument("--image", required=True, help="reference face image (any PIL format; centre-cropped)")
+    p.add_argument("--image", required=True, help="reference face image (any PIL format): the face is found and "
+                   "cropped as the model's training clips were (fada prepare's detector and margin)")
+    p.add_argument("--no-crop", action="store_true", help="the image is a cropped face: centre square, resized")
     p.add_argument("--audio", required=True, help="speech audio (any format ffmpeg reads; resampled to 16 kHz mono)")
     p.add_argument("-o", "--output", default="sample.mp4")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
@@ -103,7 +142,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         done = sample_file(args.ckpt, args.image, args.audio, args.output, args.steps, args.ref_cfg, args.audio_cfg,
-                           args.seed, eta=args.eta)
+                           args.seed, eta=args.eta, crop=not args.no_crop)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fada sample: {err}") from None
     print(f"wrote {done['output']}: {done['frames']} frames ({done['frames'] / FPS:.2f} s), "

@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import decord
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def encode_mp4(frames: np.ndarray, audio: np.ndarray | None = None, fps: int = 25,
@@ -73,13 +73,16 @@ def encode_wav(audio: np.ndarray, sample_rate: int = 16000) -> bytes:
     return buffer.getvalue()
 
 
-def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Image file -> (size, size, 3) uint8 RGB: centre-crop to a square, then resize."""
+def read_image(path: str | os.PathLike, size: int | None) -> np.ndarray:
+    """Image file -> (size, size, 3) uint8 RGB: centre-crop to a square, then resize; size None: the
+    whole image as stored (H, W, 3), EXIF orientation applied either way."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = ImageOps.exif_transpose(image).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from error
+    if size is None:
+        return np.asarray(image, dtype=np.uint8)
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2

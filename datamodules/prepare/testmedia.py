@@ -13,6 +13,7 @@ scikit-image is a dev-only dependency: it is imported inside the functions that 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -259,3 +260,60 @@ def _open_mouth(image, cx, cy, half_w, half_h) -> np.ndarray:
     patch = out[y0:y1, x0:x1].astype(np.float32)
     out[y0:y1, x0:x1] = np.clip(patch * (1 - alpha) + MOUTH_CAVITY * alpha, 0, 255).astype(np.uint8)
     return out
+
+
+# ---- a folder of raw inputs, each with where `fada prepare` should put it ----------------------------------
+def shifted(audio: np.ndarray, frames: int, sample_rate: int = 16000, fps: float = 25) -> np.ndarray:
+    """The audio `frames` video frames late (audio frame t + k carries frame t's sound), same length."""
+    lag = int(round(frames * sample_rate / fps))
+    return np.concatenate([np.zeros(lag, np.float32), audio])[:len(audio)]
+
+
+def write_raw_inputs(folder, size: int = 128, seconds: float = 3.0, long_seconds: float = 23.0) -> dict[str, str]:
+    """Write the test videos of `fada prepare` (tests/test_prepare.py, bench/prepare.py) into `folder`
+    -> {file name: where it belongs}: "clips" (some tier), "lenient" (lenient, never strict), "dropped"
+    (windows found, every one filtered out), or "rejected:<reason>" (the whole input)."""
+    from .media import write_video
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    square, rng = (size, size), np.random.default_rng(0)
+    expected = {}
+
+    def put(name, expect, media, **options):
+        write_video(folder / name, *media, **options)
+        expected[name] = expect
+
+    for fps, name in ((24, "portrait 24fps.mp4"), (30000 / 1001, "portrait 29.97fps.mp4"),
+                      (30, "portrait 30fps.mov"), (60, "portrait 60fps.mkv")):
+        put(name, "clips", talking_portrait(seconds, fps=fps, size=square), fps=fps)
+    times = np.cumsum(rng.integers(20, 61, size=int(seconds * 40)) / 1000.0)
+    times = np.concatenate([[0.0], times[times < seconds - 0.06]])
+    put("portrait vfr.mp4", "clips", talking_portrait(seconds, size=square, frame_times=times), frame_times=times)
+    frames, audio = talking_portrait(seconds, size=square)
+    put("portrait rotated 90.mp4", "clips", (np.ascontiguousarray(np.rot90(frames, 1, axes=(1, 2))), audio),
+        rotation=90)  # stored turned a quarter counter-clockwise, shown upright by the tag
+    for rate in (44100, 48000):
+        put(f"portrait {rate / 1000:g}kHz stereo.mp4", "clips",
+            talking_portrait(seconds, size=square, sample_rate=rate), sample_rate=rate, channels=2)
+    put("cut mid-file.mp4", "clips", with_cut(2 * seconds + 0.4, size=square))
+    put("no face.mp4", "rejected:no clips", no_face(seconds, size=square))
+    put("two faces.mp4", "rejected:no clips", two_faces(seconds, size=(size, 2 * size)))
+    put("face leaving.mp4", "clips", face_leaving(2 * seconds, size=square))
+    put("tiny face.mp4", "dropped", tiny_face(seconds, size=(size, 2 * size), face_px=0.25 * size))
+    put("still image.mp4", "dropped", still_image(seconds, size=square))
+    put("blur and noise.mp4", "lenient", degraded(seconds, size=square))
+    put("camera pan.mp4", "lenient", camera_pan(seconds, size=square))
+    frames, audio = talking_portrait(seconds, size=square)
+    put("audio late 3 frames.mp4", "clips", (frames, shifted(audio, 3)))
+    put("audio late 8 frames.mp4", "dropped", (frames, shifted(audio, 8)))
+    put("1.9 s.mp4", "rejected:too short", talking_portrait(1.9, size=square))
+    put("2.0 s.mp4", "clips", talking_portrait(2.0, size=square))
+    put(f"{long_seconds:g} s.mp4", "clips", talking_portrait(long_seconds, size=square))
+    put("no audio.mp4", "rejected:no audio", (frames, None))
+    put("no video.mp4", "rejected:no video", (None, audio))
+    put("it's a \"tést\" 视频 (1).mp4", "clips", talking_portrait(seconds, size=square, seed=1))
+    good = (folder / "portrait 30fps.mov").read_bytes()
+    (folder / "truncated.mp4").write_bytes(good[:len(good) * 6 // 10])
+    expected["truncated.mp4"] = "rejected:undecodable"
+    return expected

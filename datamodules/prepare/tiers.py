@@ -21,8 +21,8 @@ SCORES = {
     "face_size": "median side of the tracked face box, source pixels",
     "face_consistency": "share of the clip's frames with exactly one detected face",
     "crop_outside": "largest share of the square crop that lies outside the frame (padded)",
-    "sharpness": "variance of the Laplacian of the gray face crop",
-    "noise": "pixel noise std of the face crop, 8-bit levels (Immerkaer's estimator)",
+    "sharpness": "variance of the Laplacian of the gray face crop at 128 px",
+    "noise": "pixel noise std of the face crop at the source resolution, 8-bit levels (Immerkaer's estimator)",
     "iqa": "learned image quality, 0-100 (only with an IQA model)",
     "head_motion": "mean per-frame move of the face centre / face side",
     "head_travel": "range of the face centre over the clip / face side",
@@ -31,7 +31,7 @@ SCORES = {
     "camera_pan": "median flow translation outside the face, px per frame at the analysis size",
     "camera_zoom": "median flow divergence outside the face (zoom)",
     "speech_ratio": "share of 40 ms frames with speech",
-    "still": "mean absolute difference of consecutive crops, 8-bit levels (0: a still image)",
+    "still": "mean absolute difference of consecutive frames at the analysis size, 8-bit (0: a still image)",
     "sync_confidence": "audio-visual sync confidence (SyncNet's, or the proxy's on its own scale)",
     "sync_offset": "audio-visual offset in frames, + = audio late (before correction)",
 }
@@ -72,6 +72,13 @@ class PrepareConfig:
             raise ConfigError(f"{self.source}: proxy_sync takes strict and lenient, not {unknown}")
         if not 0 < self.min_seconds <= self.max_seconds:
             raise ConfigError(f"{self.source}: need 0 < min_seconds <= max_seconds")
+        try:  # the detector here, before any worker: a missing weights file is one clear error
+            from .faces import make_detector
+
+            make_detector(self.detector, **self.detector_args)
+        except (FileNotFoundError, ValueError, TypeError, ImportError, AttributeError) as error:
+            raise ConfigError(f"{self.source or 'prepare config'}: detector {self.detector!r} with detector_args "
+                              f"{self.detector_args}: {error}") from None
         for key in ("syncnet", "iqa_model"):
             path = getattr(self, key)
             if path is not None and not Path(path).expanduser().is_file():
