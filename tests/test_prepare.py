@@ -157,3 +157,34 @@ def test_a_killed_run_resumes_to_the_same_shards_and_manifest(tmp_path):
     assert shards and shards == sorted(p.relative_to(resumed) for p in resumed.glob("*/*.tar"))
     for shard in shards:
         assert (straight / shard).read_bytes() == (resumed / shard).read_bytes(), shard
+
+
+class AbortingDetector:
+    """A face detector that kills its process, as a native library's segfault would."""
+
+    def __call__(self, frame):
+        os.abort()
+
+
+class SlowDetector:
+    def __call__(self, frame):
+        time.sleep(60)
+
+
+def test_a_crashing_or_hanging_worker_costs_its_input_only(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw_inputs(tmp_path / "all", seconds=2.4, long_seconds=3)
+    raw.mkdir()
+    for name in ("2.0 s.mp4", "no audio.mp4"):
+        os.replace(tmp_path / "all" / name, raw / name)
+    crashing = load_config(CONFIG, detector="test_prepare:AbortingDetector")
+    manifest = prepare([str(raw)], tmp_path / "crash", crashing, workers=2, progress=False)
+    assert [r["source"] for r in manifest["rejects"]["undecodable"]] == ["2.0 s.mp4"]
+    assert "died" in manifest["rejects"]["undecodable"][0]["detail"]
+    assert [r["source"] for r in manifest["rejects"]["no audio"]] == ["no audio.mp4"]  # the other went on
+    hanging = load_config(CONFIG, detector="test_prepare:SlowDetector")
+    hanging.probe_timeout, hanging.timeout_per_second = 2.0, 0.1
+    began = time.monotonic()
+    manifest = prepare([str(raw)], tmp_path / "hang", hanging, workers=1, progress=False)
+    assert [r["source"] for r in manifest["rejects"]["timeout"]] == ["2.0 s.mp4"]
+    assert time.monotonic() - began < 30

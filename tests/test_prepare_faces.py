@@ -272,3 +272,51 @@ def test_crop_frames_centred_and_at_the_edge():
     assert np.array_equal(corner[:, 30, :25], np.repeat(frames[:, 5, :1], 25, axis=1))
     outside = crop_frames(frames, np.array([[500, 500, 540, 540]] * 2), margin=1.0, size=16)
     assert (outside == frames[:, -1:, -1:]).all()
+
+
+# ---- fada sample crops a reference face as prepare cropped the training clips --------------------------------
+HAAR_CROP = {"detector": "haar", "detector_args": {}, "margin": 1.8, "analysis_size": 256}
+
+
+def test_fada_sample_crops_the_reference_face_as_the_training_clips_were(tmp_path):
+    from PIL import Image
+
+    from datamodules.prepare.testmedia import portrait_photo
+    from fada_lightning.sample import crop_reference
+    from fada_lightning.video_io import read_image
+
+    photo, face, _ = portrait_photo()
+    Image.fromarray(photo).save(tmp_path / "portrait.png")
+    cropped = crop_reference(tmp_path / "portrait.png", 64, HAAR_CROP)
+    boxes = HaarDetector()(photo)  # 256 px: the analysis size, so found where prepare would find it
+    assert len(boxes) == 1 and iou(boxes, np.float32(face)[None])[0, 0] > 0.6
+    assert np.array_equal(cropped, crop_frames(photo[None], boxes, 1.8, 64)[0])  # prepare's crop of that box
+    whole = read_image(tmp_path / "portrait.png", 64)
+    assert np.abs(cropped.astype(int) - whole).mean() > 20  # not the uncropped photo squashed
+    for crop in (None, {"detector": "none", "margin": 1.0}):  # synthetic-world models: the image as given
+        assert np.array_equal(crop_reference(tmp_path / "portrait.png", 64, crop), whole)
+
+
+def test_fada_sample_says_when_it_finds_no_face_or_several(tmp_path):
+    from PIL import Image
+
+    from fada_lightning.sample import crop_reference
+
+    frames, _ = testmedia.no_face(0.04)
+    Image.fromarray(frames[0]).save(tmp_path / "cup.png")
+    with pytest.raises(ValueError, match="cup.png: the haar face detector .* finds no face; .* --no-crop"):
+        crop_reference(tmp_path / "cup.png", 64, HAAR_CROP)
+    frames, _ = testmedia.two_faces(0.04)
+    Image.fromarray(frames[0]).save(tmp_path / "two.png")
+    with pytest.warns(UserWarning, match="two.png: 2 faces found; the largest is used"):
+        assert crop_reference(tmp_path / "two.png", 64, HAAR_CROP).shape == (64, 64, 3)
+
+
+def test_the_training_face_crop_is_read_from_the_checkpoint(tmp_path):
+    import torch
+
+    from fada_lightning.sample import training_face_crop
+
+    torch.save({"state_dict": {}, "AvatarDataModule": {"streams": {}, "face_crop": HAAR_CROP}}, tmp_path / "a.ckpt")
+    torch.save({"state_dict": {}, "AvatarDataModule": {"streams": {}}}, tmp_path / "b.ckpt")
+    assert training_face_crop(tmp_path / "a.ckpt") == HAAR_CROP and training_face_crop(tmp_path / "b.ckpt") is None

@@ -7,8 +7,9 @@
     DIR/lenient/lenient-%05d.tar B's additions (B = A + these), as the synthetic world's tiers
     DIR/manifest.json            written last: shards, clips and hours per tier, rejects with their files
 
-A worker that hangs past its time (probe_timeout, then timeout_per_second per second of video) is
-killed and its input rejected as "timeout"; one that crashes (a decoder's segfault) as "undecodable".
+A worker that hangs past its time (probe_timeout to probe, then probe_timeout + timeout_per_second per
+second of video) is killed and its input rejected as "timeout"; one that crashes (a decoder's segfault)
+as "undecodable".
 Shards are rebuilt from the parts on every run, so a run killed anywhere leaves nothing to trust but
 finished parts, and the same inputs and config give the same bytes.
 """
@@ -143,8 +144,8 @@ def run_inputs(todo: list[tuple[str, str]], config, parts: Path, workers: int, o
                     kind, value = receive.recv()
                 except EOFError:
                     break
-                if kind == "probed":
-                    job[4] = time.monotonic() + 60 + config.timeout_per_second * value
+                if kind == "probed":  # now it has a length: its time is a fixed part and a part per second
+                    job[4] = time.monotonic() + config.probe_timeout + config.timeout_per_second * value
             if process.exitcode is None and time.monotonic() < job[4]:
                 continue
             record_path = parts / f"{input_id(relative)}.json"
@@ -152,8 +153,8 @@ def run_inputs(todo: list[tuple[str, str]], config, parts: Path, workers: int, o
                 process.kill()
                 process.join()
                 record = reject_record(path, relative, config, "timeout", "the worker ran out of time "
-                                       f"(probe_timeout {config.probe_timeout:g} s, then timeout_per_second "
-                                       f"{config.timeout_per_second:g} s per second of video)")
+                                       f"(probe_timeout {config.probe_timeout:g} s, then that plus "
+                                       f"timeout_per_second {config.timeout_per_second:g} s per second of video)")
                 write_atomic(record_path, json.dumps(record, sort_keys=True).encode())
             else:
                 process.join()

@@ -61,7 +61,7 @@ class PrepareConfig:
     proxy_sync: dict = field(default_factory=dict)  # the proxy's sync_confidence bounds: {strict: x, lenient: y}
     clips_per_shard: int = 100           # clips per output tar
     probe_timeout: float = 60.0          # seconds for a worker to open and probe one input
-    timeout_per_second: float = 30.0     # then seconds of work allowed per second of its video (+ 60 s)
+    timeout_per_second: float = 30.0     # then probe_timeout + this per second of its video for the rest
     source: str = ""                     # the YAML this came from (set by load_config; named in errors)
 
     def __post_init__(self):
