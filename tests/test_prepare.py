@@ -188,3 +188,59 @@ def test_a_crashing_or_hanging_worker_costs_its_input_only(tmp_path):
     manifest = prepare([str(raw)], tmp_path / "hang", hanging, workers=1, progress=False)
     assert [r["source"] for r in manifest["rejects"]["timeout"]] == ["2.0 s.mp4"]
     assert time.monotonic() - began < 30
+
+
+def test_the_synthetic_world_as_raw_videos_prepares_and_trains(tmp_path):
+    """Shots of different identities joined by hard cuts -> prepare (pre-cropped: detector none) -> a
+    teacher trains on the manifest, and its checkpoint records how its faces were cropped."""
+    from datamodules.prepare.media import write_video
+    from datamodules.synthetic import render_raw_video
+    from fada_lightning.cli import main as fada
+    from fada_lightning.sample import training_face_crop
+
+    for index in range(2):
+        video, wav, _ = render_raw_video(0, index, shot_seconds=(3.0, 6.0, 3.0), size=64)
+        write_video(tmp_path / "raw" / f"talk {index}.mp4", video, wav)
+    manifest = prepare([str(tmp_path / "raw")], tmp_path / "out", load_config("prepare/synthetic.yaml"), workers=2,
+                       progress=False)
+    windows = [json.loads(p.read_text())["clips"] for p in (tmp_path / "out" / ".parts").glob("*.json")]
+    assert [[c["frames"] for c in clips] for clips in windows] == [[73, 146, 73]] * 2  # cut at 75 and 225, 2 trimmed
+    assert manifest["samples"]["strict"] > 0
+    run = tmp_path / "run"
+    fada(["fit", "--config", "teacher.yaml", f"--data.init_args.train_shards={tmp_path / 'out' / 'manifest.json'}",
+          "--data.init_args.synthetic=null", f"--data.init_args.val_shards={tmp_path / 'out' / 'strict'}",
+          "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--data.init_args.epoch_samples=4",
+          "--data.init_args.val_samples=2", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={run}",
+          f"--trainer.logger.init_args.save_dir={run}", "--model.init_args.sample_steps=2"])
+    checkpoint = run / "tb" / "run" / "checkpoints" / "last.ckpt"
+    assert training_face_crop(checkpoint) == {**manifest["crop"], "detector": "none"}
+    from datamodules.cache import main as cache  # fada cache runs on prepare's shards
+
+    written = cache([str(tmp_path / "out" / "strict"), "--preset", "micro", "--out", str(tmp_path / "cached")])
+    assert [p.name for p in written] == [Path(p).name for p in manifest["strict"]]
+
+
+def test_syncnet_and_iqa_weights_score_the_clips_when_given(tmp_path):
+    """With local SyncNet weights (random here: the plumbing, not the numbers) sync comes from SyncNet,
+    and with a TorchScript IQA model every clip's json has its score."""
+    import torch
+
+    from datamodules.prepare.pipeline import process_input
+    from fada_lightning.metrics.sync import SyncNet
+
+    write_raw_inputs(tmp_path / "all", seconds=2.4, long_seconds=3)
+    torch.save(SyncNet().state_dict(), tmp_path / "syncnet.pt")
+
+    class MeanQuality(torch.nn.Module):
+        def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B,) in 0-100
+            return 100 * images.mean(dim=(1, 2, 3))
+
+    torch.jit.script(MeanQuality()).save(str(tmp_path / "iqa.pt"))
+    config = load_config(CONFIG, syncnet=str(tmp_path / "syncnet.pt"), iqa_model=str(tmp_path / "iqa.pt"))
+    config.lenient = config.strict = {}  # keep every window, to read its scores
+    result = process_input(str(tmp_path / "all" / "2.0 s.mp4"), "2.0 s.mp4", config)
+    (sample,) = result.samples
+    meta = json.loads(sample["json"])
+    assert meta["sync_source"] == "syncnet" and abs(meta["quality"]["sync_offset"]) <= 15
+    assert 0 < meta["quality"]["iqa"] < 100
