@@ -86,9 +86,11 @@ def test_tiers_strict_inside_lenient_and_unscored_sync_never_strict():
     config.proxy_sync_in_strict = True
     assert assign_tier(proxy, config)[0] == "strict"
     assert assign_tier({**good, "sync_source": None}, config)[0] == "lenient"  # no sync score: never strict
-    broken = PrepareConfig(strict={"min_face_size": 100}, lenient={"min_face_size": 200})
-    with pytest.raises(ConfigError, match="lenient thresholds must admit every strict clip"):
-        assign_tier({"face_size": 150, "sync_source": "syncnet"}, broken)
+    for strict, lenient in (({"min_face_size": 100}, {"min_face_size": 200}), ({"max_noise": 3}, {"max_noise": 2}),
+                            ({}, {"max_noise": 2}), ({"max_noise": None}, {"max_noise": 2})):
+        with pytest.raises(ConfigError, match="lenient must admit every clip strict admits, but its"):
+            PrepareConfig(strict=strict, lenient=lenient)
+    PrepareConfig(strict={"max_noise": 3}, lenient={"max_noise": None})  # no bound admits everything
 
 
 def test_a_score_the_clip_lacks_leaves_its_bound_unchecked():

@@ -67,6 +67,13 @@ class PrepareConfig:
     def __post_init__(self):
         for tier in ("strict", "lenient"):
             check_bounds(getattr(self, tier), f"{self.source or 'prepare config'}: {tier}")
+        looser = [key for key in sorted({*self.strict, *self.lenient})
+                  if not admits(self.lenient.get(key), self.strict.get(key), key)]
+        if not admits(self.proxy_sync.get("lenient"), self.proxy_sync.get("strict"), "min_sync_confidence"):
+            looser.append("proxy_sync")
+        if looser:
+            raise ConfigError(f"{self.source or 'prepare config'}: lenient must admit every clip strict admits, but "
+                              f"its {', '.join(looser)} is tighter than strict's (set B contains set A)")
         unknown = sorted(set(self.proxy_sync) - {"strict", "lenient"})
         if unknown:
             raise ConfigError(f"{self.source}: proxy_sync takes strict and lenient, not {unknown}")
@@ -87,6 +94,13 @@ class PrepareConfig:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
+
+
+def admits(lenient, strict, key: str) -> bool:
+    """Whether a lenient bound is no tighter than strict's (None: no bound)."""
+    if lenient is None or strict is None:
+        return lenient is None
+    return lenient <= strict if key.startswith("min_") else lenient >= strict
 
 
 def check_bounds(bounds: dict, where: str) -> None:
@@ -152,7 +166,7 @@ def assign_tier(scores: dict, config: PrepareConfig) -> tuple[str | None, dict[s
         reasons["strict"].append("sync scored by the proxy (proxy_sync_in_strict is off)")
     if not reasons["strict"]:
         if reasons["lenient"]:
-            raise ConfigError(f"{config.source}: a clip passes strict but not lenient ({'; '.join(reasons['lenient'])}):"
-                              " the lenient thresholds must admit every strict clip")
+            raise AssertionError(f"{config.source}: a clip passes strict but not lenient "
+                                 f"({'; '.join(reasons['lenient'])}), which PrepareConfig's check rules out")
         return "strict", reasons
     return ("lenient" if not reasons["lenient"] else None), reasons
