@@ -96,3 +96,20 @@ def test_tiers_strict_inside_lenient_and_unscored_sync_never_strict():
 def test_a_score_the_clip_lacks_leaves_its_bound_unchecked():
     assert failed_bounds({"sharpness": 10.0}, {"min_iqa": 50, "min_sharpness": 20}) == ["sharpness 10 < 20"]
     assert set(SCORES) >= {"face_size", "sync_confidence", "background_flow", "still"}
+
+
+def test_prepare_writes_tars_byte_for_byte_as_webdataset_does():
+    import io
+
+    import webdataset as wds
+
+    from datamodules.prepare.run import write_tar
+
+    samples = [{"__key__": "clip_1a2b-000000", "mp4": b"\0" * 1500, "json": b"{}", "wav": b"RIFF"},
+               {"__key__": "clip_1a2b-000250", "mp4": b"x", "json": b"{\"a\": 1}", "wav": b""}]
+    reference, ours = io.BytesIO(), io.BytesIO()
+    with wds.TarWriter(reference, encoder=False, mtime=0) as writer:
+        for sample in samples:
+            writer.write(sample)
+    write_tar(ours, samples)
+    assert ours.getvalue() == reference.getvalue()

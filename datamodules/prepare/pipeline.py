@@ -76,7 +76,9 @@ def analyse(path: str, info: VideoInfo, config: PrepareConfig) -> Analysis:
     for frame in iter_video(path, max_side=max_side):
         hsv = to_hsv(frame)
         content.append(content_score(previous_hsv, hsv))
-        boxes = np.asarray(detector(frame), np.float32).reshape(-1, 4)
+        if len(detections) % config.detect_every == 0:
+            boxes = np.asarray(detector(frame), np.float32).reshape(-1, 4)
+        # else: the last detection holds (at 25 fps a face moves a pixel or two a frame; tracks smooth it)
         frame_scale = frame.shape[1] / info.width  # analysis px per source px, as this frame was resized
         detections.append(boxes / frame_scale)
         gray = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), None, fx=FLOW_SCALE, fy=FLOW_SCALE,

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import sys
+import tarfile
 import time
 import traceback
 from collections import Counter
@@ -91,13 +93,27 @@ def work(path: str, relative: str, config, parts: str, pipe) -> None:
 
 
 def write_part(path: Path, samples: list[dict]) -> None:
-    import webdataset
-
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as stream, webdataset.TarWriter(stream, encoder=False, mtime=0) as writer:
-        for sample in samples:
-            writer.write(sample)
+    with open(tmp, "wb") as stream:
+        write_tar(stream, samples)
     os.replace(tmp, path)
+
+
+def write_tar(stream, samples) -> None:
+    with tarfile.open(fileobj=stream, mode="w|") as tar:
+        for sample in samples:
+            add_sample(tar, sample)
+
+
+def add_sample(tar: tarfile.TarFile, sample: dict) -> None:
+    """{"__key__", ext: bytes} -> tar members <key>.<ext>, as webdataset's TarWriter writes them (extensions
+    sorted, mode 0444, mtime 0: bytes depend on content only) without importing webdataset, and torch with
+    it, in every worker."""
+    for ext in sorted(k for k in sample if not k.startswith("__")):
+        member = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+        member.size, member.mode, member.mtime = len(sample[ext]), 0o444, 0
+        member.uname = member.gname = "bigdata"
+        tar.addfile(member, io.BytesIO(sample[ext]))
 
 
 def read_record(parts: Path, relative: str, path: str, config) -> dict | None:
@@ -174,28 +190,27 @@ class ShardWriter:
 
     def __init__(self, out: Path, tier: str, per_shard: int):
         self.out, self.tier, self.per_shard = out, tier, per_shard
-        self.shards, self.count, self._writer, self._stream, self._tmp = [], 0, None, None, None
+        self.shards, self.count, self._tar, self._stream = [], 0, None, None
 
     def write(self, sample: dict) -> None:
-        import webdataset
-
         if self.count % self.per_shard == 0:
             self._close()
-            name = f"{self.tier}/{self.tier}-{len(self.shards):05d}.tar"
-            self.shards.append(name)
+            self.shards.append(f"{self.tier}/{self.tier}-{len(self.shards):05d}.tar")
             (self.out / self.tier).mkdir(parents=True, exist_ok=True)
-            self._tmp = self.out / f"{name}.tmp{os.getpid()}"
-            self._stream = open(self._tmp, "wb")
-            self._writer = webdataset.TarWriter(self._stream, encoder=False, mtime=0)
-        self._writer.write(sample)
+            self._stream = open(self._tmp(), "wb")
+            self._tar = tarfile.open(fileobj=self._stream, mode="w|")
+        add_sample(self._tar, sample)
         self.count += 1
 
+    def _tmp(self) -> Path:
+        return self.out / f"{self.shards[-1]}.tmp{os.getpid()}"
+
     def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self._tar is not None:
+            self._tar.close()
             self._stream.close()
-            os.replace(self._tmp, self.out / self.shards[-1])
-            self._writer = None
+            os.replace(self._tmp(), self.out / self.shards[-1])
+            self._tar = None
 
     def finish(self) -> list[str]:
         """Close the last shard and delete this tier's shards an earlier, larger run left behind."""

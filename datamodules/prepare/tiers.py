@@ -45,6 +45,7 @@ class PrepareConfig:
     detector: str = "haar"               # haar | none (pre-cropped input) | yunet | module:Class
     detector_args: dict = field(default_factory=dict)  # e.g. {weights: /models/yunet.onnx} for yunet
     analysis_size: int = 256             # short side of the frames faces, shots and flow are found on
+    detect_every: int = 2                # run the face detector on every n-th frame; the others hold its boxes
     margin: float = 1.8                  # crop side = face box side x margin, centred on the smoothed box
     shot_threshold: float = 27.0         # content difference of a cut (PySceneDetect's default; Panda-70M, TalkVid)
     min_shot_frames: int = 15            # Panda-70M, TalkVid
@@ -77,6 +78,8 @@ class PrepareConfig:
         unknown = sorted(set(self.proxy_sync) - {"strict", "lenient"})
         if unknown:
             raise ConfigError(f"{self.source}: proxy_sync takes strict and lenient, not {unknown}")
+        if self.detect_every < 1:
+            raise ConfigError(f"{self.source}: detect_every must be >= 1, got {self.detect_every}")
         if not 0 < self.min_seconds <= self.max_seconds:
             raise ConfigError(f"{self.source}: need 0 < min_seconds <= max_seconds")
         try:  # the detector here, before any worker: a missing weights file is one clear error
