@@ -65,7 +65,9 @@ def test_evaluate_counts_nfe_as_the_samplers_do_and_records_what_the_numbers_dep
 
     evaluator = evaluate.VideoEvaluator(*(getattr(synthetic, role)() for role in
                                           ("WorldFrames", "WorldVideo", "WorldExpression", "WorldQuality", "WorldSync")))
-    data = {"synthetic": {"root": str(tmp_path / "data")}}
+    # held-out clips only: the world's training tiers as small as they go (the defaults render 768 clips)
+    data = {"synthetic": {"root": str(tmp_path / "data"), "strict_clips": 4, "lenient_clips": 0, "clips_per_shard": 4,
+                          "size": 32, "progress": False}}
     common = dict(clips=3, frames=8, batch_size=3, data=data, videos=1, progress=False)
     full = evaluate.evaluate(teacher_ckpt, evaluator, steps=2, out=str(tmp_path / "full.json"), **common)
     one_pass = evaluate.evaluate(teacher_ckpt, evaluator, steps=2, ref_scale=1.0, audio_scale=1.0,

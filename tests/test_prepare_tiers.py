@@ -113,3 +113,19 @@ def test_prepare_writes_tars_byte_for_byte_as_webdataset_does():
             writer.write(sample)
     write_tar(ours, samples)
     assert ours.getvalue() == reference.getvalue()
+
+
+def test_inputs_are_found_recursively_in_order_and_a_shared_name_is_refused(tmp_path):
+    from datamodules.prepare.run import find_inputs
+
+    for name in ("b/clip.MP4", "a/talk one.mov", "a/notes.txt", "c/clip.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [relative for _, relative in find_inputs([str(tmp_path)])] == ["a/talk one.mov", "b/clip.MP4", "c/clip.mp4"]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "clip.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match="both 'clip.mp4' under the inputs given"):  # their clips' keys would clash
+        find_inputs([str(tmp_path / "c"), str(tmp_path / "d")])
+    assert len(find_inputs([str(tmp_path / "c"), str(tmp_path / "c" / "clip.mp4")])) == 1  # the same file twice
+    with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
+        find_inputs([str(tmp_path / "missing")])

@@ -10,6 +10,9 @@ One input file passes through small, replaceable steps, all in-process (PyAV, Op
     scores.py    per-clip scores: face size and count, sharpness, head and background motion, speech
                  ratio, still video, audio-visual offset and confidence (SyncNet, or a weightless proxy)
     tiers.py     the filter config (two threshold sets) -> strict / lenient / rejected, with reasons
-    pipeline.py  one input -> its clips and rejects (in a worker, with a timeout), written atomically
-    output.py    every finished input -> shards per tier + manifest.json, deterministic and resumable
+    pipeline.py  one input -> its clips and the reasons for what it drops
+    run.py       `fada prepare`: each input in a spawned worker (timeout, crash costs that input), its
+                 part written whole; every finished part -> shards per tier + manifest.json,
+                 deterministic and resumable
+    testmedia.py the test inputs: a real face (skimage's astronaut) animated, and its hard cases
 """

@@ -38,7 +38,8 @@ EPS = 1e-4  # seconds of slack in every timestamp comparison (time-base rounding
 AUDIO_SEEK_MARGIN = 0.5  # s decoded before an audio seek target: the AAC decoder's first frame is warm-up
 SEEK_BACKOFF = 1.0  # s: first step back when a seek lands on a keyframe shown after the target (B-frames)
 
-REJECT_REASONS = ("no video", "no audio", "zero frames", "too short", "undecodable", "timeout", "no clips")
+# why a whole input gave no clips ("timeout" and "error": run.py's, for a worker killed or a surprise raised)
+REJECT_REASONS = ("no video", "no audio", "zero frames", "too short", "undecodable", "timeout", "no clips", "error")
 CONTAINER_FORMATS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
 

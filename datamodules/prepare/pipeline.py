@@ -23,7 +23,7 @@ from fada_lightning.video_io import encode_mp4, encode_wav
 
 from . import scores as S
 from .faces import crop_frames, face_counts, make_detector, single_face_windows, track_faces
-from .media import FPS, SAMPLE_RATE, Rejected, VideoInfo, iter_video, read_audio
+from .media import FPS, SAMPLE_RATE, Rejected, VideoInfo, iter_video, probe, read_audio
 from .shots import content_score, find_cuts, shot_ranges, to_hsv
 from .tiers import PrepareConfig, assign_tier
 
@@ -46,7 +46,6 @@ class Analysis:
     detections: list[np.ndarray]       # n x (k, 4) face boxes, source pixels
     flow: np.ndarray                   # (n, 4) background flow stats against the previous frame (scores.flow_stats)
     change: np.ndarray                 # (n,) mean |gray_t - gray_{t-1}| of the whole frame, 8-bit levels
-    scale: float                       # analysis pixels per source pixel
 
 
 @dataclass
@@ -56,7 +55,6 @@ class InputResult:
     source: str
     samples: list[dict] = field(default_factory=list)
     clips: list[dict] = field(default_factory=list)  # {key, start, frames, tier, reasons}: every window scored
-    reject: tuple[str, str] | None = None              # (reason, detail) when the input gave no window at all
 
 
 def input_id(relative: str) -> str:
@@ -68,7 +66,7 @@ def input_id(relative: str) -> str:
 
 def analyse(path: str, info: VideoInfo, config: PrepareConfig) -> Analysis:
     """One decoding pass at the analysis size; keeps per-frame numbers only, never the frames."""
-    scale = min(1.0, config.analysis_size / min(info.width, info.height))
+    scale = min(1.0, config.analysis_size / min(info.width, info.height))  # analysis px per source px
     max_side = max(1, round(max(info.width, info.height) * scale))
     detector = make_detector(config.detector, **config.detector_args)
     content, detections, flow, change = [], [], [], []
@@ -91,7 +89,7 @@ def analyse(path: str, info: VideoInfo, config: PrepareConfig) -> Analysis:
         previous_hsv, previous_gray = hsv, gray
     if not content:
         raise Rejected("zero frames", f"{path}: no frame decoded")
-    return Analysis(np.asarray(content, np.float32), detections, np.stack(flow), np.asarray(change, np.float32), scale)
+    return Analysis(np.asarray(content, np.float32), detections, np.stack(flow), np.asarray(change, np.float32))
 
 
 def mouth_box(margin: float) -> tuple[float, float, float, float]:
@@ -137,7 +135,8 @@ class ClipScorer:
                   "sharpness": S.sharpness(crops), "noise": float(np.mean([S.noise_level(c[None]) for c in native])),
                   **S.head_motion(boxes), **S.background_motion(flow[1:] if len(flow) > 1 else flow),
                   "speech_ratio": S.speech_ratio(audio),
-                  "still": float(change[1:].mean()) if len(change) > 1 else 0.0}  # frames, not crops: a jittery box is not motion
+                  # still: whole frames, not crops (a jittering crop box is not motion)
+                  "still": float(change[1:].mean()) if len(change) > 1 else 0.0}
         if self.iqa is not None:
             scores["iqa"] = S.image_quality(self.iqa, crops)
         return scores
@@ -153,8 +152,6 @@ def audio_window(path: str, first_frame: int, frames: int) -> np.ndarray:
 def process_input(path: str, relative: str, config: PrepareConfig, info: VideoInfo | None = None) -> InputResult:
     """Probe (if not given), analyse, cut, score and encode one input. Raises Rejected when the whole
     input is unusable; windows that fail both tiers are listed in `clips` with their reasons."""
-    from .media import probe
-
     info = info or probe(path, config.min_seconds)
     result = InputResult(input_id(relative), relative)
     analysis = analyse(path, info, config)
@@ -163,12 +160,11 @@ def process_input(path: str, relative: str, config: PrepareConfig, info: VideoIn
                         config.cut_trim_frames)
     tracks = track_faces(analysis.detections, config.track_min_iou, config.track_max_gap, config.track_smooth)
     windows = single_face_windows(tracks, n, shots, round(config.min_seconds * FPS), round(config.max_seconds * FPS))
+    counts = face_counts(analysis.detections)
     if not windows:
-        faces = face_counts(analysis.detections)
         raise Rejected("no clips", f"no {config.min_seconds:g} s window with exactly one face in one shot "
                        f"({n} frames, {len(shots)} shots, {len(tracks)} face tracks, one face in "
-                       f"{np.mean(faces == 1):.0%} of frames)")
-    counts = face_counts(analysis.detections)
+                       f"{np.mean(counts == 1):.0%} of frames)")
     scorer = ClipScorer(config)
     lenient_offset = config.lenient.get("max_sync_offset")
     for start, stop, track in windows:
@@ -205,11 +201,12 @@ def process_input(path: str, relative: str, config: PrepareConfig, info: VideoIn
                              "reasons": reasons["lenient"] if tier is None else reasons["strict"]})
         if tier is None:
             continue
-        quality = {k: v for k, v in clip_scores.items() if k != "sync_source"}
+        # numbers only; a score that could not be measured (no background to flow) is left out, read as NaN
+        quality = {k: round(float(v), 6) for k, v in clip_scores.items() if k != "sync_source" and np.isfinite(v)}
         meta = {"video_id": result.input_id, "source": relative, "start_frame": start, "fps": FPS,
                 "frames": len(crops), "duration": seconds, "sample_rate": SAMPLE_RATE, "size": config.frame_size,
                 "tier": tier, "sync_source": clip_scores["sync_source"], "audio_shift_frames": shift,
-                "quality": {k: round(float(v), 6) for k, v in quality.items()},
+                "quality": quality,
                 "crop": {"detector": config.detector, "margin": config.margin,
                          "boxes": np.round(boxes, 1).tolist()}}
         result.samples.append({"__key__": key, "mp4": encode_mp4(crops, audio, FPS, SAMPLE_RATE),

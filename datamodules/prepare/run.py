@@ -52,6 +52,12 @@ def find_inputs(inputs: list[str]) -> list[tuple[str, str]]:
             found[str(root.resolve())] = root.name
         else:
             raise FileNotFoundError(f"input {given} is neither a file nor a folder")
+    named = {}
+    for path, relative in found.items():  # a clip's key comes from this name: two files may not share it
+        if relative in named:
+            raise ValueError(f"{named[relative]} and {path} are both {relative!r} under the inputs given: "
+                             "give their common folder instead, or rename one")
+        named[relative] = path
     return sorted(found.items(), key=lambda item: (item[1], item[0]))
 
 
@@ -85,8 +91,8 @@ def work(path: str, relative: str, config, parts: str, pipe) -> None:
         record.update(clips=result.clips, samples=len(result.samples))
     except Rejected as rejected:
         record["reject"] = [rejected.reason, rejected.detail]
-    except Exception as error:  # a bug or an input we did not foresee: reject it, named, keep going
-        record["reject"] = ["undecodable", f"{type(error).__name__}: {error}"]
+    except Exception as error:  # a bug or an input we did not foresee: named, the run goes on, a rerun retries
+        record["reject"] = ["error", f"{type(error).__name__}: {error}"]
         record["traceback"] = traceback.format_exc(limit=6)
     write_atomic(part.with_suffix(".json"), json.dumps(record, sort_keys=True).encode())
     pipe.send(("done", None))
@@ -127,6 +133,8 @@ def read_record(parts: Path, relative: str, path: str, config) -> dict | None:
         return None
     if record.get("config") != config_hash(config) or record.get("stamp") != file_stamp(path):
         return None
+    if record["reject"] and record["reject"][0] == "error":  # not the input's fault, perhaps: try again
+        return None
     if record["samples"] and not (parts / f"{input_id(relative)}.tar").is_file():
         return None
     return record
@@ -154,7 +162,7 @@ def run_inputs(todo: list[tuple[str, str]], config, parts: Path, workers: int, o
             running[process.sentinel] = [process, receive, path, relative, time.monotonic() + config.probe_timeout]
         wait([*running, *(job[1] for job in running.values())], timeout=1.0)
         for sentinel, job in list(running.items()):
-            process, receive, path, relative, deadline = job
+            process, receive, path, relative, _ = job
             while receive.poll():
                 try:
                     kind, value = receive.recv()
@@ -322,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, frame_size=args.frame_size, detector=args.detector)
         manifest = prepare(args.inputs, args.out, config, args.workers)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, ValueError) as error:
         sys.exit(f"fada prepare: {error}")
     sets, inputs = manifest["sets"], manifest["inputs"]
     print(f"{args.out}: strict (A) {sets['A']['clips']} clips, {sets['A']['hours']:.3f} h; lenient (B, contains A) "
