@@ -44,15 +44,17 @@ def is_manifest(spec) -> bool:
 
 def read_manifest(path: str) -> tuple[dict[str, list[str]], dict[str, int]]:
     """manifest.json -> ({tier: shard paths}, {shard path: clips it holds}); shard paths are relative to
-    the manifest's folder. Each tier's shards are full but its last (`clips_per_shard` each)."""
+    the manifest's folder. Each tier's shards are full but its last (`clips_per_shard` each: one number, or
+    {tier: number} as fada prepare writes it)."""
     import json
 
     try:
         with open(path) as f:
             manifest = json.load(f)
-        root, per = os.path.dirname(path), manifest["clips_per_shard"]
+        root, per = os.path.dirname(path), manifest["clips_per_shard"]  # one number, or one per tier
         tiers = {tier: [os.path.join(root, p) for p in manifest[tier]] for tier in ("strict", "lenient") if tier in manifest}
-        sizes = {url: min(per, manifest["samples"][tier] - i * per)
+        per = {tier: per[tier] if isinstance(per, dict) else per for tier in tiers}
+        sizes = {url: min(per[tier], manifest["samples"][tier] - i * per[tier])
                  for tier, urls in tiers.items() for i, url in enumerate(urls)}
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest {path} does not exist (fada prepare writes it last: "

@@ -129,3 +129,12 @@ def test_inputs_are_found_recursively_in_order_and_a_shared_name_is_refused(tmp_
     assert len(find_inputs([str(tmp_path / "c"), str(tmp_path / "c" / "clip.mp4")])) == 1  # the same file twice
     with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
         find_inputs([str(tmp_path / "missing")])
+
+
+def test_a_small_tier_is_spread_over_min_shards_and_packing_settings_redo_no_input():
+    from datamodules.prepare.run import config_hash, shard_size
+
+    assert [shard_size(n, 100, 16) for n in (0, 1, 32, 1600, 5000)] == [1, 1, 2, 100, 100]
+    config = load_config("prepare/default.yaml")
+    repacked = load_config("prepare/default.yaml", clips_per_shard=7, min_shards=3)
+    assert config_hash(config) == config_hash(repacked) != config_hash(load_config("prepare/default.yaml", margin=2))

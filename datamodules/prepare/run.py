@@ -3,7 +3,8 @@
     DIR/.parts/<input id>.tar    one finished input's samples (written first, atomically)
     DIR/.parts/<input id>.json   its record: clips with tiers and reasons, or why it was rejected;
                                  present = finished, so a rerun skips it (same file and config)
-    DIR/strict/strict-%05d.tar   set A's clips, `clips_per_shard` each, inputs in path order
+    DIR/strict/strict-%05d.tar   set A's clips, inputs in path order, `clips_per_shard` each (fewer when
+                                 that leaves under `min_shards` shards: every data worker needs one)
     DIR/lenient/lenient-%05d.tar B's additions (B = A + these), as the synthetic world's tiers
     DIR/manifest.json            written last: shards, clips and hours per tier, rejects with their files
 
@@ -19,6 +20,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -61,8 +63,13 @@ def find_inputs(inputs: list[str]) -> list[tuple[str, str]]:
     return sorted(found.items(), key=lambda item: (item[1], item[0]))
 
 
+PACKING = ("clips_per_shard", "min_shards")  # settings of the shards only: changing them redoes no input
+
+
 def config_hash(config) -> str:
-    return hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    """What a finished input's part depends on: every setting but PACKING's."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in PACKING}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_stamp(path: str) -> list[int]:
@@ -230,6 +237,11 @@ class ShardWriter:
         return self.shards
 
 
+def shard_size(clips: int, most: int, min_shards: int) -> int:
+    """Clips per shard: `most`, or fewer so that `clips` fill at least `min_shards` shards (when they can)."""
+    return max(1, min(most, math.ceil(clips / min_shards)))
+
+
 def pack(out: Path, parts: Path, records: list[dict], config) -> dict:
     """Finished parts (records in input order) -> shards per tier and the manifest (written last)."""
     import webdataset
@@ -237,7 +249,9 @@ def pack(out: Path, parts: Path, records: list[dict], config) -> dict:
     from .pipeline import input_id
 
     (out / "manifest.json").unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
-    writers = {tier: ShardWriter(out, tier, config.clips_per_shard) for tier in TIERS}
+    counts = Counter(clip["tier"] for r in records if not r["reject"] for clip in r["clips"] if clip["tier"])
+    per_shard = {tier: shard_size(counts[tier], config.clips_per_shard, config.min_shards) for tier in TIERS}
+    writers = {tier: ShardWriter(out, tier, per_shard[tier]) for tier in TIERS}
     seconds, clips, dropped, rejects = Counter(), Counter(), Counter(), {}
     for record in records:
         if record["reject"]:
@@ -261,7 +275,7 @@ def pack(out: Path, parts: Path, records: list[dict], config) -> dict:
     shards = {tier: writer.finish() for tier, writer in writers.items()}
     used = sum(1 for r in records if not r["reject"])
     manifest = {
-        "format": FORMAT, **shards, "clips_per_shard": config.clips_per_shard,
+        "format": FORMAT, **shards, "clips_per_shard": per_shard,  # per tier: each shard full but its last
         "samples": {tier: writers[tier].count for tier in TIERS},  # clips in each tier's shards
         # set A = strict; set B = strict + lenient (B contains A; its shards hold only B's additions)
         "sets": {"A": {"clips": clips["strict"], "hours": round(seconds["strict"] / 3600, 4)},
@@ -296,8 +310,9 @@ def prepare(inputs: list[str], out: str | Path, config, workers: int = 1, progre
                 tally[clip["tier"]] += 1
                 tally["seconds"] += clip["frames"] / 25
         bar.update()
+        hours = tally["seconds"] / 3600
         bar.set_postfix_str(f"strict {tally['strict']}, lenient {tally['lenient']} clips, "
-                            f"{tally['seconds'] / 3600:.2f} h")
+                            + (f"{hours:.2f} h" if hours >= 1 else f"{60 * hours:.1f} min"))
 
     with tqdm(total=len(found), unit="video", desc="prepare", disable=not progress) as bar:
         for record in records.values():

@@ -60,7 +60,9 @@ class PrepareConfig:
     strict: dict = field(default_factory=dict)   # {min_/max_<score>: bound}: set A
     lenient: dict = field(default_factory=dict)  # set B; must admit every clip strict admits
     proxy_sync: dict = field(default_factory=dict)  # the proxy's sync_confidence bounds: {strict: x, lenient: y}
-    clips_per_shard: int = 100           # clips per output tar
+    clips_per_shard: int = 100           # clips per output tar, at most
+    min_shards: int = 16                 # a small tier is spread over this many shards (each data worker of each
+                                         # rank reads its own: ranks x workers must not exceed it)
     probe_timeout: float = 60.0          # seconds for a worker to open and probe one input
     timeout_per_second: float = 30.0     # then probe_timeout + this per second of its video for the rest
     source: str = ""                     # the YAML this came from (set by load_config; named in errors)
