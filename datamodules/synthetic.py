@@ -374,8 +374,20 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--raw-videos", type=int, default=0, help="instead: this many raw long videos (shots of "
+                        "--shot-seconds joined by hard cuts) as mp4 files, the input `fada prepare` expects")
+    parser.add_argument("--shot-seconds", default="8,12,6,10", help="seconds of each shot of a raw video")
     args = parser.parse_args(argv)
     began = time.perf_counter()
+    if args.raw_videos:
+        from datamodules.prepare.media import write_video
+
+        shots = tuple(float(s) for s in args.shot_seconds.split(","))
+        for index in tqdm(range(args.raw_videos), unit="video", desc="raw videos"):
+            video, wav, _ = render_raw_video(args.seed, index, shots, args.size)
+            write_video(Path(args.out) / f"talk {index:03d}.mp4", video, wav)
+        print(f"wrote {args.raw_videos} videos of {sum(shots):g} s to {args.out} in {time.perf_counter() - began:.1f} s")
+        return
     manifest = write_shards(args.out, args.strict, args.lenient, args.clips_per_shard, args.size,
                             args.frames, args.seed, processes=args.processes)
     print(f"wrote {manifest['samples']} clips to {args.out} in {time.perf_counter() - began:.1f} s")
