@@ -42,13 +42,6 @@ def noise_level(crops: np.ndarray, frames: int = 8) -> float:
     return float(np.mean(sigmas))
 
 
-def still_score(crops: np.ndarray) -> float:
-    """Mean |frame t+1 - frame t| in 8-bit levels over all pixels and channels; 0 for a still image (or 1 frame)."""
-    if len(crops) < 2:
-        return 0.0
-    return float(np.abs(np.diff(crops.astype(np.int16), axis=0)).mean())
-
-
 # ---- audio ---------------------------------------------------------------------------------------------------
 def audio_envelope(audio: np.ndarray, frames: int, sample_rate: int = SAMPLE_RATE, fps: int = FPS) -> np.ndarray:
     """(frames,) float32 RMS of frame t's samples [round(t sr / fps), round((t + 1) sr / fps)); samples beyond the
@@ -140,16 +133,6 @@ def mouth_opening(crops: np.ndarray, mouth_box) -> np.ndarray:
     """(n,) mouth opening proxy: darkness of the mouth box, 255 - its mean luma (the open mouth's cavity is dark,
     so its area, and this, grow with the opening)."""
     return 255 - mouth_region(crops, mouth_box).mean(axis=(1, 2))
-
-
-def mouth_motion(crops: np.ndarray, mouth_box) -> np.ndarray:
-    """(n,) mouth motion energy: mean |luma_t - luma_(t-1)| over the mouth box, 8-bit levels (frame 0 repeats
-    frame 1's value; a single frame gives 0)."""
-    region = mouth_region(crops, mouth_box)
-    if len(region) < 2:
-        return np.zeros(len(region), dtype=np.float32)
-    energy = np.abs(np.diff(region, axis=0)).mean(axis=(1, 2))
-    return np.concatenate([energy[:1], energy]).astype(np.float32)
 
 
 def shift_correlations(seen: np.ndarray, heard: np.ndarray, max_shift: int, min_overlap: int = 8) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The filter config of `fada prepare` (configs/prepare.yaml) and the tier of a scored clip.
+"""The filter config of `fada prepare` (configs/prepare/*.yaml) and the tier of a scored clip.
 
 One config, two threshold sets (SPEC 5b): `strict` (set A, the teacher's) and `lenient` (set B, the
 distillation set, which contains A). A bound is `min_<score>` or `max_<score>` on a score in the clip's
@@ -39,7 +39,7 @@ SCORES = {
 
 @dataclass
 class PrepareConfig:
-    frame_size: int = 512                # side of the square face crop written (sd15: 512; micro: 64)
+    frame_size: int = 512                # side of the square face crop written (sd15: 512; micro: 32)
     min_seconds: float = 2.0             # clip length bounds (FADA: 2-10 s; 48 frames is LatentSync's least)
     max_seconds: float = 10.0
     detector: str = "haar"               # haar | none (pre-cropped input) | yunet | module:Class
