@@ -138,3 +138,10 @@ def test_a_small_tier_is_spread_over_min_shards_and_packing_settings_redo_no_inp
     config = load_config("prepare/default.yaml")
     repacked = load_config("prepare/default.yaml", clips_per_shard=7, min_shards=3)
     assert config_hash(config) == config_hash(repacked) != config_hash(load_config("prepare/default.yaml", margin=2))
+
+
+def test_without_syncnet_weights_the_default_config_warns_that_strict_stays_empty(tmp_path):
+    from datamodules.prepare.run import prepare
+
+    with pytest.warns(UserWarning, match="set A will be empty"), pytest.raises(FileNotFoundError):
+        prepare([str(tmp_path / "none")], tmp_path / "out", load_config("prepare/default.yaml"), progress=False)

@@ -27,6 +27,7 @@ import sys
 import tarfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -295,6 +296,10 @@ def pack(out: Path, parts: Path, records: list[dict], config) -> dict:
 def prepare(inputs: list[str], out: str | Path, config, workers: int = 1, progress: bool = True) -> dict:
     """The whole run: skip finished inputs, process the rest, pack. -> the manifest."""
     out = Path(out)
+    if config.syncnet is None and not config.proxy_sync_in_strict and config.strict:
+        warnings.warn(f"{config.source}: no SyncNet weights (syncnet: null), so the weightless proxy scores sync, "
+                      "and strict takes only SyncNet's (SPEC 5b): set A will be empty. Give syncnet: a local "
+                      "syncnet_v2.model, or set proxy_sync_in_strict: true to let the proxy decide")
     parts = out / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
     found = find_inputs(inputs)
