@@ -11,6 +11,7 @@ configs/distill_<method>.yaml: a new distiller config appears here without an ed
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -149,16 +150,27 @@ def _distiller(spec: dict):
 
 def step_passes(distillers: dict[str, dict] | None = None, periods: int = 8) -> dict[str, tuple[float, float]]:
     """Network passes per training clip, (with gradient, without), for each distiller spec (default:
-    `bundled_distillers()`): forward rows through every network (student, teacher, EMA, the distiller's
-    own) over whole training steps (job + every update due), averaged over `periods` cycles of the
-    update schedule, counted on a tiny random teacher, 4 clips a step."""
+    `bundled_distillers()`, counted once per process): forward rows through every network (student,
+    teacher, EMA, the distiller's own) over whole training steps (job + every update due), averaged over
+    `periods` cycles of the update schedule, counted on a tiny random teacher, 4 clips a step."""
+    if distillers is None:
+        return dict(_bundled_step_passes(periods))
+    return _step_passes(distillers, periods)
+
+
+@functools.cache
+def _bundled_step_passes(periods: int) -> dict[str, tuple[float, float]]:
+    return _step_passes(bundled_distillers(), periods)
+
+
+def _step_passes(distillers: dict[str, dict], periods: int) -> dict[str, tuple[float, float]]:
     from .distill import DistillModule
     from .testing import random_teacher_checkpoint
 
     passes = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = random_teacher_checkpoint(Path(tmp) / "teacher.ckpt", clip_frames=2)
-        for name, spec in (distillers or bundled_distillers()).items():
+        for name, spec in distillers.items():
             distiller, options = _distiller(spec)
             module = DistillModule(path, distiller, ema_decay=0.9, **options)
             module.load_teacher()
@@ -234,7 +246,7 @@ def main(argv=None):
     distillers = bundled_distillers()
     print(f"\n{'distiller':46s} {'passes: grad':>12s} {'no grad':>8s} {'TFLOP/clip':>10s} {'GPU-h 160 h':>11s} "
           f"{'GPU-h 1300 h':>12s}")
-    for name, (grad, no_grad) in {"teacher (Eq 1)": (1.0, 0.0), **step_passes(distillers)}.items():
+    for name, (grad, no_grad) in {"teacher (Eq 1)": (1.0, 0.0), **step_passes()}.items():  # the bundled ones
         step = (3 * grad + no_grad) * fwd  # a pass with gradient: forward + backward (~2 forwards)
         a, b = (gpu_hours(h, args.frames, step, args.tflops, args.mfu) for h in (160, 1300))
         print(f"{name:46s} {grad:12.2f} {no_grad:8.2f} {step / 1e12:10.1f} {a:11,.0f} {b:12,.0f}")

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # about a minute: 25 inputs through every stage, 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepare")
-    expected = write_raw_inputs(root / "raw")
+    expected = write_raw_inputs(root / "raw", seconds=2.4)  # 2.4 s clips (60 frames); one 23 s
     manifest = prepare([str(root / "raw")], root / "out", load_config(CONFIG), workers=2, progress=False)
     records = {json.loads(p.read_text())["source"]: json.loads(p.read_text())
                for p in (root / "out" / ".parts").glob("*.json")}
