@@ -30,8 +30,11 @@ def load_module(ckpt: str | Path, map_location="cpu"):
     module_name, cls_name = checkpoint["fada_module"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
     if path.is_file():
-        return cls.load_from_checkpoint(path, map_location=map_location)
-    return _load_state(cls, checkpoint).to(map_location)  # what load_from_checkpoint does with what it read
+        module = cls.load_from_checkpoint(path, map_location=map_location)
+    else:
+        module = _load_state(cls, checkpoint).to(map_location)  # what load_from_checkpoint does with what it read
+    module.training_face_crop = training_face_crop(checkpoint)  # for `crop_reference`
+    return module
 
 
 @torch.no_grad()
@@ -67,10 +70,9 @@ def probe_image(path) -> tuple[int, int]:
         raise ValueError(f"{path}: not a readable image ({error})") from error
 
 
-def training_face_crop(ckpt) -> dict | None:
-    """How the checkpoint's training faces were cropped (its data module's `face_crop`: fada prepare's
+def training_face_crop(checkpoint: dict) -> dict | None:
+    """How a checkpoint's training faces were cropped (its data module's `face_crop`: fada prepare's
     detector, margin and analysis size), or None when the checkpoint does not say."""
-    checkpoint = read_checkpoint(Path(ckpt), weights_only=False)
     return next((state["face_crop"] for state in checkpoint.values()
                  if isinstance(state, dict) and isinstance(state.get("face_crop"), dict)), None)
 
@@ -115,7 +117,7 @@ def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None
     if min(width, height) < size / 2:
         warnings.warn(f"reference image {image_path} is {width}x{height}, far below the model's {size}x{size} "
                       "frames: it is upscaled, and the video will be as blurry")
-    image = crop_reference(image_path, size, training_face_crop(ckpt) if crop else None)
+    image = crop_reference(image_path, size, module.training_face_crop if crop else None)
     module.sampling_scales(ref_scale, audio_scale)  # a one-pass student refuses CFG scales before any work
     check_eta(module.scheduler(), eta)  # and a deterministic sampler refuses an eta
     start = time.perf_counter()

@@ -196,7 +196,7 @@ def test_the_synthetic_world_as_raw_videos_prepares_and_trains(tmp_path):
     from datamodules.prepare.media import write_video
     from datamodules.synthetic import render_raw_video
     from fada_lightning.cli import main as fada
-    from fada_lightning.sample import training_face_crop
+    from fada_lightning.sample import load_module
 
     for index in range(2):
         video, wav, _ = render_raw_video(0, index, shot_seconds=(3.0, 6.0, 3.0), size=64)
@@ -214,7 +214,7 @@ def test_the_synthetic_world_as_raw_videos_prepares_and_trains(tmp_path):
           "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={run}",
           f"--trainer.logger.init_args.save_dir={run}", "--model.init_args.sample_steps=2"])
     checkpoint = run / "tb" / "run" / "checkpoints" / "last.ckpt"
-    assert training_face_crop(checkpoint) == {**manifest["crop"], "detector": "none"}
+    assert load_module(checkpoint).training_face_crop == {**manifest["crop"], "detector": "none"}
     from datamodules.cache import main as cache  # fada cache runs on prepare's shards
 
     written = cache([str(tmp_path / "out" / "strict"), "--preset", "micro", "--out", str(tmp_path / "cached")])
