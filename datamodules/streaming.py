@@ -130,22 +130,25 @@ class AvatarDataModule(L.LightningDataModule):
                              "AvatarDataModule.for_model(model, ...) (fada fit links them)")
 
     def _shard_samples(self) -> dict[str, int]:
-        """{shard url: samples it holds}, from the synthetic manifest and `shard_samples`."""
-        sizes, given = {}, self.hparams.shard_samples
-        manifest = os.path.join(self.hparams.synthetic["root"], "manifest.json") if self.hparams.synthetic else None
+        """{shard url: samples it holds}, from the manifest training reads and `shard_samples`."""
+        sizes, given, manifest = {}, self.hparams.shard_samples, self._manifest()
         if manifest and os.path.isfile(manifest):
-            from .synthetic import shard_sample_counts
-
-            with open(manifest) as f:
-                counts = shard_sample_counts(json.load(f))
-            sizes.update({os.path.join(self.hparams.synthetic["root"], p): n for p, n in counts.items()})
-        if is_manifest(self.hparams.train_shards):
-            sizes.update(read_manifest(self.hparams.train_shards)[1])
+            sizes.update(read_manifest(manifest)[1])
         if isinstance(given, str):
             with open(given) as f:
                 given = json.load(f)
         sizes.update(given or {})
         return sizes
+
+    def _manifest(self) -> str | None:
+        """The shard manifest training reads: `train_shards` when it is one (fada prepare's), the synthetic
+        world's when it trains (no train_shards), else None."""
+        spec = self.hparams.train_shards
+        if is_manifest(spec):
+            return spec
+        if self.hparams.synthetic and not spec:
+            return os.path.join(self.hparams.synthetic["root"], "manifest.json")
+        return None
 
     def _crashed_samples(self) -> CrashedSamples | None:
         """The record of samples that crashed a decoder: `crashed_samples`, else the run's log folder."""
@@ -175,20 +178,14 @@ class AvatarDataModule(L.LightningDataModule):
         spec, tiers = self.hparams.train_shards, self.hparams.tier_weights
         if isinstance(spec, dict):
             urls = {tier: resolve_shards(shards) for tier, shards in spec.items()}
-        elif is_manifest(spec):  # fada prepare's output: its tiers, strict alone unless tier_weights mix them
-            listed = read_manifest(spec)[0]
+        elif self._manifest():  # fada prepare's or the synthetic world's: strict alone unless tier_weights mix
+            manifest = self._manifest()
+            if not is_manifest(spec) and not os.path.isfile(manifest):
+                raise FileNotFoundError(f"synthetic dataset {manifest} missing: prepare_data did not run here")
+            listed = read_manifest(manifest)[0]
             urls = {tier: listed[tier] for tier in (listed if tiers else ["strict"])}
         elif spec:
             urls = {"train": resolve_shards(spec)}
-        elif self.hparams.synthetic:
-            root = self.hparams.synthetic["root"]
-            manifest = os.path.join(root, "manifest.json")
-            if not os.path.isfile(manifest):
-                raise FileNotFoundError(f"synthetic dataset {manifest} missing: prepare_data did not run here")
-            with open(manifest) as f:
-                listed = json.load(f)
-            names = [t for t in ("strict", "lenient") if t in listed] if tiers else ["strict"]
-            urls = {tier: [os.path.join(root, p) for p in listed[tier]] for tier in names}
         else:
             urls = {"train": []}
         if tiers is not None:

@@ -340,13 +340,6 @@ def write_shards(root, strict_clips: int = 512, lenient_clips: int = 256, clips_
     return manifest
 
 
-def shard_sample_counts(manifest: dict) -> dict[str, int]:
-    """{shard path relative to the root: clips it holds}: every shard full but a tier's last."""
-    per = manifest["clips_per_shard"]
-    return {path: min(per, manifest["samples"][tier] - i * per)
-            for tier in TIERS for i, path in enumerate(manifest.get(tier, []))}
-
-
 def ensure_dataset(root, **kwargs) -> dict:
     """The manifest at root if it matches the request (and its shards exist), else write_shards."""
     request = inspect.signature(write_shards).bind(root, **kwargs)

@@ -52,7 +52,6 @@ class Analysis:
 class InputResult:
     """What one input gave: samples (dicts of bytes, in time order) and every dropped clip's reasons."""
     input_id: str
-    source: str
     samples: list[dict] = field(default_factory=list)
     clips: list[dict] = field(default_factory=list)  # {key, start, frames, tier, reasons}: every window scored
 
@@ -153,7 +152,7 @@ def process_input(path: str, relative: str, config: PrepareConfig, info: VideoIn
     """Probe (if not given), analyse, cut, score and encode one input. Raises Rejected when the whole
     input is unusable; windows that fail both tiers are listed in `clips` with their reasons."""
     info = info or probe(path, config.min_seconds)
-    result = InputResult(input_id(relative), relative)
+    result = InputResult(input_id(relative))
     analysis = analyse(path, info, config)
     n = len(analysis.content)
     shots = shot_ranges(find_cuts(analysis.content, config.shot_threshold, config.min_shot_frames), n,
