@@ -49,7 +49,6 @@ def test_sharding_divides_every_state_by_the_gpus():
     assert all(abs(fsdp[k] * 8 - ddp[k]) < 1e-12 for k in ddp)
 
 
-@pytest.mark.xdist_group("bundled_step_passes")  # one worker counts them once for both tests
 def test_passes_per_clip_follow_each_distillers_definition():
     """(with gradient, without) forward rows per clip over whole training steps: every network counts."""
     passes = scaling.step_passes()  # every bundled distill_<method>.yaml, read from the configs
@@ -86,7 +85,6 @@ def test_trained_parameters_count_every_network_a_distiller_trains():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bundled_step_passes")
 def test_docs_scaling_shows_what_the_command_prints(capsys):
     """docs/scaling.md's figures are the ones `python -m fada_lightning.scaling` prints today."""
     from pathlib import Path
