@@ -1,17 +1,20 @@
-"""`fada ablate`: train and evaluate every row of an ablation, then write the table (Markdown, CSV)
-and, for CFG sweeps, PNG plots of FVD and Sync-D against each scale (FADA's Figures 3 and 4).
+"""`fada ablate`: train and evaluate every row of an ablation at each training seed, then write the table
+(Markdown, CSV: mean ± SD over seeds), summary.json, frames.png (a clip's frames, row by row) and, for
+CFG sweeps, PNG plots of FVD and Sync-D against each scale (FADA's Figures 3 and 4) and best_scale.md.
 
-    fada ablate --config tables/distillers.yaml            # every row, in order; finished rows are skipped
-    fada ablate --config tables/distillers.yaml --quick    # two rows, few steps: a first look, and CI's check
-    fada ablate --config tables/mixed.yaml --row "Adaptive-0.25"   # one row (a cluster job per row) ...
-    fada ablate --config tables/mixed.yaml --collect       # ... then the table from the finished rows
+    fada ablate --config tables/distillers.yaml            # every row and seed, in order; finished ones are skipped
+    fada ablate --config tables/distillers.yaml --quick    # two rows, seed 0, few steps: a first look, and CI's check
+    fada ablate --config tables/mixed.yaml --row "Adaptive-0.25" --seed 1   # one row at one seed (a cluster job) ...
+    fada ablate --config tables/mixed.yaml --collect       # ... then the table from the finished rows and seeds
 
 An ablation YAML names its rows; each row trains with `fit` (configs, as `fada fit --config`) plus
 `overrides` (dotted keys), or re-evaluates another row's checkpoint (`checkpoint_of`) with other
 `evaluate` arguments; `teacher: ROW` hands that row's checkpoint to a distiller, `student: ROW` starts
-the student from that row's (a distiller's, for a second stage). A row's run folder is
-<out>/<row slug> (or its `run`, so tables can share a teacher); it is finished when its result.json
-exists, and a stopped row resumes from its last checkpoint.
+the student from that row's (a distiller's, for a second stage). `seeds: N` (top level, or a row's own)
+trains each row N times, at seeds 0..N-1 (`seed_everything` and the data's shuffle seed); seed s of a row
+uses seed s of the rows it depends on, so each seed replicates the whole pipeline. A row's run folder is
+<out>/<row slug>/seed<s> (or <its `run`>/seed<s>, so tables can share a teacher); it is finished when its
+result.json exists, and a stopped row resumes from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -19,10 +22,14 @@ import argparse
 import csv
 import io
 import json
+import math
 import re
+import statistics
+import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from . import cli, evaluate
@@ -34,15 +41,52 @@ QUICK = {"rows": 2,  # unless the YAML lists its `quick` rows
                                       "data.init_args.batch_size": 2, "data.init_args.epoch_samples": 16},
          "eval_overrides": {"clips": 4, "frames": 16, "batch_size": 4, "videos": 1}}
 SCALE_NAMES = {"audio_scale": "s_a", "ref_scale": "s_r"}
-ROW_KEYS = {"name", "fit", "overrides", "run", "teacher", "student", "reference", "checkpoint_of", "evaluate", "sweep"}
+ROW_KEYS = {"name", "fit", "overrides", "run", "teacher", "student", "reference", "checkpoint_of", "evaluate", "seeds",
+            "sweep"}
+DEPENDENCIES = ("teacher", "student", "checkpoint_of")  # row keys naming a row whose checkpoint this row needs
+SWEEP_KEYS = {"model", "models", "fixed", "audio_scale", "ref_scale", "best_by"}
+EVAL_JSON = "eval/result.json"  # in a row's seed folder; evaluate writes the sample clips beside it
+FRAME_STRIDE = 2      # frames.png shows every 2nd frame of the clip
+FRAME_MIN_PX = 128    # ... each upscaled (nearest neighbour, an integer factor) to at least this many px
+LABEL_PX, LABEL_CHARS, STRIP_GAP_PX, DPI = 240, 24, 8, 100  # frames.png: name column (px, wrap), gap, px per inch
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_")
 
 
+def seed_count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: seeds must be a whole number >= 1 (seeds 0..N-1 are trained), not {value!r}")
+    return value
+
+
+def sweep_rows(path: Path, sweep: dict, rows: list[dict]) -> list[dict]:
+    """The `sweep:` block -> evaluate-only rows "<model> s_a=<v>" / "<model> s_r=<v>", model by model; a
+    sweep point is a reference when its model is. Normalises the block: `models` (a list), `best_by`."""
+    unknown = sorted(set(sweep) - SWEEP_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: sweep has unknown keys {unknown} (a sweep takes {', '.join(sorted(SWEEP_KEYS))})")
+    if ("model" in sweep) == ("models" in sweep):
+        raise ValueError(f"{path}: sweep needs exactly one of `model: ROW` or `models: [ROW, ...]`")
+    models = [sweep["model"]] if "model" in sweep else sweep["models"]
+    if not isinstance(models, list) or not models:
+        raise ValueError(f"{path}: sweep `models` must be a non-empty list of row names, not {models!r}")
+    if set(sweep.get("fixed") or {}) != set(SCALE_NAMES):
+        raise ValueError(f"{path}: sweep needs `fixed: {{ref_scale: .., audio_scale: ..}}` (the scale not swept)")
+    sweep["models"], sweep["best_by"] = models, sweep.get("best_by", "FVD")
+    if sweep["best_by"] not in evaluate.COLUMNS:
+        raise ValueError(f"{path}: sweep best_by {sweep['best_by']!r} is not one of {', '.join(evaluate.COLUMNS)}")
+    reference = {row.get("name") for row in rows if row.get("reference")}
+    return [{"name": f"{model} {SCALE_NAMES[scale]}={value:g}", "checkpoint_of": model,
+             "evaluate": {**sweep["fixed"], scale: float(value)}, "sweep": scale,
+             **({"reference": True} if model in reference else {})}
+            for model in models for scale in SCALE_NAMES for value in sweep.get(scale, [])]
+
+
 def load_ablation(path: str | Path) -> dict:
-    """The ablation YAML, with its CFG sweeps expanded into evaluate-only rows; checked for clear errors."""
+    """The ablation YAML, with its CFG sweeps expanded into evaluate-only rows and every row's `seeds`
+    resolved (a sweep point runs its model's); checked for clear errors."""
     path = find_config(path)
     spec = yaml.safe_load(Path(path).read_text())
     if not isinstance(spec, dict) or not isinstance(spec.get("rows"), list) or not spec["rows"]:
@@ -50,14 +94,10 @@ def load_ablation(path: str | Path) -> dict:
     spec.setdefault("name", Path(path).stem)
     spec.setdefault("out", f"runs/ablation/{spec['name']}")
     spec.setdefault("evaluation", ["eval/synthetic.yaml"])
+    spec["seeds"] = seed_count(spec.get("seeds", 1), f"{path}: top-level")
     rows = [dict(row) for row in spec["rows"]]
-    sweep = spec.get("sweep")
-    if sweep:  # {model: ROW, fixed: {ref_scale, audio_scale}, audio_scale: [...], ref_scale: [...]}
-        for scale in ("audio_scale", "ref_scale"):
-            for value in sweep.get(scale, []):
-                scales = {**sweep["fixed"], scale: float(value)}
-                rows.append({"name": f"{sweep['model']} {SCALE_NAMES[scale]}={value:g}", "checkpoint_of": sweep["model"],
-                             "evaluate": scales, "sweep": scale})
+    if spec.get("sweep"):  # {models: [ROW, ...], fixed: {ref_scale, audio_scale}, audio_scale: [...], ref_scale: [...]}
+        rows += sweep_rows(path, spec["sweep"], rows)
     names = [row.get("name") for row in rows]
     for i, row in enumerate(rows):
         if not row.get("name"):
@@ -69,10 +109,19 @@ def load_ablation(path: str | Path) -> dict:
         if ("fit" in row) == ("checkpoint_of" in row):
             raise ValueError(f"{path}: row {row['name']!r} needs exactly one of `fit` (configs to train) or "
                              f"`checkpoint_of` (a row whose checkpoint it evaluates)")
-        for key in ("teacher", "student", "checkpoint_of"):
+        for key in DEPENDENCIES:
             if key in row and row[key] not in names[:i]:
                 raise ValueError(f"{path}: row {row['name']!r}: {key} {row[key]!r} is not a row above it "
                                  f"(rows: {', '.join(names[:i]) or 'none'})")
+        default = rows[names.index(row["checkpoint_of"])]["seeds"] if "sweep" in row else spec["seeds"]
+        row["seeds"] = seed_count(row.get("seeds", default), f"{path}: row {row['name']!r}")
+        for key in DEPENDENCIES:
+            needed = rows[names.index(row[key])] if key in row else None
+            if needed is not None and needed["seeds"] < row["seeds"]:
+                raise ValueError(f"{path}: row {row['name']!r} runs {row['seeds']} seeds but its {key} "
+                                 f"{needed['name']!r} only {needed['seeds']} (seed s of a row uses seed s of the rows "
+                                 f"it depends on): give {needed['name']!r} seeds: {row['seeds']} or "
+                                 f"{row['name']!r} seeds: {needed['seeds']}")
         for config in row.get("fit", []):
             find_config(config)  # a missing config fails here, before any training
     if len(set(names)) != len(names):
@@ -86,83 +135,99 @@ def load_ablation(path: str | Path) -> dict:
 
 
 class Ablation:
-    """Runs the rows of one ablation spec; `quick` uses QUICK's rows, steps and clips, in <out>-quick."""
+    """Runs the rows of one ablation spec at their seeds (`seeds`: only these; `quick`: QUICK's rows,
+    steps and clips at seed 0 unless `seeds` says otherwise, in <out>-quick)."""
 
-    def __init__(self, spec: dict, quick: bool = False, progress: bool = True):
+    def __init__(self, spec: dict, quick: bool = False, progress: bool = True, seeds: list[int] | None = None):
         self.spec, self.quick, self.progress = spec, quick, progress
         self.out = Path(spec["out"] + ("-quick" if quick else ""))
         self.by_name = {row["name"]: row for row in spec["rows"]}
         self.rows = [self.by_name[name] for name in spec["quick"]] if quick else spec["rows"]
+        self.only_seeds = sorted(set(seeds)) if seeds else ([0] if quick else None)
+        most = max(row["seeds"] for row in self.rows)
+        if self.only_seeds and not set(self.only_seeds) <= set(range(most)):
+            raise ValueError(f"no seed {sorted(set(self.only_seeds) - set(range(most)))} in this ablation "
+                             f"(its rows have seeds 0..{most - 1})")
 
-    def run_dir(self, row: dict) -> Path:
+    def seeds(self, row: dict) -> list[int]:
+        """The seeds of `row` this run trains, evaluates and tabulates: 0..seeds-1, or those of --seed."""
+        return [s for s in range(row["seeds"]) if self.only_seeds is None or s in self.only_seeds]
+
+    def run_dir(self, row: dict, seed: int) -> Path:
+        if "checkpoint_of" in row or "run" not in row:
+            return self.out / slug(row["name"]) / f"seed{seed}"
+        return Path(row["run"] + ("-quick" if self.quick else "")) / f"seed{seed}"
+
+    def checkpoint(self, row: dict, seed: int) -> Path:
         if "checkpoint_of" in row:
-            return self.out / slug(row["name"])
-        return Path(row["run"] + ("-quick" if self.quick else "")) if "run" in row else self.out / slug(row["name"])
+            return self.checkpoint(self.by_name[row["checkpoint_of"]], seed)
+        return self.run_dir(row, seed) / "tb" / "run" / "checkpoints" / "last.ckpt"
 
-    def checkpoint(self, row: dict) -> Path:
-        if "checkpoint_of" in row:
-            return self.checkpoint(self.by_name[row["checkpoint_of"]])
-        return self.run_dir(row) / "tb" / "run" / "checkpoints" / "last.ckpt"
-
-    def result(self, row: dict) -> dict | None:
-        path = self.run_dir(row) / "result.json"
+    def result(self, row: dict, seed: int) -> dict | None:
+        path = self.run_dir(row, seed) / "result.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    # ---- one row ---------------------------------------------------------------------------------
-    def run_row(self, row: dict) -> dict:
-        done = self.result(row)
+    # ---- one row at one seed ---------------------------------------------------------------------
+    def run_row(self, row: dict, seed: int) -> dict:
+        label = f"{row['name']} (seed {seed})"
+        done = self.result(row, seed)
         if done is not None:
-            print(f"[ablate] {row['name']}: finished earlier ({self.run_dir(row) / 'result.json'}), skipped")
+            print(f"[ablate] {label}: finished earlier ({self.run_dir(row, seed) / 'result.json'}), skipped")
             return done
         began = time.perf_counter()
         if "fit" in row:
-            self.train(row)
-        elif not self.checkpoint(row).exists():
+            self.train(row, seed)
+        elif not self.checkpoint(row, seed).exists():
             raise FileNotFoundError(f"row {row['name']!r} evaluates {row['checkpoint_of']!r}'s checkpoint "
-                                    f"{self.checkpoint(row)}, which is not trained yet: run that row first")
-        result = self.evaluate(row)
-        result["row"], result["seconds_row"] = row["name"], round(time.perf_counter() - began, 1)
-        write_atomic(self.run_dir(row) / "result.json", json.dumps(result, indent=1).encode())
-        print(f"[ablate] {row['name']}: {evaluate.format_metrics(result)}")
+                                    f"{self.checkpoint(row, seed)}, which is not trained yet: run that row first")
+        result = self.evaluate(row, seed)
+        result.update(row=row["name"], seed=seed, seconds_row=round(time.perf_counter() - began, 1))
+        write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
+        print(f"[ablate] {label}: {evaluate.format_metrics(result)}")
         return result
 
-    def train(self, row: dict) -> None:
-        """`fada fit` into the row's folder, resuming from its last checkpoint if a run was stopped."""
-        root, ckpt = self.run_dir(row), self.checkpoint(row)
+    def train(self, row: dict, seed: int) -> None:
+        """`fada fit` into the row's seed folder, resuming from its last checkpoint if a run was stopped."""
+        root, ckpt = self.run_dir(row, seed), self.checkpoint(row, seed)
         if (root / "trained").exists():
             return
         for key, verb in (("teacher", "distils"), ("student", "starts from")):
-            if key in row and not self.checkpoint(self.by_name[row[key]]).exists():
-                raise FileNotFoundError(f"row {row['name']!r} {verb} {row[key]!r}, whose checkpoint "
-                                        f"{self.checkpoint(self.by_name[row[key]])} does not exist yet: run that row first")
-        args = self.fit_args(row)
+            needed = self.checkpoint(self.by_name[row[key]], seed) if key in row else None
+            if needed is not None and not needed.exists():
+                raise FileNotFoundError(f"row {row['name']!r} at seed {seed} {verb} {row[key]!r}, whose checkpoint "
+                                        f"{needed} does not exist yet: run that row (that seed) first")
+        args = self.fit_args(row, seed)
         if ckpt.exists():
-            print(f"[ablate] {row['name']}: resuming from {ckpt}")
+            print(f"[ablate] {row['name']} (seed {seed}): resuming from {ckpt}")
             args.append(f"--ckpt_path={ckpt}")
-        print(f"[ablate] {row['name']}: fada {' '.join(args)}")
+        print(f"[ablate] {row['name']} (seed {seed}): fada {' '.join(args)}")
         cli.main(args)
         if not ckpt.exists():
             raise RuntimeError(f"row {row['name']!r}: training ended without {ckpt} (does its config keep a "
                                f"last checkpoint? the row needs FinalCheckpoint with save_last)")
         (root / "trained").touch()
 
-    def fit_args(self, row: dict) -> list[str]:
-        """The `fada fit` command line of a training row: its configs, overrides, teacher and run folder."""
-        root = self.run_dir(row)
+    def fit_args(self, row: dict, seed: int) -> list[str]:
+        """The `fada fit` command line of a training row at `seed`: its configs, overrides, the seed (of
+        the initialisation and of the data stream's shuffle), its teacher's checkpoint at that seed, its folder."""
+        root = self.run_dir(row, seed)
         args = ["fit"]
         for config in row["fit"]:
             args += ["--config", config]
-        overrides = {**row.get("overrides", {}), **(QUICK["fit_overrides"] if self.quick else {})}
+        overrides = {**row.get("overrides", {}), **(QUICK["fit_overrides"] if self.quick else {}),
+                     "seed_everything": seed, "data.init_args.seed": seed}
         for key in ("teacher", "student"):
             if key in row:
-                overrides[f"model.init_args.{key}_ckpt"] = str(self.checkpoint(self.by_name[row[key]]))
+                overrides[f"model.init_args.{key}_ckpt"] = str(self.checkpoint(self.by_name[row[key]], seed))
         overrides.update({"trainer.default_root_dir": str(root), "trainer.logger.init_args.save_dir": str(root),
                           "trainer.logger.init_args.name": "tb", "trainer.logger.init_args.version": "run"})
         return args + [f"--{key}={json.dumps(value) if not isinstance(value, str) else value}"
                        for key, value in overrides.items()]
 
-    def evaluate(self, row: dict) -> dict:
-        args = ["--ckpt", str(self.checkpoint(row)), "--out", str(self.run_dir(row) / "eval" / "result.json")]
+    def evaluate(self, row: dict, seed: int) -> dict:
+        """`fada evaluate` of the row's checkpoint at `seed`; the sampling noise is the same at every seed,
+        so seeds differ by training alone."""
+        args = ["--ckpt", str(self.checkpoint(row, seed)), "--out", str(self.run_dir(row, seed) / EVAL_JSON)]
         for config in self.spec["evaluation"] if isinstance(self.spec["evaluation"], list) else [self.spec["evaluation"]]:
             args += ["--config", config]
         settings = {**self.spec.get("eval_overrides", {}), **row.get("evaluate", {}),
@@ -170,99 +235,235 @@ class Ablation:
         args += [f"--{key}={json.dumps(value)}" for key, value in settings.items()]
         return evaluate.run(args, progress=self.progress)
 
-    # ---- the table -------------------------------------------------------------------------------
+    # ---- the outputs -----------------------------------------------------------------------------
     def write_outputs(self) -> list[Path]:
-        """table.md, table.csv and (with a sweep) one PNG per swept scale, from the finished rows."""
-        results = [(row, self.result(row)) for row in self.rows]
-        finished = [(row, r) for row, r in results if r is not None]
-        missing = [row["name"] for row, r in results if r is None]
+        """table.md, table.csv, summary.json, frames.png and, with a sweep, one PNG per swept scale and
+        best_scale.md, from the finished rows and seeds (of those asked: every seed, or --seed's)."""
+        runs = [(row, {s: r for s in self.seeds(row) if (r := self.result(row, s)) is not None}) for row in self.rows]
+        finished = [(row, by_seed) for row, by_seed in runs if by_seed]
         if not finished:
             raise FileNotFoundError(f"no finished rows under {self.out} yet")
-        columns = list(evaluate.COLUMNS)
-        written = [self.out / "table.md", self.out / "table.csv"]
-        write_atomic(written[0], markdown_table(self.spec.get("title", self.spec["name"]), columns, finished, missing,
-                                                self.quick).encode())
-        buffer = io.StringIO()
-        table = csv.writer(buffer)
-        table.writerow(["Method", *columns, "IQA_ci95", "clips", "frames_per_clip", "resolution", "step"])
-        for row, r in finished:
-            m, d = r["metrics"], r["depends_on"]
-            table.writerow([row["name"], *(m[c] for c in columns), m["IQA_ci95"], d["clips"], d["frames_per_clip"],
-                            d["resolution"], r["step"]])
-        write_atomic(written[1], buffer.getvalue().encode())
-        for scale in ("audio_scale", "ref_scale"):
-            points = [(r["depends_on"]["sampler"][scale], r["metrics"]) for row, r in finished if row.get("sweep") == scale]
-            if points:
-                written.append(plot_sweep(self.out / f"sweep_{scale}.png", scale, sorted(points, key=lambda p: p[0]),
-                                          self.spec["sweep"]["model"]))
+        summaries = {row["name"]: summarize(by_seed) for row, by_seed in finished}
+        missing = [row["name"] for row, by_seed in runs if not by_seed and self.seeds(row)]
+        partial = [f"{row['name']} ({len(by_seed)} of {len(self.seeds(row))} seeds)" for row, by_seed in finished
+                   if len(by_seed) < len(self.seeds(row))]
+        first = next(iter(finished[0][1].values()))
+        table = markdown_table(self.spec.get("title", self.spec["name"]), [(row, summaries[row["name"]])
+                               for row, _ in finished], first["depends_on"], missing, partial, self.quick)
+        written = [write_atomic(self.out / "table.md", table.encode()),
+                   write_atomic(self.out / "table.csv", csv_table(finished).encode()),
+                   write_atomic(self.out / "summary.json", json.dumps(summaries, indent=1).encode())]
+        curves = sweep_curves([(row, summaries[row["name"]]) for row, _ in finished])
+        for scale, by_model in curves.items():
+            written.append(plot_sweep(self.out / f"sweep_{scale}.png", scale, by_model))
+        if curves:
+            sweep = self.spec["sweep"]
+            written.append(write_atomic(self.out / "best_scale.md",
+                                        best_scale_table(curves, sweep["best_by"], sweep["fixed"]).encode()))
+        strips = self.frame_strips(finished)
+        if strips:
+            written.append(write_atomic(self.out / "frames.png", frames_png(strips)))
         return written
 
+    def frame_strips(self, finished: list) -> list[tuple[str, np.ndarray]]:
+        """[("real", frames), (row name, frames), ...] of the first sample clip (sorted key) at seed 0, for
+        the non-sweep rows that saved it; frames (T, H, W, 3) uint8 as evaluate saved them (lossless)."""
+        tag = Path(EVAL_JSON).stem  # evaluate names a sample clip <tag>-<key>.png
+        pngs = {row["name"]: {png.stem.removeprefix(f"{tag}-"): png for png in
+                              (self.run_dir(row, 0) / EVAL_JSON).parent.glob(f"{tag}-*.png")}
+                for row, by_seed in finished if 0 in by_seed and "sweep" not in row}
+        keys = sorted(set().union(*pngs.values()))
+        if not keys:
+            return []
+        clips = [(name, read_clip_png(found[keys[0]])) for name, found in pngs.items() if keys[0] in found]
+        return [("real", clips[0][1][0])] + [(name, fake) for name, (_, fake) in clips]
 
-def markdown_table(title: str, columns: list[str], finished: list, missing: list[str], quick: bool) -> str:
-    """Rows in the ablation's order, FADA's column order (Sync-C added); the best of each column in bold."""
+
+def summarize(by_seed: dict[int, dict]) -> dict:
+    """{seed: result} -> {"seeds": [...], column: {"mean", "sd", "min", "max", "values"}} for every column of
+    evaluate.COLUMNS and IQA_ci95; sd is the sample standard deviation over seeds (n - 1 in the
+    denominator), None with one seed."""
+    seeds = sorted(by_seed)
+    summary: dict = {"seeds": seeds}
+    for column in (*evaluate.COLUMNS, "IQA_ci95"):
+        values = [float(by_seed[s]["metrics"][column]) for s in seeds]
+        summary[column] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+                           "min": min(values), "max": max(values), "values": values}
+    return summary
+
+
+def sweep_curves(summaries: list) -> dict:
+    """[(row, summary)] -> {scale: {model: [(scale value, summary)] in value order}} of the sweep points,
+    models and scales in the rows' order."""
+    curves: dict = {}
+    for row, summary in summaries:
+        if "sweep" in row:
+            curves.setdefault(row["sweep"], {}).setdefault(row["checkpoint_of"], []).append(
+                (row["evaluate"][row["sweep"]], summary))
+    return {scale: {model: sorted(points, key=lambda point: point[0]) for model, points in by_model.items()}
+            for scale, by_model in curves.items()}
+
+
+def cell(summary: dict, column: str) -> str:
+    """mean ± SD over seeds; one seed: the value (IQA ± its 95% interval over clips); NFE-D as counted."""
+    stats = summary[column]
+    if column == "NFE-D":
+        return f"{stats['mean']:g}"
+    if stats["sd"] is not None:
+        return f"{stats['mean']:.4g} ± {stats['sd']:.2g}"
+    return f"{stats['mean']:.4g}" + (f" ± {summary['IQA_ci95']['mean']:.2g}" if column == "IQA" else "")
+
+
+def header(first: list[str], columns: list[str], last: list[str]) -> list[str]:
+    """A Markdown table's header and alignment lines: `first` text columns, metric columns with their arrows."""
+    arrows = [f"{c} {'↓' if evaluate.LOWER_IS_BETTER[c] else '↑'}" for c in columns]
+    return ["| " + " | ".join([*first, *arrows, *last]) + " |", "|" + "---|" * len(first) + "---:|" * (len(columns) + len(last))]
+
+
+def markdown_table(title: str, summaries: list, depends_on: dict, missing: list[str], partial: list[str],
+                   quick: bool) -> str:
+    """[(row, summary)] in the ablation's order, FADA's column order (Sync-C added), a seeds column; the
+    best mean of each column in bold (reference rows aside)."""
+    columns = list(evaluate.COLUMNS)
     best = {}
     for c in columns[1:]:
-        values = [r["metrics"][c] for row, r in finished if not row.get("reference")]
-        if values:
-            best[c] = min(values) if evaluate.LOWER_IS_BETTER[c] else max(values)
-    arrows = {c: "↓" if evaluate.LOWER_IS_BETTER[c] else "↑" for c in columns}
+        means = [s[c]["mean"] for row, s in summaries if not row.get("reference")]
+        if means:
+            best[c] = min(means) if evaluate.LOWER_IS_BETTER[c] else max(means)
     lines = [f"### {title}" + (" (quick profile: a smoke test, not a result)" if quick else ""), "",
-             "| Method | " + " | ".join(f"{c} {arrows[c]}" for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for row, r in finished:
-        cells = []
-        for c in columns:
-            v = r["metrics"][c]
-            text = f"{v:g}" if c == "NFE-D" else f"{v:.4g}" + (f" ± {r['metrics']['IQA_ci95']:.2g}" if c == "IQA" else "")
-            cells.append(f"**{text}**" if best.get(c) == v and c != "NFE-D" else text)
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    d = finished[0][1]["depends_on"]
+             *header(["Method"], columns, ["seeds"])]
+    for row, s in summaries:
+        cells = [f"**{cell(s, c)}**" if best.get(c) == s[c]["mean"] else cell(s, c) for c in columns]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {len(s['seeds'])} |")
+    d = depends_on
     lines += ["", f"{d['clips']} held-out clips x {d['frames_per_clip']} frames at {d['resolution']} px; "
-              f"extractors: {', '.join(sorted({str(v.get('extractor', v)) if isinstance(v, dict) else str(v) for v in d['extractors'].values()}))}."]
+              f"extractors: {', '.join(sorted({str(v.get('extractor', v)) if isinstance(v, dict) else str(v) for v in d['extractors'].values()}))}.",
+              "With 2+ seeds a cell is the mean over training seeds ± their sample SD (n - 1); with one seed, the "
+              "value (IQA ± its 95% interval over clips)."]
+    if partial:
+        lines.append(f"Partially finished: {', '.join(partial)}.")
     if missing:
         lines.append(f"Not finished yet: {', '.join(missing)}.")
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(path: Path, scale: str, points: list, model: str) -> Path:
-    """FVD and Sync-D against one CFG scale (the other fixed), side by side."""
+def csv_table(finished: list) -> str:
+    """One line per (row, seed) with every column, IQA's interval and what the numbers depend on."""
+    columns = list(evaluate.COLUMNS)
+    buffer = io.StringIO()
+    table = csv.writer(buffer)
+    table.writerow(["Method", "seed", *columns, "IQA_ci95", "clips", "frames_per_clip", "resolution", "step"])
+    for row, by_seed in finished:
+        for seed, r in sorted(by_seed.items()):
+            m, d = r["metrics"], r["depends_on"]
+            table.writerow([row["name"], seed, *(m[c] for c in columns), m["IQA_ci95"], d["clips"],
+                            d["frames_per_clip"], d["resolution"], r["step"]])
+    return buffer.getvalue()
+
+
+def best_scale_table(curves: dict, best_by: str, fixed: dict) -> str:
+    """curves {scale: {model: [(value, summary)]}} -> Markdown: per model and swept scale, the point with
+    the best mean `best_by`, with all its columns: each model at its own best scale."""
+    columns, lower = list(evaluate.COLUMNS), evaluate.LOWER_IS_BETTER[best_by]
+    lines = [f"### Each model at its own best scale (best mean {best_by} {'↓' if lower else '↑'} per swept scale)", "",
+             *header(["Model", "swept", "best at", "other scale"], columns, ["seeds"])]
+    for scale, by_model in curves.items():
+        other = next(s for s in SCALE_NAMES if s != scale)
+        for model, points in by_model.items():
+            value, s = (min if lower else max)(points, key=lambda point: point[1][best_by]["mean"])
+            lines.append(f"| {model} | {SCALE_NAMES[scale]} | {value:g} | {SCALE_NAMES[other]} = {fixed[other]:g} | "
+                         + " | ".join(cell(s, c) for c in columns) + f" | {len(s['seeds'])} |")
+    lines += ["", "Cells: mean over training seeds ± sample SD with 2+ seeds; with one seed, the value."]
+    return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [p[0] for p in points]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    return plt
+
+
+def plot_sweep(path: Path, scale: str, curves: dict) -> Path:
+    """FVD and Sync-D against one CFG scale (the other fixed), side by side; curves {model: [(value,
+    summary)]}: one line per model, the mean over seeds, error bars the SD with 2+ seeds."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, metric in zip(axes, ("FVD", "Sync-D")):
-        ax.plot(x, [p[1][metric] for p in points], marker="o")
+        for model, points in curves.items():
+            sd = [np.nan if s[metric]["sd"] is None else s[metric]["sd"] for _, s in points]  # no bar: one seed
+            ax.errorbar([v for v, _ in points], [s[metric]["mean"] for _, s in points], marker="o", capsize=3,
+                        yerr=sd, label=model)
         ax.set_xlabel(f"{'audio' if scale == 'audio_scale' else 'reference'} CFG scale {SCALE_NAMES[scale]}")
         ax.set_ylabel(f"{metric} (lower is better)")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{model}: {SCALE_NAMES[scale]} swept")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{SCALE_NAMES[scale]} swept (mean over training seeds; bars: SD with 2+ seeds)")
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=DPI)
     plt.close(fig)
     return write_atomic(path, buffer.getvalue())
+
+
+def read_clip_png(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """evaluate's <tag>-<key>.png, (2H, T H, 3): real frames above generated, T square frames side by side
+    -> (real, generated), each (T, H, H, 3) uint8."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"))
+    h = image.shape[0] // 2
+    return tuple(half.reshape(h, -1, h, 3).transpose(1, 0, 2, 3) for half in (image[:h], image[h:]))
+
+
+def frames_png(strips: list[tuple[str, np.ndarray]]) -> bytes:
+    """[(label, frames (T, H, W, 3) uint8)] -> PNG: a strip per entry of every FRAME_STRIDE-th frame side by
+    side, each upscaled by nearest neighbour to >= FRAME_MIN_PX, its label in a LABEL_PX column on the left.
+    Size: (LABEL_PX + widest strip) x sum(strip height + STRIP_GAP_PX) px."""
+    plt = pyplot()
+    images = []
+    for label, frames in strips:
+        up = max(1, math.ceil(FRAME_MIN_PX / min(frames.shape[1:3])))
+        strip = np.concatenate(list(frames[::FRAME_STRIDE]), axis=1)  # (H, T' W, 3)
+        images.append((label, strip.repeat(up, axis=0).repeat(up, axis=1)))
+    width = LABEL_PX + max(image.shape[1] for _, image in images)
+    height = sum(image.shape[0] + STRIP_GAP_PX for _, image in images)
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
+    bottom = height
+    for label, image in images:  # figimage draws the pixels as they are, at a pixel offset from the bottom left
+        bottom -= image.shape[0] + STRIP_GAP_PX
+        fig.figimage(image, xo=LABEL_PX, yo=bottom + STRIP_GAP_PX // 2, origin="upper")
+        fig.text(6 / width, (bottom + STRIP_GAP_PX // 2 + image.shape[0] / 2) / height,
+                 textwrap.fill(label, LABEL_CHARS), ha="left", va="center", fontsize=11)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="fada ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="an ablation YAML (bundled: tables/distillers.yaml, "
                    "tables/mixed.yaml, tables/cfg.yaml, tables/cfg_sweep.yaml)")
-    p.add_argument("--quick", action="store_true", help="two rows, few steps, few clips (into <out>-quick)")
+    p.add_argument("--quick", action="store_true", help="two rows, seed 0, few steps, few clips (into <out>-quick)")
     p.add_argument("--row", action="append", help="run only this row (repeatable); its dependencies must be finished")
-    p.add_argument("--collect", action="store_true", help="only write the table from the finished rows")
+    p.add_argument("--seed", action="append", type=int, help="run and tabulate only this training seed (repeatable; "
+                   "default: every seed of each row, with --quick seed 0)")
+    p.add_argument("--collect", action="store_true", help="only write the outputs from the finished rows and seeds")
     args = p.parse_args(argv)
     try:
-        ablation = Ablation(load_ablation(args.config), quick=args.quick)
+        ablation = Ablation(load_ablation(args.config), quick=args.quick, seeds=args.seed)
         if not args.collect:
             unknown = sorted(set(args.row or []) - set(ablation.by_name))
             if unknown:
                 raise ValueError(f"no row named {unknown} (rows: {', '.join(ablation.by_name)})")
             for row in ablation.rows:
                 if not args.row or row["name"] in args.row:
-                    ablation.run_row(row)
+                    for seed in ablation.seeds(row):
+                        ablation.run_row(row, seed)
         written = ablation.write_outputs()
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fada ablate: {err}") from None

@@ -1,7 +1,10 @@
 """Callbacks the bundled configs use."""
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import math
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class FinalCheckpoint(ModelCheckpoint):
@@ -31,3 +34,52 @@ class FinalCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and trainer.global_step > self._last_global_step_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class Plateau(Callback):
+    """Stops a run once its held-out `monitor` has plateaued: `patience` validations in a row none of
+    which improved on the best so far by `min_rel_delta` of it. `trainer.max_steps` stays the cap.
+
+    One rule for every row of an ablation gives each model the budget its own loss asks for, rather
+    than a fixed step count that undertrains one method and overtrains another. `history` keeps
+    (step, value) of every validation; it and the count survive a resume (the checkpoint's callback state).
+    """
+
+    def __init__(self, monitor: str = "val/loss", patience: int = 3, min_rel_delta: float = 0.01, min_steps: int = 0):
+        super().__init__()
+        if patience < 1 or min_rel_delta < 0:
+            raise ValueError(f"Plateau needs patience >= 1 and min_rel_delta >= 0, got {patience}, {min_rel_delta}")
+        self.monitor, self.patience, self.min_rel_delta, self.min_steps = monitor, patience, min_rel_delta, min_steps
+        self.best: float | None = None
+        self.waited = 0
+        self.history: list[tuple[int, float]] = []
+        self.stopped_at: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise KeyError(f"Plateau monitors {self.monitor!r}, which the validation did not log (logged: "
+                           f"{', '.join(sorted(trainer.callback_metrics)) or 'nothing'})")
+        value, step = float(trainer.callback_metrics[self.monitor]), trainer.global_step
+        self.history.append((step, value))
+        if self.best is None or value < self.best - self.min_rel_delta * abs(self.best):
+            self.best, self.waited = value, 0
+        else:
+            self.waited += 1
+        plateaued = (self.waited >= self.patience or not math.isfinite(value)) and step >= self.min_steps
+        if trainer.strategy.reduce_boolean_decision(plateaued, all=False):
+            trainer.should_stop, self.stopped_at = True, step
+            rank_zero_info(f"[fada] {self.monitor} has plateaued at {self.best:.5g} (no {self.min_rel_delta:.0%} gain "
+                           f"in {self.waited} validations): stopping at step {step}")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "waited": self.waited, "history": self.history, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best, self.waited, self.stopped_at = state_dict["best"], state_dict["waited"], state_dict["stopped_at"]
+        self.history = [tuple(h) for h in state_dict["history"]]

@@ -4,6 +4,7 @@
     fada fit --config teacher.yaml --print_config
     fada sample --ckpt CKPT --image face.png --audio speech.wav -o out.mp4
     fada evaluate --ckpt CKPT                 # FID, FVD, Sync-D/C, E-FID, IQA, NFE-D on held-out clips
+    fada curve runs/teacher/tb/run            # every kept checkpoint evaluated: metrics against steps
     fada ablate --config tables/distillers.yaml
     fada prepare raw_videos/ --out shards/    # videos -> face clips scored and tiered, shards + manifest
     fada cache SHARDS --preset sd15 --out cached/   # add VAE latents + audio features to shards
@@ -38,6 +39,7 @@ LIGHTNING_COMMANDS = {
 TOOLS = {
     "sample": ("fada_lightning.sample:main", "a talking-head mp4 from a checkpoint, one face image and one audio file"),
     "evaluate": ("fada_lightning.evaluate:main", "FID, FVD, Sync-D/C, E-FID, IQA and NFE-D of a checkpoint on held-out clips"),
+    "curve": ("fada_lightning.curve:main", "a run's held-out curve: every kept checkpoint evaluated, then plotted"),
     "ablate": ("fada_lightning.ablate:main", "train and evaluate every row of an ablation table (resumable)"),
     "prepare": ("datamodules.prepare.run:main", "raw talking videos -> quality-scored strict and lenient shards"),
     "cache": ("datamodules.cache:main", "add VAE latents and audio features to shards, so training decodes nothing"),

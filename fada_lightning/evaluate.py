@@ -12,6 +12,7 @@ the generated frames (no reference); NFE-D = denoising-network calls per clip wi
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -129,7 +130,8 @@ def evaluate(ckpt: str, evaluator: VideoEvaluator, clips: int = 100, frames: int
     data: {"shards": held-out shards} or {"synthetic": {"root", "seed"}} (the world's test split).
     steps / ref_scale / audio_scale / eta: the sampler's, default the model's own.
     out: the JSON file (default <run>/eval/<ckpt name>[-tag].json); `videos` sample clips go beside it
-    as mp4 and to TensorBoard (truth above sample), with every metric as eval/<name> at the ckpt's step.
+    as mp4 and lossless PNG, and to TensorBoard (truth above sample), with every metric as eval/<name>
+    at the ckpt's step.
     """
     began = time.perf_counter()
     ckpt_path = Path(ckpt)
@@ -180,7 +182,9 @@ def evaluate(ckpt: str, evaluator: VideoEvaluator, clips: int = 100, frames: int
 
 
 def _log(out_path: Path, ckpt_path: Path, result: dict, samples: list) -> None:
-    """Metrics as eval/<name> scalars in the run's TensorBoard, sample clips there and as mp4 beside the JSON."""
+    """Metrics as eval/<name> scalars in the run's TensorBoard, sample clips there and beside the JSON as mp4
+    (with sound, lossy) and as <tag>-<key>.png (lossless, native size: real frames above generated ones)."""
+    from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 
     tag = out_path.stem
@@ -191,6 +195,9 @@ def _log(out_path: Path, ckpt_path: Path, result: dict, samples: list) -> None:
     for i, (key, real, fake, wav) in enumerate(samples):
         strip = torch.cat(list(torch.cat([real, fake], dim=-2)), dim=-1)  # (3, 2H, T W): truth above sample
         writer.add_image(f"{prefix}/truth_over_sample/{i}", (strip.clamp(-1, 1) + 1) / 2, result["step"])
+        png = io.BytesIO()
+        Image.fromarray(to_uint8(strip).permute(1, 2, 0).numpy()).save(png, format="PNG")  # (2H, T W, 3) uint8
+        write_atomic(out_path.parent / f"{tag}-{key}.png", png.getvalue())
         frames = to_uint8(fake).permute(0, 2, 3, 1).numpy()
         write_mp4(out_path.parent / f"{tag}-{key}.mp4", frames, wav.numpy())
     writer.close()

@@ -1,5 +1,6 @@
-"""`fada ablate` and `fada evaluate`: every ablation YAML loads and its rows resolve as `fada fit` configs,
-bad specs are clear errors, NFE-D is counted, and a quick ablation runs end to end and resumes."""
+"""`fada ablate` and `fada evaluate`: every ablation YAML loads and its rows resolve as `fada fit` configs
+(seed included), bad specs are clear errors, seeds aggregate to mean ± SD, sweeps expand per model, NFE-D is
+counted, and a quick ablation runs end to end at two seeds and resumes."""
 import json
 
 import pytest
@@ -24,11 +25,18 @@ def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, c
         if "fit" not in row:
             assert row["checkpoint_of"] in {r["name"] for r in spec["rows"]}
             continue
+        seed = row["seeds"] - 1  # the last seed: 0 is every default
         with pytest.raises(SystemExit) as done:  # the very command line `fada ablate` runs, printed instead
-            fada([*ablation.fit_args(row), "--print_config"])
+            fada([*ablation.fit_args(row, seed), "--print_config"])
         assert done.value.code in (0, None), row["name"]
         printed = yaml.safe_load(capsys.readouterr().out)
-        assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(ablation.run_dir(row))
+        assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(ablation.run_dir(row, seed))
+        assert ablation.run_dir(row, seed).name == f"seed{seed}"
+        assert (printed["seed_everything"], printed["data"]["init_args"]["seed"]) == (seed, seed), row["name"]
+        if "teacher" in row:  # seed s distils the teacher's seed s
+            assert printed["model"]["init_args"]["teacher_ckpt"] == str(ablation.checkpoint(
+                ablation.by_name[row["teacher"]], seed))
+            assert f"/seed{seed}/" in printed["model"]["init_args"]["teacher_ckpt"]
         for key, value in row["overrides"].items():  # each override lands where its dotted key says
             found = printed
             for part in key.split("."):
@@ -36,12 +44,34 @@ def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, c
             assert found == value, (row["name"], key, found)
 
 
-def test_the_sweep_expands_into_evaluation_rows_of_one_checkpoint():
+def test_the_sweep_expands_into_evaluation_rows_of_each_model():
     spec = ablate.load_ablation("tables/cfg_sweep.yaml")
+    models = ["Teacher A (strict)", "CFG time embed", "CFG layer", "FADA-Fast"]
+    assert spec["sweep"]["models"] == models and spec["sweep"]["best_by"] == "FVD"
     sweep = [row for row in spec["rows"] if "sweep" in row]
-    assert len(sweep) == 7 + 5 and all(row["checkpoint_of"] == "FADA-Fast" for row in sweep)
-    assert {(r["evaluate"]["ref_scale"], r["evaluate"]["audio_scale"]) for r in sweep if r["sweep"] == "ref_scale"} == \
-        {(s, 6.5) for s in (1.0, 1.5, 2.0, 2.5, 3.0)}
+    assert [row["checkpoint_of"] for row in sweep] == [m for m in models for _ in range(7 + 5)]
+    for model in models:
+        points = [r for r in sweep if r["checkpoint_of"] == model]
+        assert {(r["evaluate"]["ref_scale"], r["evaluate"]["audio_scale"]) for r in points if r["sweep"] == "ref_scale"} \
+            == {(s, 6.5) for s in (1.0, 1.5, 2.0, 2.5, 3.0)}
+        assert f"{model} s_a=6.5" in [r["name"] for r in points] and all(r["seeds"] == 2 for r in points)
+    # a teacher's sweep points are references (out of the bold), the students' are not
+    assert {r["checkpoint_of"] for r in sweep if r.get("reference")} == {"Teacher A (strict)"}
+    # the rows train once: the same run folders as tables/cfg.yaml's rows of the same configs
+    table4 = {tuple(r["fit"]): r.get("run") for r in ablate.load_ablation("tables/cfg.yaml")["rows"]}
+    for row in spec["rows"]:
+        if "fit" in row:
+            assert row["run"] == table4[tuple(row["fit"])], row["name"]
+
+
+def test_a_one_model_sweep_keeps_its_short_form(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"rows": [{"name": "t", "fit": ["teacher.yaml"], "seeds": 3}],
+                                    "sweep": {"model": "t", "fixed": {"ref_scale": 2.0, "audio_scale": 6.5},
+                                              "ref_scale": [1.0, 3.0], "best_by": "Sync-C"}}))
+    spec = ablate.load_ablation(path)
+    assert [(r["name"], r["seeds"]) for r in spec["rows"][1:]] == [("t s_r=1", 3), ("t s_r=3", 3)]
+    assert spec["sweep"]["models"] == ["t"]
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -52,12 +82,79 @@ def test_the_sweep_expands_into_evaluation_rows_of_one_checkpoint():
     ([{"name": "a", "fit": ["teacher.yaml"]}, {"name": "a", "fit": ["teacher.yaml"]}], "repeat"),
     ([{"name": "a", "fit": ["no_such_config.yaml"]}], "no_such_config"),
     ([{"name": "A + B", "Fixed-0": None, "fit": ["teacher.yaml"]}], r"unknown keys \['Fixed-0'\]"),
+    # seed s of a row uses seed s of what it depends on: both rows and both counts named
+    ([{"name": "t", "fit": ["teacher.yaml"], "seeds": 1}, {"name": "s", "fit": ["distill_perflow.yaml"], "teacher": "t",
+                                                           "seeds": 2}],
+     r"row 's' runs 2 seeds but its teacher 't' only 1"),
+    ([{"name": "t", "fit": ["teacher.yaml"], "seeds": 2}, {"name": "e", "checkpoint_of": "t", "seeds": 3}],
+     r"row 'e' runs 3 seeds but its checkpoint_of 't' only 2"),
+    ([{"name": "t", "fit": ["teacher.yaml"], "seeds": 0}], r"row 't': seeds must be a whole number >= 1"),
 ])
 def test_a_bad_ablation_is_one_clear_error(tmp_path, rows, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"rows": rows}))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         ablate.load_ablation(path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"seeds": 2, "rows": [{"name": "t", "fit": ["teacher.yaml"], "seeds": 1},
+                           {"name": "s", "fit": ["distill_perflow.yaml"], "teacher": "t"}]},
+     r"row 's' runs 2 seeds but its teacher 't' only 1.*give 't' seeds: 2 or 's' seeds: 1"),
+    ({"seeds": "two", "rows": [{"name": "t", "fit": ["teacher.yaml"]}]}, r"top-level: seeds must be"),
+    ({"rows": [{"name": "t", "fit": ["teacher.yaml"]}], "sweep": {"model": "t", "models": ["t"]}}, "exactly one of"),
+    ({"rows": [{"name": "t", "fit": ["teacher.yaml"]}],
+      "sweep": {"models": ["t"], "fixed": {"ref_scale": 2.0, "audio_scale": 6.5}, "best_by": "PSNR"}}, "best_by 'PSNR'"),
+    ({"rows": [{"name": "t", "fit": ["teacher.yaml"]}],
+      "sweep": {"models": ["u"], "fixed": {"ref_scale": 2.0, "audio_scale": 6.5}, "ref_scale": [1.0]}},
+     r"row 'u s_r=1': checkpoint_of 'u' is not a row above it"),
+])
+def test_a_bad_seed_count_or_sweep_is_one_clear_error(tmp_path, spec, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=message):
+        ablate.load_ablation(path)
+
+
+def result(seed: int, fvd: float, iqa: float = 0.5) -> dict:
+    metrics = {"NFE-D": 6, "IQA": iqa, "IQA_ci95": 0.1, "Sync-D": 8.0 + seed, "Sync-C": 1.0, "FVD": fvd,
+               "FID": 10.0, "E-FID": 1.0}
+    return {"metrics": metrics, "seed": seed}
+
+
+def test_seeds_aggregate_to_mean_sample_sd_min_and_max():
+    summary = ablate.summarize({2: result(2, 5.0), 0: result(0, 1.0), 1: result(1, 3.0)})
+    assert summary["seeds"] == [0, 1, 2]
+    assert summary["FVD"] == {"mean": 3.0, "sd": 2.0, "min": 1.0, "max": 5.0, "values": [1.0, 3.0, 5.0]}  # ddof 1
+    assert summary["Sync-D"]["values"] == [8.0, 9.0, 10.0] and summary["Sync-D"]["sd"] == 1.0
+    assert summary["NFE-D"] == {"mean": 6.0, "sd": 0.0, "min": 6.0, "max": 6.0, "values": [6.0] * 3}
+    assert set(summary) == {"seeds", *evaluate.COLUMNS, "IQA_ci95"}
+    one = ablate.summarize({0: result(0, 4.0)})
+    assert one["seeds"] == [0] and one["FVD"] == {"mean": 4.0, "sd": None, "min": 4.0, "max": 4.0, "values": [4.0]}
+    assert ablate.cell(one, "IQA") == "0.5 ± 0.1" and ablate.cell(one, "FVD") == "4"  # one seed: IQA's interval
+    assert ablate.cell(summary, "FVD") == "3 ± 2" and ablate.cell(summary, "NFE-D") == "6"
+
+
+def test_each_model_s_best_scale_is_its_own_best_mean(tmp_path):
+    def point(*fvds):  # one sweep point over seeds; IQA = FVD, so the best IQA is the worst FVD
+        return ablate.summarize({s: result(s, fvd, iqa=fvd) for s, fvd in enumerate(fvds)})
+
+    def row(model, value):
+        return {"name": f"{model} s_a={value:g}", "checkpoint_of": model, "sweep": "audio_scale",
+                "evaluate": {"ref_scale": 2.0, "audio_scale": value}}
+
+    summaries = [(row("A", 6.5), point(6, 6)), (row("A", 1.0), point(9, 7)), (row("A", 4.0), point(3, 5)),
+                 ({"name": "A", "fit": []}, point(1, 1)), (row("B", 4.0), point(4, 4)), (row("B", 1.0), point(2, 2))]
+    curves = ablate.sweep_curves(summaries)  # per scale and model, in scale order; non-sweep rows left out
+    assert {scale: {m: [v for v, _ in points] for m, points in by_model.items()} for scale, by_model in curves.items()} \
+        == {"audio_scale": {"A": [1.0, 4.0, 6.5], "B": [1.0, 4.0]}}
+    fixed = {"ref_scale": 2.0, "audio_scale": 6.5}
+    lines = ablate.best_scale_table(curves, "FVD", fixed).splitlines()
+    assert "| A | s_a | 4 | s_r = 2 |" in "\n".join(lines) and "| B | s_a | 1 | s_r = 2 |" in "\n".join(lines)
+    higher = "\n".join(ablate.best_scale_table(curves, "IQA", fixed).splitlines())  # IQA: higher is better
+    assert "| A | s_a | 1 |" in higher and "| B | s_a | 4 |" in higher
+    path = ablate.plot_sweep(tmp_path / "sweep.png", "audio_scale", curves["audio_scale"])  # two lines, SD bars
+    assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_evaluate_counts_nfe_as_the_samplers_do_and_records_what_the_numbers_depend_on(teacher_ckpt, tmp_path):
@@ -80,6 +177,10 @@ def test_evaluate_counts_nfe_as_the_samplers_do_and_records_what_the_numbers_dep
     assert depends["sampler"]["steps"] == 2 and depends["sampler"]["ref_scale"] == 2.5
     assert set(depends["extractors"]) == {"frame_features", "video_features", "expression", "quality", "sync"}
     assert len(saved["per_clip"]) == 3 and list((tmp_path).glob("full-*.mp4"))
+    from PIL import Image
+
+    (png,) = tmp_path.glob("full-*.png")  # lossless: real frames above generated ones, 8 frames of 32 px
+    assert Image.open(png).size == (8 * 32, 2 * 32)
 
 
 def quick_spec(tmp_path) -> dict:
@@ -88,34 +189,57 @@ def quick_spec(tmp_path) -> dict:
     tiny = {"data.init_args.synthetic": data, "data.init_args.val_samples": 2, "trainer.limit_val_batches": 1,
             "model.init_args.clip_frames": 4}
     return {"name": "tiny", "out": str(tmp_path / "ablation"), "eval_overrides": {"data": {"synthetic": {"root": str(tmp_path / "data")}}},
+            "seeds": 2,
             "rows": [{"name": "Teacher", "fit": ["teacher.yaml"], "overrides": {**tiny, "model.init_args.sample_steps": 2},
                       "reference": True},
                      {"name": "Student", "fit": ["distill_perflow.yaml"], "teacher": "Teacher",
                       "overrides": {**{k: v for k, v in tiny.items() if k != "model.init_args.clip_frames"},
-                                    "model.init_args.distiller.init_args.solver_steps": 1}}],
+                                    # 2 windows of 1 step each: 6 NFE, the teacher's, so two seeds cost what one did
+                                    **{f"model.init_args.distiller.init_args.{k}": 1 if k == "solver_steps" else 2
+                                       for k in ("solver_steps", "num_windows", "sample_steps")}}}],
             "sweep": {"model": "Student", "fixed": {"ref_scale": 2.0, "audio_scale": 6.5}, "audio_scale": [1.0, 6.5]},
             "quick": ["Teacher", "Student", "Student s_a=1", "Student s_a=6.5"]}
 
 
 @pytest.mark.slow
-def test_ablate_quick_runs_end_to_end_and_resumes_after_its_first_row(tmp_path, capsys):
+def test_ablate_quick_runs_two_seeds_end_to_end_and_resumes_after_its_first_row(tmp_path, capsys):
+    from PIL import Image
+
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(quick_spec(tmp_path)))
-    ablate.main(["--config", str(path), "--quick", "--row", "Teacher"])
+    seeds = ["--seed", "0", "--seed", "1"]
+    ablate.main(["--config", str(path), "--quick", "--row", "Teacher", *seeds])
     out = tmp_path / "ablation-quick"
-    first = out / "Teacher" / "result.json"
+    first = out / "Teacher" / "seed1" / "result.json"
     stamp = first.stat().st_mtime_ns
     assert "Not finished yet: Student" in (out / "table.md").read_text()
 
-    ablate.main(["--config", str(path), "--quick"])  # picks up where the first call stopped
-    assert "Teacher: finished earlier" in capsys.readouterr().out
+    ablate.main(["--config", str(path), "--quick", *seeds])  # picks up where the first call stopped
+    assert "Teacher (seed 1): finished earlier" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp
     table = (out / "table.md").read_text()
-    assert all(name in table for name in ("Teacher", "Student", "Student s_a=1", "Student s_a=6.5"))
-    header, *lines = (out / "table.csv").read_text().strip().splitlines()
-    assert header.startswith("Method,NFE-D,IQA,Sync-D,Sync-C,FVD,FID,E-FID") and len(lines) == 4
-    assert json.loads((out / "Student_s_a_1" / "result.json").read_text())["depends_on"]["sampler"]["audio_scale"] == 1.0
+    names = ("Teacher", "Student", "Student s_a=1", "Student s_a=6.5")
+    lines = {line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert all(lines[name].endswith(" | 2 |") and " ± " in lines[name] for name in names)  # 2 seeds: mean ± SD
+    header, *rows = (out / "table.csv").read_text().strip().splitlines()
+    assert header.startswith("Method,seed,NFE-D,IQA,Sync-D,Sync-C,FVD,FID,E-FID")
+    assert sorted(line.split(",")[:2] for line in rows) == sorted([name, s] for name in names for s in "01")
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == list(names) and summary["Student"]["seeds"] == [0, 1]
+    assert summary["Student"]["FVD"]["values"] == [json.loads((out / "Student" / f"seed{s}" / "result.json").read_text())
+                                                   ["metrics"]["FVD"] for s in (0, 1)]
+    assert json.loads((out / "Student_s_a_1" / "seed1" / "result.json").read_text())[
+        "depends_on"]["sampler"]["audio_scale"] == 1.0
     assert (out / "sweep_audio_scale.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| Student | s_a |" in (out / "best_scale.md").read_text()
+    # frames.png: real, Teacher, Student (not the sweep rows): 16 frames of 32 px, every 2nd, each at 4 x 32 px
+    frame_px = 4 * 32
+    assert Image.open(out / "frames.png").size == (ablate.LABEL_PX + 16 // ablate.FRAME_STRIDE * frame_px,
+                                                   3 * (frame_px + ablate.STRIP_GAP_PX))
 
-    ablate.main(["--config", str(path), "--quick", "--collect"])  # the table alone, from finished runs
+    # the table alone, from finished runs; a seed gone is a partially finished row
+    (out / "Student_s_a_6.5" / "seed1" / "result.json").rename(tmp_path / "gone.json")
+    ablate.main(["--config", str(path), "--quick", "--collect", *seeds])
     assert "finished earlier" not in capsys.readouterr().out
+    assert "Partially finished: Student s_a=6.5 (1 of 2 seeds)." in (out / "table.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["Student s_a=6.5"]["seeds"] == [0]

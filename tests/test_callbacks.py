@@ -1,9 +1,10 @@
 """FinalCheckpoint: the end of a run is saved even between periodic checkpoints."""
+import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from fada_lightning.callbacks import FinalCheckpoint
+from fada_lightning.callbacks import FinalCheckpoint, Plateau
 
 
 def test_a_run_that_stops_between_checkpoints_still_saves_its_last_step(tmp_path):
@@ -31,3 +32,63 @@ def test_last_checkpoint_is_refreshed_between_kept_checkpoints(tmp_path):
     assert saved_at == [2, 4, 5]           # every 2 steps, then the end of the run
     assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+class Scripted(BoringModel):
+    """Logs val/loss = losses[k] at its k-th validation."""
+
+    def __init__(self, losses):
+        super().__init__()
+        self.losses, self.validations = losses, 0
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.losses[self.validations])
+
+    def on_validation_epoch_end(self):
+        self.validations += 1
+
+
+def plateau_trainer(tmp_path, *callbacks, max_steps=100):
+    return Trainer(max_steps=max_steps, val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1,
+                   num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=any(isinstance(c, FinalCheckpoint) for c in callbacks),
+                   callbacks=list(callbacks), default_root_dir=tmp_path)
+
+
+def test_plateau_stops_after_patience_validations_without_a_relative_gain(tmp_path):
+    # best 1.0 -> 0.5; 0.499 and 0.497 are gains below 1% of 0.5; 0.3 would be one, but comes too late
+    losses = [1.0, 0.5, 0.499, 0.497, 0.3, 0.2]
+    plateau = Plateau(patience=2, min_rel_delta=0.01)
+    plateau_trainer(tmp_path, plateau).fit(Scripted(losses))
+    assert plateau.stopped_at == 20 and plateau.best == 0.5
+    steps, values = zip(*plateau.history)
+    assert steps == (5, 10, 15, 20) and values == pytest.approx(losses[:4])
+
+
+def test_plateau_waits_for_min_steps_and_max_steps_stays_the_cap(tmp_path):
+    plateau = Plateau(patience=1, min_rel_delta=0.01, min_steps=15)
+    plateau_trainer(tmp_path, plateau).fit(Scripted([1.0, 1.0, 1.0, 1.0]))
+    assert plateau.stopped_at == 15
+    still_improving = Plateau(patience=1)
+    trainer = plateau_trainer(tmp_path, still_improving, max_steps=20)
+    trainer.fit(Scripted([1.0, 0.5, 0.25, 0.125]))
+    assert still_improving.stopped_at is None and trainer.global_step == 20
+
+
+def test_plateau_resumes_with_its_count(tmp_path):
+    def checkpoint():
+        return FinalCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=100, save_top_k=-1)
+
+    first = Plateau(patience=2)
+    plateau_trainer(tmp_path, first, checkpoint(), max_steps=15).fit(Scripted([1.0, 0.5, 0.5]))
+    assert first.waited == 1 and first.stopped_at is None
+    second = Plateau(patience=2)  # a killed run's restart: the count goes on from the checkpoint
+    model = Scripted([1.0, 0.5, 0.5, 0.5, 0.1])
+    model.validations = 3
+    plateau_trainer(tmp_path, second, checkpoint()).fit(model, ckpt_path=tmp_path / "last.ckpt")
+    assert second.stopped_at == 20 and second.history[:3] == [(5, 1.0), (10, 0.5), (15, 0.5)]
+
+
+def test_plateau_names_a_metric_the_validation_did_not_log(tmp_path):
+    with pytest.raises(KeyError, match="val/other"):
+        plateau_trainer(tmp_path, Plateau(monitor="val/other")).fit(Scripted([1.0]))
