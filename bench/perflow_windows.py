@@ -4,7 +4,9 @@
 
 Every model samples the same held-out clips (the synthetic world's test split) from the same noise, and
 is scored with `fada evaluate`'s metrics:
-  teacher           the teacher's own sampler: 25 DDIM steps x Eq 9 (75 NFE)
+  teacher           the teacher's own sampler: 25 DDIM steps x Eq 9 (75 NFE), its last step to abar_0
+                    (SD1.5's set_alpha_to_one=False: a residual noise of std sqrt(1 - abar_0) = 0.029)
+  teacher, to x0    the same with the last step to abar = 1 (the clean estimate; set_alpha_to_one=True)
   oracle, guided    the PeRFlow sampler (its steps over 4 windows) fed the window end of the teacher's
                     guided DDIM solve (8 steps of Eq 9) from where it stands: a perfect guided student
   oracle, balanced  the same with each CFG branch solved unguided and Eq 9 applied to the window ends,
@@ -46,7 +48,7 @@ def window_end(z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, num_windows:
     """The PeRFlow step rule's window end z_e_hat from (z, t) and a ddim_eps."""
     t_s, t_e = P.window_bounds(t, num_windows)
     lambda_s, eta_s = P.window_coefficients(abar[P.time_to_index(t_s)], abar[P.time_to_index(t_e)])
-    return P.window_end_estimate(z, eps, t, t_s, t_e, S.expand_like(lambda_s, z), S.expand_like(eta_s, z))
+    return P.window_end_estimate(z, eps, t, t_s, t_e, lambda_s, eta_s)
 
 
 class WindowOracle(nn.Module):
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     oracle_scheduler = PeRFlowScheduler(num_time_windows=k, prediction_type="ddim_eps", **distiller.schedule_config)
     samplers = {  # name -> (net, scheduler, steps, scales)
         "teacher": (teacher_net, teacher.scheduler(), hp.sample_steps, scales),
+        "teacher, to x0": (teacher_net, S.ddim_scheduler(hp.prediction_type, {**teacher.schedule, "set_alpha_to_one": True}),
+                           hp.sample_steps, scales),
         "oracle, guided": (WindowOracle(teacher_net, hp.prediction_type, abar, k, n, scales), oracle_scheduler,
                            distiller.sample_steps, (None, None)),
         "oracle, balanced": (WindowOracle(teacher_net, hp.prediction_type, abar, k, n), oracle_scheduler,

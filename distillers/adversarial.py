@@ -295,6 +295,12 @@ class Adversarial(DMD):
             logs.update(matching_logs)
         return loss, logs
 
+    def held_out_loss(self, student, job: AdversarialTargets) -> torch.Tensor:
+        """mean |G's x - G4's x|^2 for the same noise and conditions: how far G's steps are from what G4's
+        whole chain makes (self-compare's positive). D's and G's losses chase each other and do not settle."""
+        with torch.no_grad():
+            return (self.generator_x0(student, job.z, job.timestep, job.cond) - job.positive).square().mean()
+
     def positive_sides(self, job: AdversarialTargets) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """D's positive sides as (name, clips (B, ...), row weights (B,)): per clip, G4's output at share
         1 - w and the clip itself at share w (`real_weight`) if of a real tier, normalised to 1 per clip and

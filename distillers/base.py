@@ -272,6 +272,12 @@ class Distiller(HyperparametersMixin, nn.Module):
         update's gradients to the network it updates)."""
         return self.loss(student(job.z, job.timestep, job.cond), job)
 
+    def held_out_loss(self, student: nn.Module, job: DistillTargets) -> torch.Tensor:
+        """The number validation logs as val/loss (held-out clips, fixed draws) and a `Plateau` budget
+        watches: by default the student's loss. A distiller whose loss value means little (DMD's) gives
+        the quantity its training drives down instead."""
+        return self.student_loss(student, job)[0]
+
     def network_loss(self, name: str, student: nn.Module, job: DistillTargets) -> tuple[torch.Tensor, dict]:
         """The loss of the distiller's own network `name` (self.networks[name]) for this step's job; the
         student is there to sample from (under no_grad: this update trains `name` only)."""

@@ -239,6 +239,11 @@ class DMD(CFGDistiller):
             logs.update({"gan/g_loss": gan_loss.detach(), "gan/logit_generated": logits.detach().mean()})
         return loss, logs
 
+    def held_out_loss(self, student, job: DMDTargets) -> torch.Tensor:
+        """The mean gap |x0_fake - x0_real| between F's and R's denoised views of G's sample: what DMD's
+        gradient is made of, zero when G's distribution is R's (as far as F has followed G)."""
+        return self.matching_loss(self.sample(student, job), job)[1]["dmd/x0_gap"].mean()
+
     def matching_loss(self, x: torch.Tensor, job: DMDTargets):
         """The DMD loss of G's sample x (B, ...), x noised to job.dmd_t and R's and F's x0 there -> (loss,
         logs, with the GAN head the (B,) logits of x noised, with gradient to x, else None)."""

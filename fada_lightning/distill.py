@@ -337,8 +337,9 @@ class DistillModule(AvatarModule):
             experiment.add_histogram(name, value.detach().float().cpu(), self.global_step)
 
     def held_out_loss(self, batch, batch_idx) -> torch.Tensor:
-        """The distillation loss at fixed t, noise and dropout per batch index."""
-        return self.distillation_loss(batch, torch.Generator(device=self.device).manual_seed(batch_idx))[0]
+        """The distiller's held-out loss (`Distiller.held_out_loss`) at fixed t, noise and dropout per batch index."""
+        job = self.distillation_job(batch, torch.Generator(device=self.device).manual_seed(batch_idx))
+        return self.distiller.held_out_loss(self.net, job)
 
     # ---- sampling --------------------------------------------------------------------------
     def scheduler(self):

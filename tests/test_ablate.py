@@ -37,7 +37,9 @@ def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, c
             assert printed["model"]["init_args"]["teacher_ckpt"] == str(ablation.checkpoint(
                 ablation.by_name[row["teacher"]], seed))
             assert f"/seed{seed}/" in printed["model"]["init_args"]["teacher_ckpt"]
-        for key, value in row["overrides"].items():  # each override lands where its dotted key says
+        plateau = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith(".Plateau")]
+        assert len(plateau) == ("budgets/plateau.yaml" in row["fit"]), row["name"]  # the students' budget rule
+        for key, value in row.get("overrides", {}).items():  # each override lands where its dotted key says
             found = printed
             for part in key.split("."):
                 found = found[part]

@@ -142,6 +142,10 @@ def test_the_job_starts_g_on_g4s_chain_and_the_positive_is_its_end(teacher_ckpt)
     torch.testing.assert_close(out, job.positive[last], rtol=1e-5, atol=1e-5)
     first = (k == 0).nonzero()[:, 0]
     assert first.numel() and not (job.z[first] == job.positive[first]).all()
+    with torch.no_grad():  # val/loss: G's x against G4's, zero on the clips at G4's last step only
+        gap = distiller.generator_x0(model.net, job.z, job.timestep, job.cond) - job.positive
+        assert float(distiller.held_out_loss(model.net, job)) == pytest.approx(float(gap.square().mean()))
+    assert float(gap[last].abs().max()) < 1e-5 and float(gap[first].square().mean()) > 1e-4
 
 
 def test_the_student_starts_from_a_stage_one_checkpoint(teacher_ckpt, shards, tmp_path):

@@ -18,7 +18,7 @@ from fada_lightning.video_io import encode_wav, write_atomic
 
 FADA = str(Path(sys.executable).with_name("fada"))
 RUN_CONFIGS = sorted(str(p.relative_to(bundled_config_dir())) for p in bundled_config_dir().rglob("*.yaml")
-                     if not {"presets", "table_rows", "tables", "eval", "strategies", "prepare"} & set(p.relative_to(bundled_config_dir()).parts))
+                     if not {"presets", "table_rows", "tables", "eval", "strategies", "prepare", "budgets"} & set(p.relative_to(bundled_config_dir()).parts))
 PRESETS = sorted(p.stem for p in (bundled_config_dir() / "presets").glob("*.yaml"))
 
 

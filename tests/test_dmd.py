@@ -184,12 +184,26 @@ def test_equal_scores_at_scale_one_give_the_generator_no_gradient(teacher_ckpt):
     model.load_teacher()
     loss, logs = model.distillation_loss(random_batch(), torch.Generator().manual_seed(0))
     assert float(logs["dmd/x0_gap"].abs().max()) < 1e-5  # Eq 9 at (1, 1) differs from one pass by rounding only
+    with torch.no_grad():  # the held-out loss (val/loss) is that gap, not the DMD loss's value
+        assert float(model.held_out_loss(random_batch(), 0)) < 1e-5
     loss.backward()
     zero = max(float(p.grad.abs().max()) for p in model.net.parameters() if p.grad is not None)
     guided = DistillModule(teacher_ckpt, DMD(), ema_decay=None)  # the default scales, for scale
     guided.load_teacher()
     guided.distillation_loss(random_batch(), torch.Generator().manual_seed(0))[0].backward()
     assert zero < 1e-4 * max(float(p.grad.abs().max()) for p in guided.net.parameters() if p.grad is not None)
+
+
+def test_the_held_out_loss_is_the_gap_between_the_real_and_fake_scores(teacher_ckpt):
+    """At the default scales R (guided) and F (the teacher's copy, unguided) differ: val/loss is their mean
+    x0 gap on G's sample, the same for the same draws, and unlike the DMD loss it owes nothing to its normaliser."""
+    model = DistillModule(teacher_ckpt, DMD(), ema_decay=None)
+    model.load_teacher()
+    batch = random_batch()
+    with torch.no_grad():
+        gap = float(model.held_out_loss(batch, 3))
+        _, logs = model.distillation_loss(batch, torch.Generator().manual_seed(3))
+    assert gap > 1e-3 and gap == pytest.approx(float(logs["dmd/x0_gap"].mean()), rel=1e-5)
 
 
 def test_dmd_refuses_settings_it_cannot_train():
