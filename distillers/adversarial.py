@@ -297,7 +297,9 @@ class Adversarial(DMD):
 
     def held_out_loss(self, student, job: AdversarialTargets) -> torch.Tensor:
         """mean |G's x - G4's x|^2 for the same noise and conditions: how far G's steps are from what G4's
-        whole chain makes (self-compare's positive). D's and G's losses chase each other and do not settle."""
+        whole chain makes (self-compare's positive), each clip from the step `step_schedule` draws now (pure
+        noise once a progressive ramp is over: watch it after the ramp). D's and G's losses chase each other
+        and do not settle."""
         with torch.no_grad():
             return (self.generator_x0(student, job.z, job.timestep, job.cond) - job.positive).square().mean()
 

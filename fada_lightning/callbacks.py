@@ -71,10 +71,12 @@ class Plateau(Callback):
             self.best, self.waited = value, 0
         else:
             self.waited += 1
-        plateaued = (self.waited >= self.patience or not math.isfinite(value)) and step >= self.min_steps
+        diverged = not math.isfinite(value)  # stops at once: nothing after it can improve on the best
+        plateaued = diverged or (self.waited >= self.patience and step >= self.min_steps)
         if trainer.strategy.reduce_boolean_decision(plateaued, all=False):
             trainer.should_stop, self.stopped_at = True, step
-            rank_zero_info(f"[fada] {self.monitor} has plateaued at {self.best:.5g} (no {self.min_rel_delta:.0%} gain "
+            rank_zero_info(f"[fada] {self.monitor} is {value} at step {step}: stopping" if diverged else
+                           f"[fada] {self.monitor} has plateaued at {self.best:.5g} (no {self.min_rel_delta:.0%} gain "
                            f"in {self.waited} validations): stopping at step {step}")
 
     def state_dict(self) -> dict:

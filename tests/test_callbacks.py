@@ -89,6 +89,12 @@ def test_plateau_resumes_with_its_count(tmp_path):
     assert second.stopped_at == 20 and second.history[:3] == [(5, 1.0), (10, 0.5), (15, 0.5)]
 
 
+def test_plateau_stops_a_run_whose_loss_is_not_finite_even_before_min_steps(tmp_path):
+    plateau = Plateau(patience=5, min_steps=50)
+    plateau_trainer(tmp_path, plateau).fit(Scripted([1.0, float("nan"), 0.5]))
+    assert plateau.stopped_at == 10
+
+
 def test_plateau_names_a_metric_the_validation_did_not_log(tmp_path):
     with pytest.raises(KeyError, match="val/other"):
         plateau_trainer(tmp_path, Plateau(monitor="val/other")).fit(Scripted([1.0]))
