@@ -41,7 +41,9 @@ class Plateau(Callback):
     which improved on the best so far by `min_rel_delta` of it. `trainer.max_steps` stays the cap.
 
     One rule for every row of an ablation gives each model the budget its own loss asks for, rather
-    than a fixed step count that undertrains one method and overtrains another. `history` keeps
+    than a fixed step count that undertrains one method and overtrains another. Lightning's EarlyStopping
+    takes an absolute min_delta; the distillers' losses differ by orders of magnitude (PeRFlow's eps error
+    ~2e-3, DMD's x0 gap ~1e-1), so one rule for all needs a relative gain. `history` keeps
     (step, value) of every validation; it and the count survive a resume (the checkpoint's callback state).
     """
 
