@@ -42,8 +42,9 @@ class Plateau(Callback):
 
     One rule for every row of an ablation gives each model the budget its own loss asks for, rather
     than a fixed step count that undertrains one method and overtrains another. Lightning's EarlyStopping
-    takes an absolute min_delta; the distillers' losses differ by orders of magnitude (PeRFlow's eps error
-    ~2e-3, DMD's x0 gap ~1e-1), so one rule for all needs a relative gain. `history` keeps
+    takes an absolute min_delta; the distillers' held-out losses are on different scales (PeRFlow's eps
+    error was ~2e-3 at micro size, DMD's is an x0 gap, the adversarial stage's a squared x0 distance),
+    so one rule for all needs a relative gain. `history` keeps
     (step, value) of every validation; it and the count survive a resume (the checkpoint's callback state).
     """
 
