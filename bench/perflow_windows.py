@@ -34,21 +34,24 @@ from fada_lightning.metrics import synthetic
 from fada_lightning.sample import load_module
 
 
-def eps_landing_on(z: torch.Tensor, z_e: torch.Tensor, t: torch.Tensor, num_windows: int, abar: torch.Tensor):
-    """The ddim_eps whose PeRFlow step from (z, t) lands on z_e: `window_end_estimate` solved for eps.
-    z, z_e (B, ...); t (B,) float64; abar (T,) float64."""
+def end_coefficients(t: torch.Tensor, num_windows: int, abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lambda_t, eta_t) (B,) of the PeRFlow step rule at t (B,) float64: z_e_hat = lambda_t z + eta_t eps."""
     t_s, t_e = P.window_bounds(t, num_windows)
     lambda_s, eta_s = P.window_coefficients(abar[P.time_to_index(t_s)], abar[P.time_to_index(t_e)])
     d = lambda_s * (t - t_s) + (t_e - t)
-    lambda_t, eta_t = lambda_s * (t_e - t_s) / d, eta_s * (t_e - t) / d
-    return (z_e - S.expand_like(lambda_t, z) * z) / S.expand_like(eta_t, z)
+    return lambda_s * (t_e - t_s) / d, eta_s * (t_e - t) / d
 
 
 def window_end(z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, num_windows: int, abar: torch.Tensor):
-    """The PeRFlow step rule's window end z_e_hat from (z, t) and a ddim_eps."""
-    t_s, t_e = P.window_bounds(t, num_windows)
-    lambda_s, eta_s = P.window_coefficients(abar[P.time_to_index(t_s)], abar[P.time_to_index(t_e)])
-    return P.window_end_estimate(z, eps, t, t_s, t_e, lambda_s, eta_s)
+    """The PeRFlow step rule's window end z_e_hat from (z, t) and a ddim_eps; z, eps (B, ...)."""
+    lambda_t, eta_t = end_coefficients(t, num_windows, abar)
+    return S.expand_like(lambda_t, z) * z + S.expand_like(eta_t, z) * eps
+
+
+def eps_landing_on(z: torch.Tensor, z_e: torch.Tensor, t: torch.Tensor, num_windows: int, abar: torch.Tensor):
+    """The ddim_eps whose PeRFlow step from (z, t) lands on z_e: `window_end` solved for eps."""
+    lambda_t, eta_t = end_coefficients(t, num_windows, abar)
+    return (z_e - S.expand_like(lambda_t, z) * z) / S.expand_like(eta_t, z)
 
 
 class WindowOracle(nn.Module):
