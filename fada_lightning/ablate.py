@@ -1,6 +1,7 @@
 """`fada ablate`: train and evaluate every row of an ablation at each training seed, then write the table
-(Markdown, CSV: mean ± SD over seeds), summary.json, frames.png (a clip's frames, row by row) and, for
-CFG sweeps, PNG plots of FVD and Sync-D against each scale (FADA's Figures 3 and 4) and best_scale.md.
+(Markdown, CSV: mean ± SD over seeds), summary.json, frames.png (a clip's frames, row by row), losses.png
+(each trained row's held-out loss against its step) and, for CFG sweeps, PNG plots of FVD and Sync-D
+against each scale (FADA's Figures 3 and 4) and best_scale.md.
 
     fada ablate --config tables/distillers.yaml            # every row and seed, in order; finished ones are skipped
     fada ablate --config tables/distillers.yaml --quick    # two rows, seed 0, few steps: a first look, and CI's check
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import cli, evaluate
+from . import cli, curve, evaluate
 from .presets import find_config
 from .video_io import write_atomic
 
@@ -158,10 +159,14 @@ class Ablation:
             return self.out / slug(row["name"]) / f"seed{seed}"
         return Path(row["run"] + ("-quick" if self.quick else "")) / f"seed{seed}"
 
+    def tensorboard(self, row: dict, seed: int) -> Path:
+        """The training run's folder (TensorBoard events, checkpoints/) of a row with `fit`."""
+        return self.run_dir(row, seed) / "tb" / "run"
+
     def checkpoint(self, row: dict, seed: int) -> Path:
         if "checkpoint_of" in row:
             return self.checkpoint(self.by_name[row["checkpoint_of"]], seed)
-        return self.run_dir(row, seed) / "tb" / "run" / "checkpoints" / "last.ckpt"
+        return self.tensorboard(row, seed) / "checkpoints" / "last.ckpt"
 
     def result(self, row: dict, seed: int) -> dict | None:
         path = self.run_dir(row, seed) / "result.json"
@@ -174,14 +179,16 @@ class Ablation:
         if done is not None:
             print(f"[ablate] {label}: finished earlier ({self.run_dir(row, seed) / 'result.json'}), skipped")
             return done
-        began = time.perf_counter()
         if "fit" in row:
             self.train(row, seed)
         elif not self.checkpoint(row, seed).exists():
             raise FileNotFoundError(f"row {row['name']!r} evaluates {row['checkpoint_of']!r}'s checkpoint "
                                     f"{self.checkpoint(row, seed)}, which is not trained yet: run that row first")
+        began = time.perf_counter()
         result = self.evaluate(row, seed)
-        result.update(row=row["name"], seed=seed, seconds_row=round(time.perf_counter() - began, 1))
+        trained = curve.training_seconds(self.tensorboard(row, seed)) if "fit" in row else 0.0
+        result.update(row=row["name"], seed=seed, seconds_train=round(trained, 1),
+                      seconds_eval=round(time.perf_counter() - began, 1))
         write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
         print(f"[ablate] {label}: {evaluate.format_metrics(result)}")
         return result
@@ -237,8 +244,8 @@ class Ablation:
 
     # ---- the outputs -----------------------------------------------------------------------------
     def write_outputs(self) -> list[Path]:
-        """table.md, table.csv, summary.json, frames.png and, with a sweep, one PNG per swept scale and
-        best_scale.md, from the finished rows and seeds (of those asked: every seed, or --seed's)."""
+        """table.md, table.csv, summary.json, frames.png, losses.png and, with a sweep, one PNG per swept
+        scale and best_scale.md, from the finished rows and seeds (of those asked: every seed, or --seed's)."""
         runs = [(row, {s: r for s in self.seeds(row) if (r := self.result(row, s)) is not None}) for row in self.rows]
         finished = [(row, by_seed) for row, by_seed in runs if by_seed]
         if not finished:
@@ -260,6 +267,11 @@ class Ablation:
             sweep = self.spec["sweep"]
             written.append(write_atomic(self.out / "best_scale.md",
                                         best_scale_table(curves, sweep["best_by"], sweep["fixed"]).encode()))
+        losses = {row["name"]: {s: loss for s in by_seed if (loss := curve.held_out_loss(self.tensorboard(row, s)))}
+                  for row, by_seed in finished if "fit" in row}
+        if any(losses.values()):
+            written.append(plot_losses(self.out / "losses.png", {name: by_seed for name, by_seed in losses.items()
+                                                                  if by_seed}))
         strips = self.frame_strips(finished)
         if strips:
             written.append(write_atomic(self.out / "frames.png", frames_png(strips)))
@@ -280,11 +292,14 @@ class Ablation:
 
 
 def summarize(by_seed: dict[int, dict]) -> dict:
-    """{seed: result} -> {"seeds": [...], column: {"mean", "sd", "min", "max", "values"}} for every column of
-    evaluate.COLUMNS and IQA_ci95; sd is the sample standard deviation over seeds (n - 1 in the
-    denominator), None with one seed."""
+    """{seed: result} -> {"seeds": [...], "steps": [...], "seconds": {"train", "eval"}, column: {"mean", "sd",
+    "min", "max", "values"}} for every column of evaluate.COLUMNS and IQA_ci95: steps are the evaluated
+    checkpoints' training steps, seconds the wall time summed over seeds; sd is the sample standard
+    deviation over seeds (n - 1 in the denominator), None with one seed."""
     seeds = sorted(by_seed)
-    summary: dict = {"seeds": seeds}
+    summary: dict = {"seeds": seeds, "steps": [int(by_seed[s]["step"]) for s in seeds],
+                     "seconds": {part: sum(by_seed[s].get(f"seconds_{part}", 0.0) for s in seeds)
+                                 for part in ("train", "eval")}}
     for column in (*evaluate.COLUMNS, "IQA_ci95"):
         values = [float(by_seed[s]["metrics"][column]) for s in seeds]
         summary[column] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
@@ -314,6 +329,12 @@ def cell(summary: dict, column: str) -> str:
     return f"{stats['mean']:.4g}" + (f" ± {summary['IQA_ci95']['mean']:.2g}" if column == "IQA" else "")
 
 
+def steps_cell(summary: dict) -> str:
+    """The training steps of the evaluated checkpoints: one number, or the range over seeds."""
+    low, high = min(summary["steps"]), max(summary["steps"])
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
 def header(first: list[str], columns: list[str], last: list[str]) -> list[str]:
     """A Markdown table's header and alignment lines: `first` text columns, metric columns with their arrows."""
     arrows = [f"{c} {'↓' if evaluate.LOWER_IS_BETTER[c] else '↑'}" for c in columns]
@@ -331,15 +352,19 @@ def markdown_table(title: str, summaries: list, depends_on: dict, missing: list[
         if means:
             best[c] = min(means) if evaluate.LOWER_IS_BETTER[c] else max(means)
     lines = [f"### {title}" + (" (quick profile: a smoke test, not a result)" if quick else ""), "",
-             *header(["Method"], columns, ["seeds"])]
+             *header(["Method"], columns, ["steps", "seeds"])]
     for row, s in summaries:
         cells = [f"**{cell(s, c)}**" if best.get(c) == s[c]["mean"] else cell(s, c) for c in columns]
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {len(s['seeds'])} |")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {steps_cell(s)} | {len(s['seeds'])} |")
     d = depends_on
     lines += ["", f"{d['clips']} held-out clips x {d['frames_per_clip']} frames at {d['resolution']} px; "
               f"extractors: {', '.join(sorted({str(v.get('extractor', v)) if isinstance(v, dict) else str(v) for v in d['extractors'].values()}))}.",
               "With 2+ seeds a cell is the mean over training seeds ± their sample SD (n - 1); with one seed, the "
-              "value (IQA ± its 95% interval over clips)."]
+              "value (IQA ± its 95% interval over clips). steps: the evaluated checkpoint's training step (the "
+              "range over seeds).",
+              "Wall time of these runs on this machine: training {:.2f} h, evaluation {:.2f} h (a run shared with "
+              "another table is counted in each).".format(*(sum(s["seconds"][part] for _, s in summaries) / 3600
+                                                           for part in ("train", "eval")))]
     if partial:
         lines.append(f"Partially finished: {', '.join(partial)}.")
     if missing:
@@ -402,6 +427,32 @@ def plot_sweep(path: Path, scale: str, curves: dict) -> Path:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{SCALE_NAMES[scale]} swept (mean over training seeds; bars: SD with 2+ seeds)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    plt.close(fig)
+    return write_atomic(path, buffer.getvalue())
+
+
+def plot_losses(path: Path, losses: dict) -> Path:
+    """The held-out loss (`val/loss`) of each trained row against its training step, a panel per row and a
+    line per seed; losses {row name: {seed: [(step, value)]}}. A line's last point is where that run stopped."""
+    plt = pyplot()
+    cols = min(4, len(losses))
+    rows = math.ceil(len(losses) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, by_seed) in zip(axes.flat, losses.items()):
+        for seed, points in sorted(by_seed.items()):
+            ax.plot(*zip(*points), marker=".", markersize=3, label=f"seed {seed}")
+        ax.set_yscale("log")
+        ax.set_title(textwrap.fill(name, 40), fontsize=8)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(losses):]:
+        ax.axis("off")
+    fig.suptitle("held-out loss (val/loss) of each trained row; each line ends where its run stopped", fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)

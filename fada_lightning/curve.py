@@ -36,17 +36,32 @@ def kept_checkpoints(run: Path, every: int = 0) -> list[tuple[int, Path]]:
     return [(step, path) for step, path in found if not every or step % every == 0]
 
 
-def held_out_loss(run: Path, tag: str = "val/loss") -> list[tuple[int, float]]:
-    """(step, value) of a scalar in the run's TensorBoard event files; [] when it has none."""
+def event_files(run: Path, tag: str) -> list:
+    """The run's TensorBoard event files (one per start or resume) that hold the scalar `tag`, in file
+    order, each loaded (an EventAccumulator)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    points = {}
+    found = []
     for events in sorted(run.glob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         if tag in accumulator.Tags().get("scalars", []):
-            points.update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return sorted(points.items())
+            found.append(accumulator)
+    return found
+
+
+def held_out_loss(run: Path, tag: str = "val/loss") -> list[tuple[int, float]]:
+    """(step, value) of a scalar in the run's TensorBoard event files (a resumed step: its last value); []
+    when it has none."""
+    return sorted({e.step: e.value for file in event_files(run, tag) for e in file.Scalars(tag)}.items())
+
+
+def training_seconds(run: Path, tag: str = "epoch") -> float:
+    """The run's training wall time (validation included): from each event file's opening to its last
+    `epoch` scalar (which Lightning logs with every training and validation log), summed over the run's
+    starts and resumes; a killed run counts up to its last log."""
+    return sum(max(e.wall_time for e in file.Scalars(tag)) - file.FirstEventTimestamp()
+               for file in event_files(run, tag))
 
 
 def evaluate_checkpoints(run: Path, checkpoints: list[tuple[int, Path]], eval_args: list[str],

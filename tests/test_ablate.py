@@ -121,7 +121,7 @@ def test_a_bad_seed_count_or_sweep_is_one_clear_error(tmp_path, spec, message):
 def result(seed: int, fvd: float, iqa: float = 0.5) -> dict:
     metrics = {"NFE-D": 6, "IQA": iqa, "IQA_ci95": 0.1, "Sync-D": 8.0 + seed, "Sync-C": 1.0, "FVD": fvd,
                "FID": 10.0, "E-FID": 1.0}
-    return {"metrics": metrics, "seed": seed}
+    return {"metrics": metrics, "seed": seed, "step": 100 + seed, "seconds_train": 60.0, "seconds_eval": 30.0}
 
 
 def test_seeds_aggregate_to_mean_sample_sd_min_and_max():
@@ -130,10 +130,13 @@ def test_seeds_aggregate_to_mean_sample_sd_min_and_max():
     assert summary["FVD"] == {"mean": 3.0, "sd": 2.0, "min": 1.0, "max": 5.0, "values": [1.0, 3.0, 5.0]}  # ddof 1
     assert summary["Sync-D"]["values"] == [8.0, 9.0, 10.0] and summary["Sync-D"]["sd"] == 1.0
     assert summary["NFE-D"] == {"mean": 6.0, "sd": 0.0, "min": 6.0, "max": 6.0, "values": [6.0] * 3}
-    assert set(summary) == {"seeds", *evaluate.COLUMNS, "IQA_ci95"}
+    assert set(summary) == {"seeds", "steps", "seconds", *evaluate.COLUMNS, "IQA_ci95"}
+    assert summary["steps"] == [100, 101, 102] and summary["seconds"] == {"train": 180.0, "eval": 90.0}
+    assert ablate.steps_cell(summary) == "100-102"
     one = ablate.summarize({0: result(0, 4.0)})
     assert one["seeds"] == [0] and one["FVD"] == {"mean": 4.0, "sd": None, "min": 4.0, "max": 4.0, "values": [4.0]}
     assert ablate.cell(one, "IQA") == "0.5 ± 0.1" and ablate.cell(one, "FVD") == "4"  # one seed: IQA's interval
+    assert ablate.steps_cell(one) == "100"
     assert ablate.cell(summary, "FVD") == "3 ± 2" and ablate.cell(summary, "NFE-D") == "6"
 
 
@@ -222,7 +225,13 @@ def test_ablate_quick_runs_two_seeds_end_to_end_and_resumes_after_its_first_row(
     table = (out / "table.md").read_text()
     names = ("Teacher", "Student", "Student s_a=1", "Student s_a=6.5")
     lines = {line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert all(lines[name].endswith(" | 2 |") and " ± " in lines[name] for name in names)  # 2 seeds: mean ± SD
+    assert all(lines[name].endswith(" | 6 | 2 |") and " ± " in lines[name] for name in names)  # 6 steps, 2 seeds
+    results = [json.loads((out / row / f"seed{s}" / "result.json").read_text()) for row in ("Teacher", "Student_s_a_1")
+               for s in (0, 1)]
+    assert all(r["seconds_train"] > 0 for r in results[:2]) and all(r["seconds_train"] == 0 for r in results[2:])
+    assert all(r["seconds_eval"] > 0 for r in results)
+    assert "Wall time of these runs on this machine: training " in table
+    assert (out / "losses.png").read_bytes()[:4] == b"\x89PNG"  # Teacher and Student, a line per seed
     header, *rows = (out / "table.csv").read_text().strip().splitlines()
     assert header.startswith("Method,seed,NFE-D,IQA,Sync-D,Sync-C,FVD,FID,E-FID")
     assert sorted(line.split(",")[:2] for line in rows) == sorted([name, s] for name in names for s in "01")
