@@ -452,7 +452,8 @@ def plot_losses(path: Path, losses: dict) -> Path:
         ax.legend(fontsize=6)
     for ax in axes.flat[len(losses):]:
         ax.axis("off")
-    fig.suptitle("held-out loss (val/loss) of each trained row; each line ends where its run stopped", fontsize=9)
+    fig.suptitle(textwrap.fill("held-out loss (val/loss) of each trained row; each line ends where its run stopped",
+                               45 * cols), fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
