@@ -353,3 +353,10 @@ class CFGDistiller(Distiller):
             return cond, self.eps_fn(teacher, cond)
         ref_scale, audio_scale = self.guidance_scales(cond.ref.shape[0], cond.ref.device, generator)
         return cond.with_guidance(ref_scale, audio_scale), self.eps_fn(teacher, cond, ref_scale, audio_scale)
+
+    def teacher_eps(self, cond: Conditions):
+        """self.teacher's eps function (z, n) -> eps for conditions `guided_teacher` handed the student: the
+        teacher on them as they are (balanced), or Eq 9 at the scales they carry (guided)."""
+        if self.mode == "balanced":
+            return self.eps_fn(self.teacher, cond)
+        return self.eps_fn(self.teacher, cond, *cond.guidance.unbind(1))

@@ -17,7 +17,7 @@ arguments (scales, scale ranges in guided mode, dropout) are `CFGDistiller`'s.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import TCDScheduler
@@ -35,6 +35,7 @@ DISTANCES = ("l2", "huber")
 @dataclass
 class ConsistencyTargets(DistillTargets):
     scale: torch.Tensor  # (B,) eta of f(z, t, s) = lam z + eta eps: an eps error times it is an error in f
+    end: torch.Tensor  # (B,) s, the DDPM index f jumps to
 
 
 class TCD(CFGDistiller):
@@ -77,8 +78,18 @@ class TCD(CFGDistiller):
         return ConsistencyTargets(
             z=z, timestep=n.to(z.dtype), cond=cond,
             eps_target=(target - S.expand_like(lam, z) * z) / S.expand_like(eta, z),
-            abar=abar[n], weight=torch.ones_like(t), scale=eta,
+            abar=abar[n], weight=torch.ones_like(t), scale=eta, end=n_s,
         )
+
+    def held_out_loss(self, student, job: ConsistencyTargets) -> torch.Tensor:
+        """The training loss with a target that stays put: the teacher's own DDIM solution from z at t to s
+        (`tcd.teacher_solution`, steps of `skip`) instead of the EMA's jump, which moves with the student
+        (against it the loss is noise from the first step). 0 for the teacher's exact consistency function."""
+        n = job.timestep.long()
+        solution = tcd.teacher_solution(job.z, self.teacher_eps(job.cond), n, job.end, self.skip, self.alphas_cumprod)
+        lam, eta = S.ddim_coefficients(self.alphas_cumprod[n], self.alphas_cumprod[job.end])
+        fixed = replace(job, eps_target=(solution - S.expand_like(lam, job.z) * job.z) / S.expand_like(eta, job.z))
+        return self.student_loss(student, fixed)[0]
 
     def loss(self, pred: torch.Tensor, job: ConsistencyTargets) -> tuple[torch.Tensor, dict]:
         """mean_B weight * mean d(f_theta - target), measured on f = lam z + scale eps."""

@@ -164,3 +164,38 @@ def test_tcd_settings_and_the_target_network_are_checked():
     check_eta(S.ddim_scheduler(), 0.5)
     with pytest.raises(ValueError, match="PeRFlowScheduler is deterministic"):
         check_eta(PeRFlowScheduler(), 0.3)
+
+
+def test_the_teacher_solution_lands_on_each_end_and_agrees_with_a_slow_loop():
+    g = torch.Generator().manual_seed(0)
+    z, eps = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64, generator=g)
+    n, n_end = torch.tensor([999, 759, 259, 19]), torch.tensor([0, 500, 259, 0])
+    constant = tcd.teacher_solution(z, lambda z, n: eps, n, n_end, 20, ABAR)  # an eps that ignores z:
+    torch.testing.assert_close(constant, S.ddim_step(z, eps, S.expand_like(ABAR[n], z), S.expand_like(ABAR[n_end], z)))
+    assert torch.equal(constant[2], z[2])  # DDIM steps compose to the one jump, and n = n_end stays put
+    eps_of = lambda z, n: torch.tanh(z) * (1 + S.expand_like(n, z) / 1000)  # noqa: E731
+    fast = tcd.teacher_solution(z, eps_of, n, n_end, 20, ABAR)
+    for i in range(4):
+        x, at = z[i:i + 1], int(n[i])
+        while at > int(n_end[i]):
+            to = max(at - 20, int(n_end[i]))
+            x = _slow_jump(x, torch.tanh(x) * (1 + at / 1000), at, to)
+            at = to
+        torch.testing.assert_close(fast[i:i + 1], x, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["balanced", "guided"])
+def test_the_held_out_loss_is_zero_for_the_exact_consistency_function_and_ignores_the_ema(mode):
+    """val/loss measures f_theta against the teacher's solution, not the EMA's jump: 0 for a student that
+    is the exact teacher, unchanged when the EMA changes, and it grows with the student's error."""
+    z0, cond, eps = random_latents(b=4, seed=2)
+    exact = ExactNet(z0, "epsilon")
+    distiller = _tcd(WobblyNet(0.4), mode=mode)
+    distiller.set_teacher(exact)
+    t = distiller.sample_time(4, "cpu", torch.Generator().manual_seed(1))
+    job = distiller.make_targets(exact, z0, cond, t, eps, torch.Generator().manual_seed(1))
+    assert float(distiller.held_out_loss(exact, job)) < 1e-8
+    wrong = float(distiller.held_out_loss(WobblyNet(0.4), job))
+    assert wrong > 1e-3
+    distiller.bind(S.SD15_SCHEDULE, "epsilon", WobblyNet(-2.0))  # another target network
+    assert float(distiller.held_out_loss(WobblyNet(0.4), job)) == wrong

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import ddim_step
+from .schedule import ddim_step, expand_like
 
 
 def solver_grid(grid_steps: int, num_train_timesteps: int = 1000, device=None) -> torch.Tensor:
@@ -30,3 +30,17 @@ def sample_end_index(n_to: torch.Tensor, generator: torch.Generator | None = Non
     """s uniform on {0, 1, ..., n_to} per sample: (B,) -> (B,) DDPM indices."""
     u = torch.rand(n_to.shape, generator=generator, device=generator.device if generator is not None else n_to.device)
     return torch.floor(u.to(n_to.device) * (n_to + 1)).long().clamp(max=n_to)
+
+
+def teacher_solution(z: torch.Tensor, eps_of, n: torch.Tensor, n_end: torch.Tensor, skip: int,
+                     alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The teacher's DDIM solution from z (B, ...) at indices n (B,) to n_end (B,) <= n: steps of `skip`
+    indices, the last one shorter so each sample lands on its own end, which f(z, n, n_end) learns.
+    eps_of(z, n) -> eps; a sample already at its end is left as it is."""
+    at = n.clone()
+    while (moving := at > n_end).any():
+        to = torch.maximum(at - skip, n_end)
+        stepped = ddim_step(z, eps_of(z, at), expand_like(alphas_cumprod[at], z), expand_like(alphas_cumprod[to], z))
+        z = torch.where(moving.reshape(-1, *[1] * (z.ndim - 1)), stepped, z)
+        at = to
+    return z
