@@ -39,6 +39,8 @@ class ConsistencyTargets(DistillTargets):
 
 
 class TCD(CFGDistiller):
+    SOLUTIONS_KEPT = 64  # held-out batches whose teacher solution is kept (budgets/plateau.yaml validates 8)
+
     def __init__(self, grid_steps: int = 50, skip: int = 20, distance: str = "l2", huber_c: float = 0.001,
                  gamma: float = 0.3, mode: str = "guided", **kwargs):
         super().__init__(mode=mode, **kwargs)
@@ -51,12 +53,17 @@ class TCD(CFGDistiller):
                              f"sample_steps {self.sample_steps}, grid_steps {grid_steps}")
         self.grid_steps, self.skip, self.distance, self.huber_c = grid_steps, skip, distance, huber_c
         self.sample_eta = gamma
+        self._solutions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (z, end, solution)
 
     def bind(self, schedule: dict, prediction_type: str, student_ema=None) -> None:
         if student_ema is None:
             raise ConfigError("TCD's target network is the student's EMA: set model.init_args.ema_decay "
                               "(distill_tcd.yaml uses 0.95)")
         super().bind(schedule, prediction_type, student_ema)
+
+    def set_teacher(self, teacher, student=None) -> None:
+        super().set_teacher(teacher, student)
+        self._solutions = []  # solved by another teacher
 
     def sample_time(self, batch_size: int, device, generator=None) -> torch.Tensor:
         """t_{n+k} uniform on the solver grid, as a time: (n + 1) / T."""
@@ -86,7 +93,10 @@ class TCD(CFGDistiller):
         (`tcd.teacher_solution`, steps of `skip`) instead of the EMA's jump, which moves with the student
         (against it the loss is noise from the first step). 0 for the teacher's exact consistency function."""
         n = job.timestep.long()
-        solution = tcd.teacher_solution(job.z, self.teacher_eps(job.cond), n, job.end, self.skip, self.alphas_cumprod)
+        solution = next((x for z, end, x in self._solutions if torch.equal(z, job.z) and torch.equal(end, job.end)), None)
+        if solution is None:  # the teacher is frozen and validation's draws fixed: solve each batch once
+            solution = tcd.teacher_solution(job.z, self.teacher_eps(job.cond), n, job.end, self.skip, self.alphas_cumprod)
+            self._solutions = [*self._solutions[-(self.SOLUTIONS_KEPT - 1):], (job.z, job.end, solution)]
         lam, eta = S.ddim_coefficients(self.alphas_cumprod[n], self.alphas_cumprod[job.end])
         fixed = replace(job, eps_target=(solution - S.expand_like(lam, job.z) * job.z) / S.expand_like(eta, job.z))
         return self.student_loss(student, fixed)[0]

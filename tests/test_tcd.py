@@ -199,3 +199,21 @@ def test_the_held_out_loss_is_zero_for_the_exact_consistency_function_and_ignore
     assert wrong > 1e-3
     distiller.bind(S.SD15_SCHEDULE, "epsilon", WobblyNet(-2.0))  # another target network
     assert float(distiller.held_out_loss(WobblyNet(0.4), job)) == wrong
+
+
+def test_each_held_out_batch_is_solved_by_the_teacher_once():
+    z0, cond, eps = random_latents(b=3, seed=4)
+    calls = []
+    teacher = WobblyNet(0.7)
+    teacher.forward = lambda *args, f=teacher.forward, **kwargs: calls.append(1) or f(*args, **kwargs)
+    distiller = _tcd(WobblyNet(0.4), mode="balanced")
+    distiller.set_teacher(teacher)
+    jobs = [distiller.make_targets(teacher, z0, cond, torch.tensor([1.0, 0.6, 0.3]), eps, torch.Generator().manual_seed(i))
+            for i in range(2)]
+    calls.clear()
+    first = [float(distiller.held_out_loss(WobblyNet(0.4), job)) for job in jobs]
+    solved = len(calls)
+    assert solved > 2 and [float(distiller.held_out_loss(WobblyNet(0.4), job)) for job in jobs] == first
+    assert len(calls) == solved  # the second validation reuses both solutions
+    distiller.set_teacher(WobblyNet(0.2))  # a new teacher solves again
+    assert float(distiller.held_out_loss(WobblyNet(0.4), jobs[0])) != first[0]
