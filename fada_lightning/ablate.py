@@ -163,10 +163,18 @@ class Ablation:
         """The training run's folder (TensorBoard events, checkpoints/) of a row with `fit`."""
         return self.run_dir(row, seed) / "tb" / "run"
 
+    def last_checkpoint(self, row: dict, seed: int) -> Path:
+        """Where a stopped run resumes from."""
+        return self.tensorboard(row, seed) / "checkpoints" / "last.ckpt"
+
     def checkpoint(self, row: dict, seed: int) -> Path:
+        """The row's model at `seed`, the one evaluated and handed on (as a teacher or a starting student):
+        the lowest held-out loss of the run where its config keeps it (budgets/plateau.yaml's best.ckpt),
+        else where it stopped."""
         if "checkpoint_of" in row:
             return self.checkpoint(self.by_name[row["checkpoint_of"]], seed)
-        return self.tensorboard(row, seed) / "checkpoints" / "last.ckpt"
+        best = self.tensorboard(row, seed) / "checkpoints" / "best.ckpt"
+        return best if best.exists() else self.last_checkpoint(row, seed)
 
     def result(self, row: dict, seed: int) -> dict | None:
         path = self.run_dir(row, seed) / "result.json"
@@ -195,7 +203,7 @@ class Ablation:
 
     def train(self, row: dict, seed: int) -> None:
         """`fada fit` into the row's seed folder, resuming from its last checkpoint if a run was stopped."""
-        root, ckpt = self.run_dir(row, seed), self.checkpoint(row, seed)
+        root, ckpt = self.run_dir(row, seed), self.last_checkpoint(row, seed)
         if (root / "trained").exists():
             return
         for key, verb in (("teacher", "distils"), ("student", "starts from")):

@@ -337,9 +337,11 @@ class DistillModule(AvatarModule):
             experiment.add_histogram(name, value.detach().float().cpu(), self.global_step)
 
     def held_out_loss(self, batch, batch_idx) -> torch.Tensor:
-        """The distiller's held-out loss (`Distiller.held_out_loss`) at fixed t, noise and dropout per batch index."""
+        """The distiller's held-out loss (`Distiller.held_out_loss`) at fixed t, noise and dropout per batch
+        index, of the network that samples (the EMA where there is one): the model a plateau stops on and
+        a table evaluates."""
         job = self.distillation_job(batch, torch.Generator(device=self.device).manual_seed(batch_idx))
-        return self.distiller.held_out_loss(self.net, job)
+        return self.distiller.held_out_loss(self.sampling_net, job)
 
     # ---- sampling --------------------------------------------------------------------------
     def scheduler(self):

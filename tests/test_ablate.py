@@ -162,6 +162,19 @@ def test_each_model_s_best_scale_is_its_own_best_mean(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_row_s_model_is_its_best_checkpoint_where_kept_and_a_run_resumes_from_its_last(tmp_path):
+    ablation = ablate.Ablation(ablate.load_ablation("tables/distillers.yaml"))
+    row = {**ablation.by_name["TCD"], "run": str(tmp_path / "tcd")}
+    ablation.by_name["TCD"] = row
+    checkpoints = ablation.tensorboard(row, 1) / "checkpoints"
+    assert ablation.checkpoint(row, 1) == ablation.last_checkpoint(row, 1) == checkpoints / "last.ckpt"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "best.ckpt").touch()  # budgets/plateau.yaml's: the lowest val/loss
+    assert ablation.checkpoint(row, 1) == checkpoints / "best.ckpt"
+    assert ablation.last_checkpoint(row, 1) == checkpoints / "last.ckpt"
+    assert ablation.checkpoint({"name": "TCD at 1 step", "checkpoint_of": "TCD"}, 1) == checkpoints / "best.ckpt"
+
+
 def test_evaluate_counts_nfe_as_the_samplers_do_and_records_what_the_numbers_depend_on(teacher_ckpt, tmp_path):
     from fada_lightning.metrics import synthetic
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from fada_lightning.callbacks import FinalCheckpoint, Plateau
@@ -51,7 +52,7 @@ class Scripted(BoringModel):
 def plateau_trainer(tmp_path, *callbacks, max_steps=100):
     return Trainer(max_steps=max_steps, val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1,
                    num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   enable_checkpointing=any(isinstance(c, FinalCheckpoint) for c in callbacks),
+                   enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                    callbacks=list(callbacks), default_root_dir=tmp_path)
 
 
@@ -98,3 +99,20 @@ def test_plateau_stops_a_run_whose_loss_is_not_finite_even_before_min_steps(tmp_
 def test_plateau_names_a_metric_the_validation_did_not_log(tmp_path):
     with pytest.raises(KeyError, match="val/other"):
         plateau_trainer(tmp_path, Plateau(monitor="val/other")).fit(Scripted([1.0]))
+
+
+def test_the_plateau_budget_keeps_the_checkpoint_of_its_lowest_held_out_loss(tmp_path):
+    """budgets/plateau.yaml's callbacks, as shipped: the run stops on its plateau and best.ckpt is the step
+    of the lowest val/loss (10 here), not the last (30), so a loss that rises before the stop costs nothing."""
+    import yaml
+    from lightning.pytorch.cli import instantiate_class
+
+    from fada_lightning.presets import bundled_config_dir
+
+    shipped = yaml.safe_load((bundled_config_dir() / "budgets" / "plateau.yaml").read_text())["trainer"]["callbacks+"]
+    here = {"Plateau": {"min_steps": 0}, "ModelCheckpoint": {"dirpath": tmp_path}}
+    callbacks = [instantiate_class((), {**c, "init_args": {**c["init_args"], **here[c["class_path"].split(".")[-1]]}})
+                 for c in shipped]
+    plateau_trainer(tmp_path, *callbacks).fit(Scripted([1.0, 0.5, 0.7, 0.6, 0.55, 0.9, 0.4]))
+    assert callbacks[0].stopped_at == 30 and [p.name for p in tmp_path.glob("*.ckpt")] == ["best.ckpt"]
+    assert torch.load(tmp_path / "best.ckpt", weights_only=False)["global_step"] == 10

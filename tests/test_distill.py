@@ -125,6 +125,20 @@ def test_distillation_loss_falls_on_the_synthetic_world(teacher_ckpt, shards, tm
     assert after < 0.85 * before, (before, after)
 
 
+def test_the_held_out_loss_is_the_sampling_network_s(teacher_ckpt):
+    """val/loss scores the EMA, the network that samples and that a table evaluates, not the raw student."""
+    model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), ema_decay=0.99)
+    model.load_teacher()
+    batch = random_batch()
+    with torch.no_grad():
+        before = float(model.held_out_loss(batch, 0))
+        for p in model.net.parameters():
+            p.add_(0.1)
+        assert float(model.held_out_loss(batch, 0)) == before
+        model.ema.module.load_state_dict(model.net.state_dict())
+        assert float(model.held_out_loss(batch, 0)) != before
+
+
 def test_balanced_student_samples_at_18_nfe_and_guided_at_6(teacher_ckpt):
     batch = random_batch(b=1, f=6)
     balanced = DistillModule(teacher_ckpt, PeRFlow()).eval()
