@@ -107,8 +107,9 @@ def test_the_plateau_budget_adds_its_stop_rule_to_a_distillation_config(capsys):
     base = resolved(capsys, "distill_perflow.yaml")
     budget = resolved(capsys, "distill_perflow.yaml", "budgets/plateau.yaml")
     callbacks = [c["class_path"] for c in budget["trainer"]["callbacks"]]
-    assert callbacks == [c["class_path"] for c in base["trainer"]["callbacks"]] + ["fada_lightning.callbacks.Plateau"]
-    assert budget["trainer"]["callbacks"][-1]["init_args"]["monitor"] == "val/loss"
+    assert callbacks == [c["class_path"] for c in base["trainer"]["callbacks"]] + [
+        "fada_lightning.callbacks.Plateau", "lightning.pytorch.callbacks.ModelCheckpoint"]  # the stop, the best model
+    assert [c["init_args"]["monitor"] for c in budget["trainer"]["callbacks"][-2:]] == ["val/loss", "val/loss"]
     assert budget["data"]["init_args"]["val_samples"] == 64 == 8 * budget["data"]["init_args"]["batch_size"]
     changed = differences(base, budget).keys() - {"trainer.callbacks"}
     assert changed == {"trainer.max_steps", "trainer.val_check_interval", "trainer.limit_val_batches",
