@@ -105,6 +105,8 @@ class Distiller(HyperparametersMixin, nn.Module):
       sample_cfg: True -> Eq 9's three passes a step at inference, False -> one pass
       sample_eta: a stochasticity the scheduler's `step(..., eta=)` takes (TCD's gamma), or None
       student_every: the student is updated at steps s with s % student_every == 0 (default 1)
+      fixed_targets: True when make_targets depends only on the batch, the generator's draws and the
+        frozen networks (no curriculum in sample_time): validation then builds each held-out job once
     Helpers: `abar(n, like)`, `to_eps(pred, z, abar)`, `eps_fn(net, cond, ...)`, `nfe(steps)`. The module
     calls `bind(schedule, prediction_type, student_ema)` once, before any hook runs, and, where it
     trains or evaluates (never to sample), `set_teacher(teacher, student)` once the teacher is loaded
@@ -136,6 +138,7 @@ class Distiller(HyperparametersMixin, nn.Module):
     sample_cfg: bool = True
     sample_eta: float | None = None
     student_every: int = 1
+    fixed_targets: bool = False
 
     def __init__(self, sample_steps: int = 6):
         super().__init__()

@@ -20,6 +20,8 @@ from .base import CFGDistiller, DistillTargets
 
 
 class PeRFlow(CFGDistiller):
+    fixed_targets = True  # a validation's teacher solves (most of its time) are made once per batch
+
     def __init__(self, num_windows: int = 4, solver_steps: int = 8, min_snr_gamma: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if self.sample_steps < num_windows:

@@ -160,6 +160,7 @@ class DistillModule(AvatarModule):
         self._keep_teacher(None)
         self.automatic_optimization = False  # training_step steps each network's optimizer itself
         self._updated: list[str] = []  # the networks the last training step updated
+        self._held_out_jobs: dict[int, tuple] = {}  # batch_idx -> (frames, audio, job), see held_out_job
 
     # The teacher follows the module's device and dtype (`_apply`) but is not one of its submodules:
     # strategies never wrap it with the trainable weights (DDP does not broadcast it, FSDP shards it
@@ -171,6 +172,7 @@ class DistillModule(AvatarModule):
         super()._apply(fn, recurse)
         if self.teacher is not None:
             self.teacher._apply(fn, recurse)
+        self._held_out_jobs = {}  # made on another device or in another dtype
         return self
 
     def networks(self) -> dict[str, nn.Module]:
@@ -248,6 +250,7 @@ class DistillModule(AvatarModule):
                     student.load_state_dict(start)
         self.distiller.set_teacher(teacher, self.net)
         self.distiller.to(device=self.device)  # its own networks, built on the CPU
+        self._held_out_jobs = {}  # made by another teacher
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -340,8 +343,23 @@ class DistillModule(AvatarModule):
         """The distiller's held-out loss (`Distiller.held_out_loss`) at fixed t, noise and dropout per batch
         index, of the network that samples (the EMA where there is one): the model a plateau stops on and
         a table evaluates."""
-        job = self.distillation_job(batch, torch.Generator(device=self.device).manual_seed(batch_idx))
-        return self.distiller.held_out_loss(self.sampling_net, job)
+        return self.distiller.held_out_loss(self.sampling_net, self.held_out_job(batch, batch_idx))
+
+    HELD_OUT_JOBS_KEPT = 64  # held-out batches whose job is kept (budgets/plateau.yaml validates 8)
+
+    def held_out_job(self, batch: dict, batch_idx: int) -> DistillTargets:
+        """The job of a held-out batch, its draws seeded by batch_idx. A distiller with `fixed_targets`
+        (its targets need only the batch, the draws and the frozen networks) has each batch's job made
+        once and reused while the batch's frames and audio are the same."""
+        if not self.distiller.fixed_targets:
+            return self.distillation_job(batch, torch.Generator(device=self.device).manual_seed(batch_idx))
+        frames, audio, job = self._held_out_jobs.get(batch_idx, (None, None, None))
+        if job is None or not (torch.equal(frames, batch["frames"]) and torch.equal(audio, batch["audio"])):
+            job = self.distillation_job(batch, torch.Generator(device=self.device).manual_seed(batch_idx))
+            if len(self._held_out_jobs) >= self.HELD_OUT_JOBS_KEPT:
+                self._held_out_jobs.pop(next(iter(self._held_out_jobs)))
+            self._held_out_jobs[batch_idx] = (batch["frames"], batch["audio"], job)
+        return job
 
     # ---- sampling --------------------------------------------------------------------------
     def scheduler(self):

@@ -139,6 +139,45 @@ def test_the_held_out_loss_is_the_sampling_network_s(teacher_ckpt):
         assert float(model.held_out_loss(batch, 0)) != before
 
 
+def test_a_held_out_batch_is_solved_by_the_teacher_once(teacher_ckpt):
+    """PeRFlow's targets need only the batch, the seeded draws and the frozen teacher: validation makes
+    each batch's job once, and makes it again for other clips at that index or for a new teacher."""
+    model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), ema_decay=0.99)
+    model.load_teacher()
+    calls = []
+    model.teacher.register_forward_hook(lambda *_: calls.append(1))
+    batch, other = random_batch(seed=0), random_batch(seed=1)
+    with torch.no_grad():
+        fresh = model.distillation_job(batch, torch.Generator().manual_seed(3))
+        calls.clear()
+        first = float(model.held_out_loss(batch, 3))
+        solved = len(calls)
+        assert solved > 0 and first == float(model.distiller.held_out_loss(model.sampling_net, fresh))
+        for p in model.ema.module.parameters():
+            p.add_(0.01)
+        assert float(model.held_out_loss(batch, 3)) != first and len(calls) == solved  # the job is reused
+        model.held_out_loss(other, 3)
+        assert len(calls) == 2 * solved  # other clips at the same index: solved afresh
+        model._keep_teacher(None)
+        model.load_teacher()
+        model.teacher.register_forward_hook(lambda *_: calls.append(1))
+        model.held_out_loss(other, 3)
+        assert len(calls) == 3 * solved  # the teacher loaded anew
+
+
+def test_a_distiller_without_fixed_targets_makes_each_held_out_job_anew(teacher_ckpt):
+    """A curriculum moves the draws with training, so a job is only reused where `fixed_targets` says so."""
+    model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), ema_decay=None)
+    model.distiller.fixed_targets = False
+    model.load_teacher()
+    calls = []
+    model.teacher.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model.held_out_loss(random_batch(), 0)
+        model.held_out_loss(random_batch(), 0)
+    assert len(calls) > 0 and len(calls) % 2 == 0 and not model._held_out_jobs
+
+
 def test_balanced_student_samples_at_18_nfe_and_guided_at_6(teacher_ckpt):
     batch = random_batch(b=1, f=6)
     balanced = DistillModule(teacher_ckpt, PeRFlow()).eval()
