@@ -16,6 +16,10 @@ trains each row N times, at seeds 0..N-1 (`seed_everything` and the data's shuff
 uses seed s of the rows it depends on, so each seed replicates the whole pipeline. A row's run folder is
 <out>/<row slug>/seed<s> (or <its `run`>/seed<s>, so tables can share a teacher); it is finished when its
 result.json exists, and a stopped row resumes from its last checkpoint.
+
+`claims:` lists the paper's orderings, {claim: TEXT, better: ROW, than: ROW, columns: [COLUMN, ...]}, and
+table.md judges each column against the spread over training seeds (`judge`): holds, does not hold,
+or cannot tell.
 """
 from __future__ import annotations
 
@@ -46,6 +50,9 @@ ROW_KEYS = {"name", "fit", "overrides", "run", "teacher", "student", "reference"
             "sweep"}
 DEPENDENCIES = ("teacher", "student", "checkpoint_of")  # row keys naming a row whose checkpoint this row needs
 SWEEP_KEYS = {"model", "models", "fixed", "audio_scale", "ref_scale", "best_by"}
+CLAIM_KEYS = {"claim", "better", "than", "columns"}  # not `on`: YAML reads it as true
+QUALITY = tuple(c for c in evaluate.COLUMNS if c != "NFE-D")  # a claim's columns unless it names some
+HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "cannot tell"
 EVAL_JSON = "eval/result.json"  # in a row's seed folder; evaluate writes the sample clips beside it
 FRAME_STRIDE = 2      # frames.png shows every 2nd frame of the clip
 FRAME_MIN_PX = 128    # ... each upscaled (nearest neighbour, an integer factor) to at least this many px
@@ -127,12 +134,69 @@ def load_ablation(path: str | Path) -> dict:
             find_config(config)  # a missing config fails here, before any training
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: row names repeat: {names}")
+    spec["claims"] = [check_claim(path, claim, names) for claim in spec.get("claims") or []]
     spec.setdefault("quick", names[:QUICK["rows"]])  # the rows --quick runs: a teacher and a student, say
     unknown = [name for name in spec["quick"] if name not in names]
     if unknown:
         raise ValueError(f"{path}: quick names rows that do not exist: {unknown}")
     spec["rows"] = rows
     return spec
+
+
+def check_claim(path: Path, claim: dict, names: list[str]) -> dict:
+    """A `claims:` entry with its rows checked and its columns resolved (default: every quality column)."""
+    if not isinstance(claim, dict) or not {"claim", "better", "than"} <= set(claim) or set(claim) - CLAIM_KEYS:
+        raise ValueError(f"{path}: a claim is {{claim: TEXT, better: ROW, than: ROW, columns: [COLUMN, ...]}} "
+                         f"(`columns` optional), not {claim!r}")
+    for key in ("better", "than"):
+        if claim[key] not in names:
+            raise ValueError(f"{path}: claim {claim['claim']!r}: {key} {claim[key]!r} is not a row "
+                             f"(rows: {', '.join(names)})")
+    columns = claim.get("columns", list(QUALITY))
+    if not columns or any(c not in QUALITY for c in columns):
+        raise ValueError(f"{path}: claim {claim['claim']!r}: columns {columns!r} must be some of {', '.join(QUALITY)}")
+    return {**claim, "columns": list(columns)}
+
+
+def judge(better: list[float], than: list[float], lower_is_better: bool) -> str:
+    """Is `better` better than `than` beyond the spread over training seeds? Each list holds one value per
+    seed. HOLDS when every seed of `better` beats every seed of `than` (their ranges do not overlap),
+    FAILS when every seed of `than` beats every seed of `better`, UNDECIDED otherwise, and always with
+    fewer than two seeds on a side (no spread measured). With 3 seeds a side, ranges that do not overlap
+    happen by chance 1 time in 20 in a given direction (2 of the 20 ways to split 6 ranked values)."""
+    if min(len(better), len(than)) < 2:
+        return UNDECIDED
+    sign = -1 if lower_is_better else 1  # compare as higher-is-better
+    a, b = [sign * v for v in better], [sign * v for v in than]
+    return HOLDS if min(a) > max(b) else FAILS if min(b) > max(a) else UNDECIDED
+
+
+def overall(verdicts: list[str]) -> str:
+    """A claim's verdict over its columns: holds (some columns hold, none fails), does not hold (the
+    reverse), in part (some of each), cannot tell (no column decided)."""
+    held, failed = HOLDS in verdicts, FAILS in verdicts
+    return "in part" if held and failed else HOLDS if held else FAILS if failed else UNDECIDED
+
+
+def claims_table(claims: list[dict], summaries: dict) -> str:
+    """Markdown: each claim judged column by column (`judge`) from the per-seed values in `summaries`."""
+    lines = ["### The paper's claims against the spread over training seeds", "",
+             "| Claim | " + " | ".join(QUALITY) + " | verdict |", "|---|" + "---|" * (len(QUALITY) + 1)]
+    for claim in claims:
+        a, b = summaries.get(claim["better"]), summaries.get(claim["than"])
+        if a is None or b is None:
+            waiting = [name for name, s in ((claim["better"], a), (claim["than"], b)) if s is None]
+            lines.append(f"| {claim['claim']} | " + " | ".join("" for _ in QUALITY) +
+                         f" | not judged: {', '.join(waiting)} not finished |")
+            continue
+        verdicts = {c: judge(a[c]["values"], b[c]["values"], evaluate.LOWER_IS_BETTER[c]) for c in claim["columns"]}
+        lines.append(f"| {claim['claim']} | " + " | ".join(verdicts.get(c, "") for c in QUALITY) +
+                     f" | {overall(list(verdicts.values()))} |")
+    lines += ["", "A column holds when every training seed of the first row beats every seed of the second (their "
+              "ranges over seeds do not overlap), does not hold when the reverse is true, and cannot tell "
+              "otherwise or with one seed. A claim holds in part when it holds on some columns and is reversed "
+              "on others. Blank: a column the claim is not about."]
+    return "\n".join(lines) + "\n"
 
 
 class Ablation:
@@ -265,6 +329,8 @@ class Ablation:
         first = next(iter(finished[0][1].values()))
         table = markdown_table(self.spec.get("title", self.spec["name"]), [(row, summaries[row["name"]])
                                for row, _ in finished], first["depends_on"], missing, partial, self.quick)
+        if self.spec["claims"]:
+            table += "\n" + claims_table(self.spec["claims"], summaries)
         written = [write_atomic(self.out / "table.md", table.encode()),
                    write_atomic(self.out / "table.csv", csv_table(finished).encode()),
                    write_atomic(self.out / "summary.json", json.dumps(summaries, indent=1).encode())]

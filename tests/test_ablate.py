@@ -110,8 +110,14 @@ def test_a_bad_ablation_is_one_clear_error(tmp_path, rows, message):
     ({"rows": [{"name": "t", "fit": ["teacher.yaml"]}],
       "sweep": {"models": ["u"], "fixed": {"ref_scale": 2.0, "audio_scale": 6.5}, "ref_scale": [1.0]}},
      r"row 'u s_r=1': checkpoint_of 'u' is not a row above it"),
+    ({"rows": [{"name": "t", "fit": ["teacher.yaml"]}], "claims": [{"claim": "t wins", "better": "t", "than": "u"}]},
+     r"claim 't wins': than 'u' is not a row \(rows: t\)"),
+    ({"rows": [{"name": "t", "fit": ["teacher.yaml"]}], "claims": [{"claim": "c", "better": "t", "than": "t",
+                                                                   "columns": ["NFE-D"]}]}, r"claim 'c': columns \['NFE-D'\]"),
+    ({"rows": [{"name": "t", "fit": ["teacher.yaml"]}], "claims": [{"better": "t", "than": "t"}]},
+     r"a claim is \{claim: TEXT, better: ROW, than: ROW"),
 ])
-def test_a_bad_seed_count_or_sweep_is_one_clear_error(tmp_path, spec, message):
+def test_a_bad_seed_count_sweep_or_claim_is_one_clear_error(tmp_path, spec, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match=message):
@@ -138,6 +144,34 @@ def test_seeds_aggregate_to_mean_sample_sd_min_and_max():
     assert ablate.cell(one, "IQA") == "0.5 ± 0.1" and ablate.cell(one, "FVD") == "4"  # one seed: IQA's interval
     assert ablate.steps_cell(one) == "100"
     assert ablate.cell(summary, "FVD") == "3 ± 2" and ablate.cell(summary, "NFE-D") == "6"
+
+
+@pytest.mark.parametrize("better, than, lower, verdict", [
+    ([0.7, 0.8, 0.75], [0.6, 0.65, 0.69], False, ablate.HOLDS),  # every seed above every other seed
+    ([0.7, 0.8, 0.75], [0.6, 0.65, 0.71], False, ablate.UNDECIDED),  # the ranges overlap
+    ([0.6, 0.65, 0.69], [0.7, 0.8, 0.75], False, ablate.FAILS),
+    ([1.0, 1.2], [1.5, 1.3], True, ablate.HOLDS),  # lower is better (FVD)
+    ([1.5, 1.3], [1.0, 1.2], True, ablate.FAILS),
+    ([1.0], [2.0, 2.1], True, ablate.UNDECIDED),  # one seed: no spread measured
+])
+def test_a_claim_holds_only_beyond_the_spread_over_training_seeds(better, than, lower, verdict):
+    assert ablate.judge(better, than, lower) == verdict
+
+
+def test_the_claims_table_judges_each_column_and_the_claim():
+    a = ablate.summarize({s: result(s, fvd, iqa) for s, (fvd, iqa) in enumerate([(1.0, 0.6), (1.1, 0.5), (1.2, 0.4)])})
+    b = ablate.summarize({s: result(s, fvd, iqa) for s, (fvd, iqa) in enumerate([(2.0, 0.7), (2.1, 0.8), (2.2, 0.9)])})
+    claims = [{"claim": "A beats B", "better": "A", "than": "B", "columns": ["FVD", "IQA", "Sync-D"]},
+              {"claim": "A beats B on FVD", "better": "A", "than": "B", "columns": ["FVD"]},
+              {"claim": "B beats A on IQA", "better": "B", "than": "A", "columns": ["IQA"]},
+              {"claim": "C beats A", "better": "C", "than": "A", "columns": ["FVD"]}]
+    lines = ablate.claims_table(claims, {"A": a, "B": b}).splitlines()
+    rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in lines if line.startswith("| ")}
+    columns = dict(zip(ablate.QUALITY, rows["A beats B"]))
+    assert (columns["FVD"], columns["IQA"], columns["Sync-D"]) == (ablate.HOLDS, ablate.FAILS, ablate.UNDECIDED)
+    assert columns["FID"] == "" and rows["A beats B"][-1] == "in part |"  # Sync-D: the same per seed in both
+    assert rows["A beats B on FVD"][-1] == "holds |" and rows["B beats A on IQA"][-1] == "holds |"
+    assert rows["C beats A"][-1] == "not judged: C not finished |"
 
 
 def test_each_model_s_best_scale_is_its_own_best_mean(tmp_path):
@@ -216,6 +250,7 @@ def quick_spec(tmp_path) -> dict:
                                     **{f"model.init_args.distiller.init_args.{k}": 1 if k == "solver_steps" else 2
                                        for k in ("solver_steps", "num_windows", "sample_steps")}}}],
             "sweep": {"model": "Student", "fixed": {"ref_scale": 2.0, "audio_scale": 6.5}, "audio_scale": [1.0, 6.5]},
+            "claims": [{"claim": "s_a 6.5 beats s_a 1", "better": "Student s_a=6.5", "than": "Student s_a=1"}],
             "quick": ["Teacher", "Student", "Student s_a=1", "Student s_a=6.5"]}
 
 
@@ -244,6 +279,9 @@ def test_ablate_quick_runs_two_seeds_end_to_end_and_resumes_after_its_first_row(
     assert all(r["seconds_train"] > 0 for r in results[:2]) and all(r["seconds_train"] == 0 for r in results[2:])
     assert all(r["seconds_eval"] > 0 for r in results)
     assert "Wall time of these runs on this machine: training " in table
+    claim = next(line for line in table.splitlines() if line.startswith("| s_a 6.5 beats s_a 1 |"))
+    assert claim.count(" | ") == len(ablate.QUALITY) + 1 and claim.split(" | ")[-1].removesuffix(" |") in (
+        ablate.HOLDS, ablate.FAILS, ablate.UNDECIDED, "in part")
     assert (out / "losses.png").read_bytes()[:4] == b"\x89PNG"  # Teacher and Student, a line per seed
     header, *rows = (out / "table.csv").read_text().strip().splitlines()
     assert header.startswith("Method,seed,NFE-D,IQA,Sync-D,Sync-C,FVD,FID,E-FID")
