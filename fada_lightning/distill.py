@@ -160,7 +160,7 @@ class DistillModule(AvatarModule):
         self._keep_teacher(None)
         self.automatic_optimization = False  # training_step steps each network's optimizer itself
         self._updated: list[str] = []  # the networks the last training step updated
-        self._held_out_jobs: dict[int, tuple] = {}  # batch_idx -> (frames, audio, job), see held_out_job
+        self._held_out_jobs: dict[int, tuple] = {}  # batch_idx -> (its clips, job), see held_out_job
 
     # The teacher follows the module's device and dtype (`_apply`) but is not one of its submodules:
     # strategies never wrap it with the trainable weights (DDP does not broadcast it, FSDP shards it
@@ -350,15 +350,16 @@ class DistillModule(AvatarModule):
     def held_out_job(self, batch: dict, batch_idx: int) -> DistillTargets:
         """The job of a held-out batch, its draws seeded by batch_idx. A distiller with `fixed_targets`
         (its targets need only the batch, the draws and the frozen networks) has each batch's job made
-        once and reused while the batch's frames and audio are the same."""
-        if not self.distiller.fixed_targets:
-            return self.distillation_job(batch, torch.Generator(device=self.device).manual_seed(batch_idx))
-        frames, audio, job = self._held_out_jobs.get(batch_idx, (None, None, None))
-        if job is None or not (torch.equal(frames, batch["frames"]) and torch.equal(audio, batch["audio"])):
-            job = self.distillation_job(batch, torch.Generator(device=self.device).manual_seed(batch_idx))
+        once and reused while batch_idx holds the same clips (their keys and start frames)."""
+        clips = (tuple(batch["key"]), tuple(torch.as_tensor(batch["start"]).tolist())) if "key" in batch else None
+        kept = self._held_out_jobs.get(batch_idx)
+        if kept is not None and clips is not None and kept[0] == clips:
+            return kept[1]
+        job = self.distillation_job(batch, torch.Generator(device=self.device).manual_seed(batch_idx))
+        if self.distiller.fixed_targets and clips is not None:
             if len(self._held_out_jobs) >= self.HELD_OUT_JOBS_KEPT:
                 self._held_out_jobs.pop(next(iter(self._held_out_jobs)))
-            self._held_out_jobs[batch_idx] = (batch["frames"], batch["audio"], job)
+            self._held_out_jobs[batch_idx] = (clips, job)
         return job
 
     # ---- sampling --------------------------------------------------------------------------

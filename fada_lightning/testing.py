@@ -83,7 +83,8 @@ def random_batch(b: int = 2, f: int = 4, m: int = 2, size: int = 32, seed: int =
     return dict(frames=torch.rand(b, f, 3, size, size, generator=g) * 2 - 1,
                 motion=torch.rand(b, m, 3, size, size, generator=g) * 2 - 1,
                 ref=torch.rand(b, 3, size, size, generator=g) * 2 - 1,
-                audio=torch.randn(b, f, 5, 1, 128, generator=g), tier=[("strict", "lenient")[i % 2] for i in range(b)])
+                audio=torch.randn(b, f, 5, 1, 128, generator=g), tier=[("strict", "lenient")[i % 2] for i in range(b)],
+                key=[f"random-{seed}-{i:03d}" for i in range(b)], start=torch.zeros(b, dtype=torch.long))
 
 
 @pytest.fixture(scope="session")

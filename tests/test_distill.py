@@ -141,7 +141,7 @@ def test_the_held_out_loss_is_the_sampling_network_s(teacher_ckpt):
 
 def test_a_held_out_batch_is_solved_by_the_teacher_once(teacher_ckpt):
     """PeRFlow's targets need only the batch, the seeded draws and the frozen teacher: validation makes
-    each batch's job once, and makes it again for other clips at that index or for a new teacher."""
+    each batch's job once, and makes it again for other clips (keys) at that index or for a new teacher."""
     model = DistillModule(teacher_ckpt, PeRFlow(solver_steps=2), ema_decay=0.99)
     model.load_teacher()
     calls = []
@@ -158,11 +158,15 @@ def test_a_held_out_batch_is_solved_by_the_teacher_once(teacher_ckpt):
         assert float(model.held_out_loss(batch, 3)) != first and len(calls) == solved  # the job is reused
         model.held_out_loss(other, 3)
         assert len(calls) == 2 * solved  # other clips at the same index: solved afresh
+        model.held_out_loss({**other, "start": other["start"] + 4}, 3)
+        assert len(calls) == 3 * solved  # the same clips from another frame
+        model.held_out_loss({k: v for k, v in other.items() if k != "key"}, 3)
+        assert len(calls) == 4 * solved  # clips without keys are never taken for others
         model._keep_teacher(None)
         model.load_teacher()
         model.teacher.register_forward_hook(lambda *_: calls.append(1))
-        model.held_out_loss(other, 3)
-        assert len(calls) == 3 * solved  # the teacher loaded anew
+        model.held_out_loss(batch, 3)
+        assert len(calls) == 5 * solved  # the teacher loaded anew
 
 
 def test_a_distiller_without_fixed_targets_makes_each_held_out_job_anew(teacher_ckpt):
