@@ -39,7 +39,6 @@ class ConsistencyTargets(DistillTargets):
 
 
 class TCD(CFGDistiller):
-    fixed_targets = True
     SOLUTIONS_KEPT = 64  # held-out batches whose teacher solution is kept (budgets/plateau.yaml validates 8)
 
     def __init__(self, grid_steps: int = 50, skip: int = 20, distance: str = "l2", huber_c: float = 0.001,
