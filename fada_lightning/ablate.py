@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import statistics
 import textwrap
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from . import cli, curve, evaluate
@@ -259,8 +261,9 @@ class Ablation:
         began = time.perf_counter()
         result = self.evaluate(row, seed)
         trained = curve.training_seconds(self.tensorboard(row, seed)) if "fit" in row else 0.0
+        # threads: the intra-op threads this process ran on (CPU time ~ wall x threads)
         result.update(row=row["name"], seed=seed, seconds_train=round(trained, 1),
-                      seconds_eval=round(time.perf_counter() - began, 1))
+                      seconds_eval=round(time.perf_counter() - began, 1), threads=torch.get_num_threads())
         write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
         print(f"[ablate] {label}: {evaluate.format_metrics(result)}")
         return result
@@ -366,14 +369,16 @@ class Ablation:
 
 
 def summarize(by_seed: dict[int, dict]) -> dict:
-    """{seed: result} -> {"seeds": [...], "steps": [...], "seconds": {"train", "eval"}, column: {"mean", "sd",
-    "min", "max", "values"}} for every column of evaluate.COLUMNS and IQA_ci95: steps are the evaluated
-    checkpoints' training steps, seconds the wall time summed over seeds; sd is the sample standard
-    deviation over seeds (n - 1 in the denominator), None with one seed."""
+    """{seed: result} -> {"seeds": [...], "steps": [...], "seconds": {"train", "eval", "cpu"}, column: {"mean",
+    "sd", "min", "max", "values"}} for every column of evaluate.COLUMNS and IQA_ci95: steps are the evaluated
+    checkpoints' training steps, seconds the wall time summed over seeds and cpu the CPU time, wall x the
+    run's threads (a result without `threads` ran on torch's default: every core); sd is the sample
+    standard deviation over seeds (n - 1 in the denominator), None with one seed."""
     seeds = sorted(by_seed)
-    summary: dict = {"seeds": seeds, "steps": [int(by_seed[s]["step"]) for s in seeds],
-                     "seconds": {part: sum(by_seed[s].get(f"seconds_{part}", 0.0) for s in seeds)
-                                 for part in ("train", "eval")}}
+    seconds = {part: sum(by_seed[s].get(f"seconds_{part}", 0.0) for s in seeds) for part in ("train", "eval")}
+    seconds["cpu"] = sum((by_seed[s].get("seconds_train", 0.0) + by_seed[s].get("seconds_eval", 0.0))
+                         * by_seed[s].get("threads", os.cpu_count()) for s in seeds)
+    summary: dict = {"seeds": seeds, "steps": [int(by_seed[s]["step"]) for s in seeds], "seconds": seconds}
     for column in (*evaluate.COLUMNS, "IQA_ci95"):
         values = [float(by_seed[s]["metrics"][column]) for s in seeds]
         summary[column] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
@@ -436,9 +441,9 @@ def markdown_table(title: str, summaries: list, depends_on: dict, missing: list[
               "With 2+ seeds a cell is the mean over training seeds ± their sample SD (n - 1); with one seed, the "
               "value (IQA ± its 95% interval over clips). steps: the evaluated checkpoint's training step (the "
               "range over seeds).",
-              "Wall time of these runs on this machine: training {:.2f} h, evaluation {:.2f} h (a run shared with "
-              "another table is counted in each).".format(*(sum(s["seconds"][part] for _, s in summaries) / 3600
-                                                           for part in ("train", "eval")))]
+              "Wall time of these runs on this machine: training {:.2f} h, evaluation {:.2f} h; CPU time (wall x "
+              "threads) {:.2f} h (a run shared with another table is counted in each).".format(
+                  *(sum(s["seconds"][part] for _, s in summaries) / 3600 for part in ("train", "eval", "cpu")))]
     if partial:
         lines.append(f"Partially finished: {', '.join(partial)}.")
     if missing:

@@ -2,6 +2,7 @@
 (seed included), bad specs are clear errors, seeds aggregate to mean ± SD, sweeps expand per model, NFE-D is
 counted, and a quick ablation runs end to end at two seeds and resumes."""
 import json
+import os
 
 import pytest
 import yaml
@@ -131,13 +132,15 @@ def result(seed: int, fvd: float, iqa: float = 0.5) -> dict:
 
 
 def test_seeds_aggregate_to_mean_sample_sd_min_and_max():
-    summary = ablate.summarize({2: result(2, 5.0), 0: result(0, 1.0), 1: result(1, 3.0)})
+    summary = ablate.summarize({2: {**result(2, 5.0), "threads": 1}, 0: result(0, 1.0), 1: result(1, 3.0)})
     assert summary["seeds"] == [0, 1, 2]
     assert summary["FVD"] == {"mean": 3.0, "sd": 2.0, "min": 1.0, "max": 5.0, "values": [1.0, 3.0, 5.0]}  # ddof 1
     assert summary["Sync-D"]["values"] == [8.0, 9.0, 10.0] and summary["Sync-D"]["sd"] == 1.0
     assert summary["NFE-D"] == {"mean": 6.0, "sd": 0.0, "min": 6.0, "max": 6.0, "values": [6.0] * 3}
     assert set(summary) == {"seeds", "steps", "seconds", *evaluate.COLUMNS, "IQA_ci95"}
-    assert summary["steps"] == [100, 101, 102] and summary["seconds"] == {"train": 180.0, "eval": 90.0}
+    # CPU time: 90 s on 1 thread, and twice 90 s on torch's default (every core) where threads were not recorded
+    assert summary["steps"] == [100, 101, 102] and summary["seconds"] == {"train": 180.0, "eval": 90.0,
+                                                                         "cpu": 90.0 + 2 * 90.0 * os.cpu_count()}
     assert ablate.steps_cell(summary) == "100-102"
     one = ablate.summarize({0: result(0, 4.0)})
     assert one["seeds"] == [0] and one["FVD"] == {"mean": 4.0, "sd": None, "min": 4.0, "max": 4.0, "values": [4.0]}
@@ -277,7 +280,7 @@ def test_ablate_quick_runs_two_seeds_end_to_end_and_resumes_after_its_first_row(
     results = [json.loads((out / row / f"seed{s}" / "result.json").read_text()) for row in ("Teacher", "Student_s_a_1")
                for s in (0, 1)]
     assert all(r["seconds_train"] > 0 for r in results[:2]) and all(r["seconds_train"] == 0 for r in results[2:])
-    assert all(r["seconds_eval"] > 0 for r in results)
+    assert all(r["seconds_eval"] > 0 and r["threads"] >= 1 for r in results)
     assert "Wall time of these runs on this machine: training " in table
     claim = next(line for line in table.splitlines() if line.startswith("| s_a 6.5 beats s_a 1 |"))
     assert claim.count(" | ") == len(ablate.QUALITY) + 1 and claim.split(" | ")[-1].removesuffix(" |") in (
