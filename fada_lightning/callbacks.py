@@ -15,6 +15,9 @@ class FinalCheckpoint(ModelCheckpoint):
     - `last_every_n_steps` also refreshes `last.ckpt` (only) that often between the kept checkpoints,
       so a killed run resumes from at most that many steps back. Steps are counted alike on every
       rank, so all ranks take part in the (possibly sharded) save together.
+    - A checkpoint written at a step's batch end predates that step's validation, and a run resumed
+      from it never redoes that validation: it is written again after it, so what the validation told
+      the callbacks (Plateau's count, the best val/loss) is not lost to a kill.
     """
 
     def __init__(self, *args, last_every_n_steps: int = 0, **kwargs):
@@ -22,6 +25,28 @@ class FinalCheckpoint(ModelCheckpoint):
         if last_every_n_steps < 0:
             raise ValueError(f"last_every_n_steps must be >= 0 (0: off), got {last_every_n_steps}")
         self.last_every_n_steps = last_every_n_steps
+        self._before_validation: list[str] = []  # written at this step's batch end
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.training:
+            self._before_validation.append(filepath)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before_validation = []
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or not self._before_validation:
+            return
+        # Lightning calls checkpoint callbacks last, in order: those after this one (best.ckpt's) have not
+        # seen this validation yet. They do now; their own call follows at a step they saved or judged
+        # already, a no-op for a ModelCheckpoint.
+        for later in trainer.checkpoint_callbacks[trainer.checkpoint_callbacks.index(self) + 1:]:
+            later.on_validation_end(trainer, pl_module)
+        for path in dict.fromkeys(self._before_validation):
+            super()._save_checkpoint(trainer, path)
+        self._before_validation = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -90,6 +90,33 @@ def test_plateau_resumes_with_its_count(tmp_path):
     assert second.stopped_at == 20 and second.history[:3] == [(5, 1.0), (10, 0.5), (15, 0.5)]
 
 
+def test_a_run_killed_after_a_validation_at_a_checkpoint_step_resumes_as_if_not_killed(tmp_path):
+    """last.ckpt is written at step 10's batch end, before step 10's validation (0.5, a new best). The run
+    ends there as a kill would; resumed, it must know that validation: Plateau stops at 20 as the
+    uninterrupted run does (0.5 at 15 and 20 are no gain), and best.ckpt's callback knows its best is 0.5."""
+    losses = [1.0, 0.5, 0.5, 0.5, 0.1]
+
+    def callbacks(folder=tmp_path):
+        return (Plateau(patience=2), FinalCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=100,
+                                                      save_top_k=-1, last_every_n_steps=5),
+                ModelCheckpoint(dirpath=folder, monitor="val/loss", filename="best", save_top_k=1,
+                                enable_version_counter=False))
+
+    uninterrupted = callbacks(tmp_path / "whole")
+    plateau_trainer(tmp_path / "whole", *uninterrupted).fit(Scripted(losses))
+    assert uninterrupted[0].stopped_at == 20
+
+    plateau_trainer(tmp_path, *callbacks(), max_steps=10).fit(Scripted(losses))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    best_state = next(v for k, v in saved["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert saved["global_step"] == 10 and float(best_state["best_model_score"]) == 0.5
+    resumed, model = callbacks(), Scripted(losses)
+    model.validations = 2
+    plateau_trainer(tmp_path, *resumed).fit(model, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed[0].history == uninterrupted[0].history and resumed[0].stopped_at == 20
+    assert torch.load(tmp_path / "best.ckpt", weights_only=False)["global_step"] == 10
+
+
 def test_plateau_stops_a_run_whose_loss_is_not_finite_even_before_min_steps(tmp_path):
     plateau = Plateau(patience=5, min_steps=50)
     plateau_trainer(tmp_path, plateau).fit(Scripted([1.0, float("nan"), 0.5]))
