@@ -30,11 +30,11 @@ $(WORLD_NET): | $(STAMP)
 
 test: $(STAMP) $(WORLD_NET)   # the 10 slowest tests are listed, to keep the suite inside its 15 minutes
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist worksteal --durations 10 -q
+	$(BIN)/python -m pytest -n 2 --durations 10 -q
 
 test-fast: $(STAMP) $(WORLD_NET)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist worksteal -q -m "not slow"
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/data.py
