@@ -22,7 +22,7 @@ demo: $(STAMP)
 demo-one-step: $(STAMP)   # TurboTalk's stages: teacher -> DMD (4 NFE) -> one step (1 NFE)
 	$(BIN)/python -m fada_lightning.demo --one-step
 
-# The synthetic world's evaluation net, trained once here on every core (~100 s): left to the tests,
+# The synthetic world's evaluation net, trained once here on every core (127 s on a fresh clone): left to the tests,
 # one xdist worker would train it on one thread while the other waits for it.
 WORLD_NET := data/extractors/world_net-seed0-32px.pt
 $(WORLD_NET): | $(STAMP)
