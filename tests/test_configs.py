@@ -13,8 +13,13 @@ ABLATIONS = sorted(f"{p.parent.name}/{p.stem}" for p in (bundled_config_dir() / 
 
 
 def resolved(capsys, *configs) -> dict:
+    return resolved_args(capsys, ["fit", *[arg for c in configs for arg in ("--config", c)]])
+
+
+def resolved_args(capsys, args: list[str]) -> dict:
+    """The config `fada` resolves from a command line (its --print_config)."""
     with pytest.raises(SystemExit):
-        main(["fit", *[arg for c in configs for arg in ("--config", c)], "--print_config"])
+        main([*args, "--print_config"])
     return yaml.safe_load(capsys.readouterr().out)
 
 
@@ -114,3 +119,32 @@ def test_the_plateau_budget_adds_its_stop_rule_to_a_distillation_config(capsys):
     changed = differences(base, budget).keys() - {"trainer.callbacks"}
     assert changed == {"trainer.max_steps", "trainer.val_check_interval", "trainer.limit_val_batches",
                        "data.init_args.val_samples"}
+
+
+TABLES = sorted(p.name for p in (bundled_config_dir() / "tables").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_every_table_row_on_the_plateau_budget_counts_its_students_updates(table, capsys):
+    """plateau.yaml validates every 25 steps and caps at 3000, steps of a student that updates every step.
+    A row whose student updates every k-th step (DMD's G) must scale both by k, or the rule stops it
+    after a few of the student's updates (DMD at step 150: 30 of G's updates)."""
+    from jsonargparse import ArgumentParser
+
+    from distillers.base import Distiller
+    from fada_lightning.ablate import Ablation, load_ablation
+
+    budget = yaml.safe_load((bundled_config_dir() / "budgets" / "plateau.yaml").read_text())["trainer"]
+    spec = load_ablation(f"tables/{table}")
+    rows = [row for row in spec["rows"] if "budgets/plateau.yaml" in row.get("fit", [])]
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Distiller, "distiller")
+    for row in rows:
+        config = resolved_args(capsys, Ablation(spec).fit_args(row, 0))
+        distiller = parser.instantiate_classes(parser.parse_object(
+            {"distiller": config["model"]["init_args"]["distiller"]})).distiller
+        every = distiller.student_every
+        assert (config["trainer"]["val_check_interval"], config["trainer"]["max_steps"]) == (
+            budget["val_check_interval"] * every, budget["max_steps"] * every), (row["name"], every)
+    assert table != "distillers.yaml" or {row["name"] for row in rows} >= {"DMD (4 NFE)", "TurboTalk (1 NFE)"}
+
