@@ -137,6 +137,7 @@ def test_every_table_row_on_the_plateau_budget_counts_its_students_updates(table
     budget = yaml.safe_load((bundled_config_dir() / "budgets" / "plateau.yaml").read_text())["trainer"]
     spec = load_ablation(f"tables/{table}")
     rows = [row for row in spec["rows"] if "budgets/plateau.yaml" in row.get("fit", [])]
+    assert rows, f"{table} trains no row on the plateau budget"
     parser = ArgumentParser()
     parser.add_subclass_arguments(Distiller, "distiller")
     for row in rows:
