@@ -87,6 +87,15 @@ class Plateau(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor)
 
+    def on_fit_start(self, trainer, pl_module):
+        # The budget counts training steps. A student that steps every k-th of them (DMD's G) gets 1/k of
+        # that many updates: say so, since the shipped tables scale the budget by k for such a row.
+        every = getattr(getattr(pl_module, "distiller", None), "student_every", 1)
+        if every > 1 and isinstance(trainer.val_check_interval, int):
+            rank_zero_info(f"[fada] Plateau counts training steps and the student updates every {every}th: a "
+                           f"validation every {trainer.val_check_interval / every:g} of its updates, a cap of "
+                           f"{trainer.max_steps / every:g}")
+
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return

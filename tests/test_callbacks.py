@@ -143,3 +143,11 @@ def test_the_plateau_budget_keeps_the_checkpoint_of_its_lowest_held_out_loss(tmp
     plateau_trainer(tmp_path, *callbacks).fit(Scripted([1.0, 0.5, 0.7, 0.6, 0.55, 0.9, 0.4]))
     assert callbacks[0].stopped_at == 30 and [p.name for p in tmp_path.glob("*.ckpt")] == ["best.ckpt"]
     assert torch.load(tmp_path / "best.ckpt", weights_only=False)["global_step"] == 10
+
+
+def test_plateau_says_how_many_of_the_students_updates_its_budget_is(tmp_path, caplog):
+    model = Scripted([1.0] * 4)
+    model.distiller = type("EveryFifth", (), {"student_every": 5})()  # DMD's G steps every 5th training step
+    with caplog.at_level("INFO"):
+        plateau_trainer(tmp_path, Plateau(), max_steps=20).fit(model)
+    assert "a validation every 1 of its updates, a cap of 4" in caplog.text
