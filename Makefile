@@ -29,10 +29,11 @@ $(WORLD_NET): | $(STAMP)
 	$(BIN)/python -c "from fada_lightning.metrics.synthetic import world_net; world_net()"
 
 # `make test`: the suite without the end-to-end runs marked slow; `make test SLOW=1`: all of it, as CI runs it.
-# The 10 slowest tests are listed, to keep the suite inside its 15 minutes.
+# The 10 slowest tests are listed, to keep the suite inside its 15 minutes. Worksteal: a worker that
+# runs out takes tests queued on the other, so one long test at the end does not leave a core idle.
 test: $(STAMP) $(WORLD_NET)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --durations 10 -q $(if $(SLOW),,-m "not slow")
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations 10 -q $(if $(SLOW),,-m "not slow")
 
 bench: $(STAMP)
 	$(BIN)/python bench/data.py

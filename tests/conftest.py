@@ -21,6 +21,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per xdist worke
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end tests first: under xdist they then run beside each other and the short tests
+    fill in around them, instead of one of them starting last while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+
+
 def burst_clip(key: str, frames: int = 20, size: int = 32, burst_frame: int = 5, seed: int = 0) -> dict:
     """A sample whose content names its frames: frame i is flat grey level 20 + 10 i, the wav is
     quiet noise with a loud burst over exactly frame `burst_frame`'s 640 samples, and json
