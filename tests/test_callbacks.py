@@ -150,4 +150,4 @@ def test_plateau_says_how_many_of_the_students_updates_its_budget_is(tmp_path, c
     model.distiller = type("EveryFifth", (), {"student_every": 5})()  # DMD's G steps every 5th training step
     with caplog.at_level("INFO"):
         plateau_trainer(tmp_path, Plateau(), max_steps=20).fit(model)
-    assert "a validation every 1 of its updates, a cap of 4" in caplog.text
+    assert "updates on every 5th one: a validation every 1 of its updates, a cap of 4 of them" in caplog.text
