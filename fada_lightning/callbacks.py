@@ -92,9 +92,9 @@ class Plateau(Callback):
         # that many updates: say so, since the shipped tables scale the budget by k for such a row.
         every = getattr(getattr(pl_module, "distiller", None), "student_every", 1)
         if every > 1 and isinstance(trainer.val_check_interval, int):
-            rank_zero_info(f"[fada] Plateau counts training steps and the student updates on every {every}th one: "
-                           f"a validation every {trainer.val_check_interval / every:g} of its updates, a cap of "
-                           f"{trainer.max_steps / every:g} of them")
+            rank_zero_info(f"[fada] Plateau counts training steps, and the student updates once every {every} of "
+                           f"them: a validation every {trainer.val_check_interval / every:g} of its updates, a cap of "
+                           f"{trainer.max_steps / every:g}")
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:

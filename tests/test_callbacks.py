@@ -1,4 +1,6 @@
 """FinalCheckpoint: the end of a run is saved even between periodic checkpoints."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -147,7 +149,7 @@ def test_the_plateau_budget_keeps_the_checkpoint_of_its_lowest_held_out_loss(tmp
 
 def test_plateau_says_how_many_of_the_students_updates_its_budget_is(tmp_path, caplog):
     model = Scripted([1.0] * 4)
-    model.distiller = type("EveryFifth", (), {"student_every": 5})()  # DMD's G steps every 5th training step
+    model.distiller = SimpleNamespace(student_every=5)  # DMD's G steps every 5th training step
     with caplog.at_level("INFO"):
         plateau_trainer(tmp_path, Plateau(), max_steps=20).fit(model)
-    assert "updates on every 5th one: a validation every 1 of its updates, a cap of 4 of them" in caplog.text
+    assert "once every 5 of them: a validation every 1 of its updates, a cap of 4" in caplog.text
