@@ -1,4 +1,5 @@
-"""FinalCheckpoint: the end of a run is saved even between periodic checkpoints."""
+"""FinalCheckpoint: the end of a run is saved even between periodic checkpoints. Plateau: the budget rule
+that stops a run once its held-out loss stops improving."""
 from types import SimpleNamespace
 
 import pytest
