@@ -3,6 +3,7 @@
     fada fit --config teacher.yaml            # bare name: a bundled config; a path: that file
     fada fit --config teacher.yaml --print_config
     fada sample --ckpt CKPT --image face.png --audio speech.wav -o out.mp4
+    fada export CKPT --out DIR                # a diffusers folder: FadaAvatarPipeline.from_pretrained(DIR)
     fada evaluate --ckpt CKPT                 # FID, FVD, Sync-D/C, E-FID, IQA, NFE-D on held-out clips
     fada curve runs/teacher/tb/run            # every kept checkpoint evaluated: metrics against steps
     fada ablate --config tables/distillers.yaml
@@ -38,6 +39,7 @@ LIGHTNING_COMMANDS = {
 # name: (module:function, one line for `fada --help`)
 TOOLS = {
     "sample": ("fada_lightning.sample:main", "a talking-head mp4 from a checkpoint, one face image and one audio file"),
+    "export": ("fada_lightning.export:main", "a checkpoint as a diffusers folder that FadaAvatarPipeline loads"),
     "evaluate": ("fada_lightning.evaluate:main", "FID, FVD, Sync-D/C, E-FID, IQA and NFE-D of a checkpoint on held-out clips"),
     "curve": ("fada_lightning.curve:main", "a run's held-out curve: every kept checkpoint evaluated, then plotted"),
     "ablate": ("fada_lightning.ablate:main", "train and evaluate every row of an ablation table (resumable)"),

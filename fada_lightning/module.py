@@ -13,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from .diffusion import schedule as S
 from .diffusion.guidance import Conditions, condition_dropout
-from .diffusion.sampling import generate_clips
+from .diffusion.sampling import generate_video
 from .models.denoiser import AvatarDenoiser
 from .presets import load_preset
 
@@ -152,17 +152,9 @@ class AvatarModule(L.LightningModule):
         """ref (B, 3, H, W) pixels, audio (B, T, W, L, D) -> (video (B, T, 3, H, W) in [-1, 1], NFE per window).
         eta: the scheduler step's stochasticity (TCD's gamma), default `sample_eta`."""
         ref_scale, audio_scale = self.sampling_scales(ref_scale, audio_scale)
-        net = self.sampling_net
-        was_training = net.training
-        net.eval()
-        ref_latent = self.codec.encode(ref)
-        latents, nfe = generate_clips(
-            net, self.scheduler(), ref_latent, audio, self.hparams.clip_frames, self.hparams.motion_frames,
-            steps or self.hparams.sample_steps, ref_scale, audio_scale, generator=generator, progress=progress,
-            eta=self.sample_eta if eta is None else eta)
-        net.train(was_training)
-        video = self.codec.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
-        return video.clamp(-1, 1), nfe
+        return generate_video(self.sampling_net, self.codec, self.scheduler(), ref, audio, self.hparams.clip_frames,
+                              self.hparams.motion_frames, steps or self.hparams.sample_steps, ref_scale, audio_scale,
+                              generator=generator, progress=progress, eta=self.sample_eta if eta is None else eta)
 
     # ---- Lightning hooks ------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx):

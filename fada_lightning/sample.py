@@ -12,7 +12,8 @@ import torch
 
 from .checkpoints import read_checkpoint
 from .diffusion.sampling import check_eta
-from .video_io import read_audio, read_image, write_mp4
+from .pipeline import crop_reference, talking_video
+from .video_io import read_audio, write_mp4
 
 SAMPLE_RATE, FPS = 16000, 25
 
@@ -37,24 +38,19 @@ def load_module(ckpt: str | Path, map_location="cpu"):
     return module
 
 
-@torch.no_grad()
 def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_scale=None, audio_scale=None,
                  seed: int = 0, progress: bool = True, eta: float | None = None):
-    """image (H, W, 3) uint8, audio (samples,) float32 at 16 kHz -> (frames (T, H, W, 3) uint8, NFE per window)."""
-    from datamodules.audio_features import audio_windows
-
+    """image (H, W, 3) uint8, audio (samples,) float32 at 16 kHz -> (frames (T, H, W, 3) uint8, NFE per window):
+    `talking_video` with the module's sampling network, codec, audio features, sampler and settings."""
     size = module.preset["frame_size"]
     if image.shape != (size, size, 3):
         raise ValueError(f"reference image is {image.shape}, the model samples ({size}, {size}, 3) frames")
-    num_frames = int(np.ceil(len(audio) / (SAMPLE_RATE / FPS)))
-    feats = module.audio_features(torch.tensor(audio), num_frames)  # (T, L, D); pads the last frame
-    windows = audio_windows(feats, 0, num_frames, module.preset["net"]["audio"]["window"] // 2)
-    ref = torch.tensor(image).permute(2, 0, 1).float().div(127.5).sub(1)[None]
-    g = torch.Generator().manual_seed(seed)
-    video, nfe = module.generate(ref.to(module.device), windows[None].to(module.device), steps, ref_scale,
-                                 audio_scale, generator=g, progress=progress, eta=eta)
-    frames = ((video[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    return frames, nfe
+    ref_scale, audio_scale = module.sampling_scales(ref_scale, audio_scale)
+    hp = module.hparams
+    return talking_video(module.sampling_net, module.codec, module.audio_features, module.scheduler(), image, audio,
+                         hp.clip_frames, hp.motion_frames, steps or hp.sample_steps, ref_scale, audio_scale,
+                         generator=torch.Generator().manual_seed(seed), progress=progress,
+                         eta=module.sample_eta if eta is None else eta)
 
 
 def probe_image(path) -> tuple[int, int]:
@@ -75,33 +71,6 @@ def training_face_crop(checkpoint: dict) -> dict | None:
     detector, margin and analysis size), or None when the checkpoint does not say."""
     return next((state["face_crop"] for state in checkpoint.values()
                  if isinstance(state, dict) and isinstance(state.get("face_crop"), dict)), None)
-
-
-def crop_reference(image_path, size: int, face_crop: dict | None) -> np.ndarray:
-    """The reference image as the model saw faces in training -> (size, size, 3) uint8: detected and
-    cropped square around the face with `face_crop`'s detector and margin (fada prepare's crop), or,
-    with no recorded crop or detector none, centre-cropped whole. No face is an error; several, a
-    warning (the largest is used)."""
-    if not face_crop or face_crop.get("detector", "none") == "none":
-        return read_image(image_path, size)
-    import cv2
-
-    from datamodules.prepare.faces import crop_frames, make_detector
-
-    image = read_image(image_path, None)
-    short = min(image.shape[:2])
-    scale = min(1.0, face_crop.get("analysis_size", 256) / short)
-    small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
-    detector = make_detector(face_crop["detector"], **face_crop.get("detector_args", {}))
-    boxes = np.asarray(detector(small), np.float32).reshape(-1, 4) / scale
-    if len(boxes) == 0:
-        raise ValueError(f"{image_path}: the {face_crop['detector']} face detector the training clips were cropped "
-                         "with finds no face; give a cropped face image with --no-crop")
-    if len(boxes) > 1:
-        warnings.warn(f"{image_path}: {len(boxes)} faces found; the largest is used (crop the image yourself "
-                      "and pass --no-crop to choose another)")
-    largest = boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))]
-    return crop_frames(image[None], largest[None], face_crop["margin"], size)[0]
 
 
 def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None, audio_scale=None, seed: int = 0,

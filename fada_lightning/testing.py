@@ -16,7 +16,8 @@ differentiable loss; gradients reach, at each optimizer step, only the network i
 teacher and every network a step does not update stay bit-identical; the update counts follow
 `Distiller.updates`; the teacher is unchanged by training; a step is deterministic given the seed;
 the sampler makes the declared NFE (counted by a forward hook); every timestep the sampler uses is
-one that training visits; a checkpoint round-trips, resumes with every optimizer's state, and
+one that training visits; the student exports (`fada export`) to a pipeline that samples as `fada sample`
+does; a checkpoint round-trips, resumes with every optimizer's state, and
 loads for sampling without the distiller's own networks.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import copy
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +64,7 @@ def random_teacher_checkpoint(path, clip_frames: int = 4) -> str:
     teacher = TeacherModule(preset=small_preset(), ema_decay=None, clip_frames=clip_frames)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams), "global_step": 0,
+                "pytorch-lightning_version": L.__version__,
                 "fada_role": teacher.checkpoint_role, "fada_module": "fada_lightning.module.TeacherModule"}, path)
     return str(path)
 
@@ -85,6 +88,33 @@ def random_batch(b: int = 2, f: int = 4, m: int = 2, size: int = 32, seed: int =
                 ref=torch.rand(b, 3, size, size, generator=g) * 2 - 1,
                 audio=torch.randn(b, f, 5, 1, 128, generator=g), tier=[("strict", "lenient")[i % 2] for i in range(b)],
                 key=[f"random-{seed}-{i:03d}" for i in range(b)], start=torch.zeros(b, dtype=torch.long))
+
+
+def random_face_and_speech(frames: int, size: int = 32, seed: int = 0) -> tuple:
+    """A (size, size, 3) uint8 face of noise and `frames` video frames' worth of noise as 16 kHz speech."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            (0.1 * rng.standard_normal(frames * 640)).astype(np.float32))
+
+
+def exported_pipeline(ckpt, folder):
+    """`fada export` of ckpt into `folder`, loaded back as FadaAvatarPipeline (progress bars off)."""
+    from .export import export
+    from .pipeline import FadaAvatarPipeline
+
+    pipe = FadaAvatarPipeline.from_pretrained(export(ckpt, folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assert_pipeline_samples_as_fada_sample(pipe, ckpt, frames: int) -> None:
+    """The exported pipeline makes the frames `fada sample` makes from the checkpoint (same face, speech
+    and seed), at the same NFE, through every part's save and load (weights, sampler, settings)."""
+    image, audio = random_face_and_speech(frames)
+    expected, nfe = sample.sample_video(sample.load_module(ckpt).eval(), image, audio, progress=False)
+    out = pipe(image, audio, generator=torch.Generator().manual_seed(0))
+    assert out.nfe == nfe and out.frames.shape == expected.shape == (frames, 32, 32, 3)
+    assert np.abs(out.frames.astype(int) - expected).max() <= 1  # float tolerance, in uint8 levels
 
 
 @pytest.fixture(scope="session")
@@ -266,6 +296,15 @@ class DistillerContract:
         assert len(scheduler.timesteps) == module.hparams.sample_steps
         sampled = [round(float(tau), 3) for tau in scheduler.timesteps]
         assert [tau for tau in sampled if tau not in trained] == [], sorted(trained)[-10:]
+
+    def test_the_student_exports_and_samples_as_fada_sample_does(self, trained, tmp_path):
+        """`fada export` -> FadaAvatarPipeline.from_pretrained, with no training code, samples as `fada sample`
+        does over two clip windows (motion frames carried); a one-pass student refuses guidance scales."""
+        pipe = exported_pipeline(trained[2], tmp_path / "exported")
+        assert_pipeline_samples_as_fada_sample(pipe, trained[2], frames=trained[0].hparams.clip_frames + 2)
+        if pipe.config.ref_guidance_scale is None:
+            with pytest.raises(ValueError, match="one pass"):
+                pipe(*random_face_and_speech(2), ref_guidance_scale=2.0)
 
     def test_a_checkpoint_round_trips_and_resumes(self, trained, teacher_ckpt, shards, tmp_path):
         model, trainer, path, _ = trained

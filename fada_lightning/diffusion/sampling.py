@@ -96,28 +96,57 @@ def check_eta(scheduler, eta: float | None) -> None:
 def generate_clips(net, scheduler, ref: torch.Tensor, audio: torch.Tensor, clip_frames: int, motion_frames: int,
                    num_steps: int, ref_scale: float | None = 2.5, audio_scale: float | None = 6.5,
                    generator: torch.Generator | None = None, progress: bool = False, eta: float | None = None):
-    """Latent video for audio of any length, one clip window at a time.
+    """Latent video for audio of any length, one clip window at a time (`iter_clips` over its windows).
 
     ref (B, C, h, w) reference latents; audio (B, T, W, L, D) feature windows for all T frames.
-    The first clip's motion frames are the reference repeated; each later clip takes the last
-    M frames generated. Scales None -> one conditional pass a step, else `denoiser_for` (one pass
-    for a net that takes the scales, Eq 9's three otherwise); eta goes to the scheduler's step.
     Returns (latents (B, T, C, h, w), NFE per clip window).
     """
+    counter = NFECounter(net, clips=audio.shape[0])
+    windows = range(0, audio.shape[1], clip_frames)
+    clips = list(iter_clips(counter, scheduler, ref, (audio[:, start:start + clip_frames] for start in windows),
+                            clip_frames, motion_frames, num_steps, ref_scale, audio_scale, generator,
+                            progress, eta, total=len(windows)))
+    return torch.cat(clips, dim=1)[:, :audio.shape[1]], counter.nfe / len(windows)
+
+
+@torch.no_grad()
+def iter_clips(net, scheduler, ref: torch.Tensor, windows, clip_frames: int, motion_frames: int, num_steps: int,
+               ref_scale: float | None, audio_scale: float | None, generator: torch.Generator | None = None,
+               progress: bool = False, eta: float | None = None, total: int | None = None):
+    """Clip windows sampled one after another, each as soon as its audio is given: for every audio
+    window (B, F', W, L, D), F' <= clip_frames (a short last one is padded with null audio), yields
+    its latents (B, clip_frames, C, h, w). The first clip's motion frames are the reference repeated;
+    each later clip takes the last M frames generated. Scales None -> one conditional pass a step, else
+    `denoiser_for` (one pass for a net that takes the scales, Eq 9's three otherwise); eta goes to the
+    scheduler's step. A clip draws its noise, then its steps' noise, from `generator`, so a stream of
+    windows makes the clips one call on all of them makes."""
     check_eta(scheduler, eta)
-    b, total = audio.shape[:2]
-    counter = NFECounter(net, clips=b)
     motion = ref[:, None].expand(-1, motion_frames, -1, -1, -1)
-    clips, windows = [], range(0, total, clip_frames)
-    for start in tqdm(windows, desc="clips", disable=not progress or len(windows) == 1):
-        window = audio[:, start:start + clip_frames]
+    for window in tqdm(windows, desc="clips", total=total, disable=not progress or total == 1):
+        b = window.shape[0]
         if window.shape[1] < clip_frames:  # pad the last window with null (zero) audio
             window = torch.cat([window, window.new_zeros(b, clip_frames - window.shape[1], *window.shape[2:])], 1)
         cond = Conditions(ref=ref, motion=motion, audio=window)
-        denoise = denoiser_for(counter, cond, ref_scale, audio_scale)
+        denoise = denoiser_for(net, cond, ref_scale, audio_scale)
         noise = torch.randn((b, clip_frames, *ref.shape[1:]), generator=generator, device=ref.device, dtype=ref.dtype)
         clip = sample_loop(denoise, noise, scheduler, num_steps, generator, progress, eta)
-        clips.append(clip)
+        yield clip
         motion = clip[:, -motion_frames:]
-    latents = torch.cat(clips, dim=1)[:, :total]
-    return latents, counter.nfe / len(windows)
+
+
+@torch.no_grad()
+def generate_video(net, codec, scheduler, ref: torch.Tensor, audio: torch.Tensor, clip_frames: int, motion_frames: int,
+                   num_steps: int, ref_scale: float | None, audio_scale: float | None,
+                   generator: torch.Generator | None = None, progress: bool = False, eta: float | None = None):
+    """`generate_clips` in pixels: ref (B, 3, H, W) in [-1, 1], audio (B, T, W, L, D) ->
+    (video (B, T, 3, H, W) in [-1, 1], NFE per clip window). The net samples in eval mode and is
+    handed back in the mode it came in."""
+    was_training = net.training
+    net.eval()
+    try:
+        latents, nfe = generate_clips(net, scheduler, codec.encode(ref), audio, clip_frames, motion_frames, num_steps,
+                                      ref_scale, audio_scale, generator=generator, progress=progress, eta=eta)
+    finally:
+        net.train(was_training)
+    video = codec.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
+    return video.clamp(-1, 1), nfe

@@ -2,6 +2,7 @@
 
 `micro` uses an exact, invertible space-to-depth codec (no VAE at this scale);
 `sd15` uses diffusers' AutoencoderKL loaded from a local diffusers folder.
+Both are diffusers models, so an exported pipeline (`fada export`) saves and loads them as parts.
 """
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 
 
-class SpaceToDepthCodec(nn.Module):
-    """z = scale * pixel_unshuffle(x, factor): (N, 3, H, W) -> (N, 3 f^2, H/f, W/f), exact inverse."""
+class SpaceToDepthCodec(ModelMixin, ConfigMixin):
+    """z = scale * pixel_unshuffle(x, factor): (N, 3, H, W) -> (N, 3 f^2, H/f, W/f), exact inverse.
+    No weights: its saved folder is its config alone."""
 
+    @register_to_config
     def __init__(self, factor: int = 4, scale: float = 1.0):
         super().__init__()
         self.factor, self.scale = factor, scale
@@ -27,15 +31,24 @@ class SpaceToDepthCodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(latents / self.scale, self.factor)
 
+    @classmethod
+    def from_pretrained(cls, folder, subfolder: str | None = None, **kwargs) -> "SpaceToDepthCodec":
+        """From a saved folder: its config is all there is (ModelMixin's loader wants a weights file)."""
+        return cls.from_config(cls.load_config(folder, subfolder=subfolder))
 
-class VAECodec(nn.Module):
+
+class VAECodec(ModelMixin, ConfigMixin):
     """SD1.5's AutoencoderKL: z = scaling_factor * E(x) (posterior mean), x = D(z / scaling_factor).
 
     `path` is a local diffusers folder (with a `vae/` subfolder, or the VAE folder itself);
     nothing is downloaded. `config` builds the architecture without weights: for tests and
-    shape checks on the meta device only.
+    shape checks on the meta device, and for `from_pretrained`, whose weights file then fills it in
+    (`fada export` records the VAE's config in the codec's, never the training machine's path).
     """
 
+    ignore_for_config = ["path", "subfolder"]
+
+    @register_to_config
     def __init__(self, path: str | None = None, subfolder: str | None = "vae", config: dict | None = None):
         super().__init__()
         from diffusers import AutoencoderKL
@@ -47,7 +60,7 @@ class VAECodec(nn.Module):
             sub = subfolder if subfolder and (folder / subfolder).is_dir() else None
             self.vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, local_files_only=True)
         elif config is not None:
-            self.vae = AutoencoderKL(**config)
+            self.vae = AutoencoderKL.from_config(config)
         else:
             raise ValueError("VAECodec needs a local `path` to pretrained weights (or an architecture `config` for tests)")
         self.vae.requires_grad_(False).eval()

@@ -22,7 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from torch import nn
@@ -193,7 +194,7 @@ class AudioProjection(nn.Module):
         return self.norm(tokens)
 
 
-class AvatarDenoiser(nn.Module):
+class AvatarDenoiser(ModelMixin, ConfigMixin):
     """Reference net + denoising net + audio projection; see the module docstring.
 
     unet:  UNet2DConditionModel config (both nets share it; `cross_attention_dim` = audio token size)
@@ -201,8 +202,14 @@ class AvatarDenoiser(nn.Module):
     pretrained: a local diffusers folder whose `unet/` initialises both nets (SD1.5 for `sd15`).
     cfg_conditioning: how a one-pass student is told its CFG scales, one of models.cfg.CFG_CONDITIONING
     ("none" for a teacher); cfg_tokens: N, the tokens per set of the CFG embedding.
+    A diffusers model: `save_pretrained` writes its config and every weight (both UNets, the audio
+    projection, the CFG parts) to one safetensors file, and `from_pretrained` rebuilds it (`fada export`).
+    Its config leaves out `pretrained`, a path on the training machine whose weights the file replaces.
     """
 
+    ignore_for_config = ["pretrained"]
+
+    @register_to_config
     def __init__(self, unet: dict, audio: dict, temporal_heads: int = 8, max_frames: int = 32,
                  pretrained: str | None = None, cfg_conditioning: str = "none", cfg_tokens: int = 4):
         super().__init__()
