@@ -48,6 +48,10 @@ class AudioFeatures:
 
     num_layers: int
     dim: int
+    # Frames of speech either side of a frame that its features read: a stream (pipeline.SpeechStream)
+    # waits for them. 1 for log-mel (its STFT window reaches 120 samples past a frame): streamed features
+    # are then the whole file's.
+    context_frames: int = 1
 
     def __call__(self, wav: torch.Tensor, num_frames: int) -> torch.Tensor:
         raise NotImplementedError
@@ -105,6 +109,8 @@ class Wav2Vec2Features(AudioFeatures):
     file (nothing is downloaded; None keeps the random initialisation, for tests). The 50 Hz
     hidden states are linearly interpolated to the video frames by time: frame i's centre,
     sample 640 i + 320, sits at position (640 i + 320 - field / 2) / hop on the 50 Hz grid."""
+
+    context_frames = 25  # 1 s: its attention reads the whole clip, so streamed features approximate the file's
 
     def __init__(self, arch: dict, weights: str | None = None, normalize_waveform: bool = False):
         self.model = torchaudio.models.wav2vec2_model(**arch)

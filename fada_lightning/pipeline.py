@@ -33,7 +33,7 @@ from torch import nn
 
 from datamodules.audio_features import SAMPLE_RATE, SAMPLES_PER_FRAME, audio_windows
 
-from .diffusion.sampling import generate_video
+from .diffusion.sampling import NFECounter, generate_video, iter_clips
 from .models.codec import SpaceToDepthCodec, VAECodec
 from .models.denoiser import AvatarDenoiser
 from .video_io import read_audio, read_image, write_mp4
@@ -65,6 +65,10 @@ class AudioEncoder(ModelMixin, ConfigMixin):
         encoder = cls(spec["class_path"], {k: v for k, v in (spec.get("init_args") or {}).items() if k != "weights"})
         encoder.parts.load_state_dict(cls.modules_of(features).state_dict())
         return encoder
+
+    @property
+    def context_frames(self) -> int:
+        return self.features.context_frames
 
     @property
     def num_layers(self) -> int:
@@ -103,6 +107,71 @@ def talking_video(net: AvatarDenoiser, codec, audio_features, scheduler, image: 
                                 motion_frames, steps, ref_scale, audio_scale, generator=generator, progress=progress,
                                 eta=eta)
     return to_uint8(video[0]), nfe
+
+
+class SpeechStream:
+    """Speech arriving in chunks -> the audio feature windows of each clip window, each as soon as the
+    speech it reads has arrived: frames [s, s + F) read the features of frames s - r .. s + F - 1 + r (the
+    denoiser's audio window, radius r), and each of those the speech of `context_frames` frames either
+    side (the features' own). When the speech ends, the rest goes out as `talking_video` cuts it: a frame
+    for every 40 ms begun, the last window short, frames past the end null. For log-mel the windows equal
+    the whole file's (to float tolerance)."""
+
+    def __init__(self, audio_features, clip_frames: int, radius: int):
+        self.features, self.clip_frames, self.radius = audio_features, clip_frames, radius
+        self.context = audio_features.context_frames
+
+    def windows(self, chunks):
+        """chunks: an iterable of (samples,) float arrays at 16 kHz -> yields (windows (1, F', W, L, D),
+        speech (samples,) float32 under those F' frames), one pair a clip window."""
+        speech, start = np.zeros(0, np.float32), 0
+        for chunk in chunks:
+            speech = np.concatenate([speech, np.asarray(chunk, np.float32).reshape(-1)])
+            while len(speech) >= (start + self.clip_frames + self.radius + self.context) * SAMPLES_PER_FRAME:
+                yield self._window(speech, start, self.clip_frames, None)
+                start += self.clip_frames
+        total = int(np.ceil(len(speech) / SAMPLES_PER_FRAME))
+        for begin in range(start, total, self.clip_frames):
+            yield self._window(speech, begin, min(self.clip_frames, total - begin), total)
+
+    def _window(self, speech: np.ndarray, start: int, count: int, total: int | None):
+        """Frames [start, start + count): features of [first, last) read with `context` frames of margin."""
+        first = max(0, start - self.radius - self.context)
+        last = start + count + self.radius + self.context
+        last = last if total is None else min(last, total)
+        wav = torch.tensor(speech[first * SAMPLES_PER_FRAME:last * SAMPLES_PER_FRAME])
+        feats = self.features(wav, last - first)  # (last - first, L, D); a short end is padded with silence
+        windows = audio_windows(feats, start - first, count, self.radius)  # frames before `first`: never read
+        return windows[None], speech[start * SAMPLES_PER_FRAME:(start + count) * SAMPLES_PER_FRAME]
+
+
+@torch.no_grad()
+def talking_video_stream(net: AvatarDenoiser, codec, audio_features, scheduler, image: np.ndarray, speech_chunks,
+                         clip_frames: int, motion_frames: int, steps: int, ref_scale: float | None,
+                         audio_scale: float | None, generator: torch.Generator | None = None, eta: float | None = None):
+    """`talking_video` for speech that arrives in chunks (any sizes): yields (frames (F', H, W, 3) uint8,
+    speech (samples,) under them, NFE) one clip window at a time, each as soon as `SpeechStream` has its
+    audio; motion frames carry from clip to clip. With the same generator the frames are
+    `talking_video`'s (to float tolerance, log-mel features)."""
+    stream = SpeechStream(audio_features, clip_frames, net.audio_projection.window // 2)
+    ref = torch.tensor(image).permute(2, 0, 1).float().div(127.5).sub(1)[None].to(net.device)
+    counter, spoken, done = NFECounter(net, clips=1), [], 0
+
+    def windows():
+        for window, speech in stream.windows(speech_chunks):
+            spoken.append(speech)
+            yield window.to(net.device)
+
+    was_training = net.training
+    net.eval()
+    try:
+        for clip in iter_clips(counter, scheduler, codec.encode(ref), windows(), clip_frames, motion_frames, steps,
+                               ref_scale, audio_scale, generator=generator, eta=eta):
+            speech, nfe, done = spoken.pop(0), counter.evaluations - done, counter.evaluations
+            video = codec.decode(clip[0, :int(np.ceil(len(speech) / SAMPLES_PER_FRAME))]).clamp(-1, 1)
+            yield to_uint8(video), speech, nfe
+    finally:
+        net.train(was_training)
 
 
 def crop_reference(image_path, size: int, face_crop: dict | None) -> np.ndarray:
@@ -207,10 +276,28 @@ class FadaAvatarPipeline(DiffusionPipeline):
         -> FadaAvatarPipelineOutput (frames (T, H, W, 3) uint8, T = one frame for every 40 ms of audio
         begun), or (frames, audio, nfe) with return_dict=False."""
         image, audio = self.reference_image(image), self.speech(audio)
-        ref_scale, audio_scale = self.guidance_scales(ref_guidance_scale, audio_guidance_scale)
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         frames, nfe = talking_video(
-            self.denoiser, self.codec, self.audio_encoder, self.scheduler, image, audio, self.config.clip_frames,
-            self.config.motion_frames, num_inference_steps or self.config.num_inference_steps, ref_scale, audio_scale,
-            generator=generator, progress=progress, eta=self.config.eta if eta is None else eta)
+            self.denoiser, self.codec, self.audio_encoder, self.scheduler, image, audio,
+            **self._sampling(num_inference_steps, ref_guidance_scale, audio_guidance_scale, eta),
+            generator=generator, progress=progress)
         return FadaAvatarPipelineOutput(frames, audio, nfe) if return_dict else (frames, audio, nfe)
+
+    @torch.no_grad()
+    def stream(self, image, speech_chunks, num_inference_steps: int | None = None,
+               ref_guidance_scale: float | None = None, audio_guidance_scale: float | None = None,
+               generator: torch.Generator | None = None, eta: float | None = None):
+        """Live generation: speech_chunks, an iterable of (samples,) float arrays at 16 kHz of any sizes (a
+        microphone's 200 ms at a time, say) -> yields a FadaAvatarPipelineOutput a clip window (its frames,
+        the speech under them, its NFE) as soon as the speech it reads has arrived (`SpeechStream`); the
+        motion frames carry over. With the same generator the frames are `__call__`'s on the whole speech."""
+        yield from (FadaAvatarPipelineOutput(frames, speech, nfe) for frames, speech, nfe in talking_video_stream(
+            self.denoiser, self.codec, self.audio_encoder, self.scheduler, self.reference_image(image), speech_chunks,
+            **self._sampling(num_inference_steps, ref_guidance_scale, audio_guidance_scale, eta), generator=generator))
+
+    def _sampling(self, steps, ref_scale, audio_scale, eta) -> dict:
+        """The sampler's arguments: the given ones, else the exported model's."""
+        ref_scale, audio_scale = self.guidance_scales(ref_scale, audio_scale)
+        return dict(clip_frames=self.config.clip_frames, motion_frames=self.config.motion_frames,
+                    steps=steps or self.config.num_inference_steps, ref_scale=ref_scale, audio_scale=audio_scale,
+                    eta=self.config.eta if eta is None else eta)

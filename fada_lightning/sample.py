@@ -12,8 +12,8 @@ import torch
 
 from .checkpoints import read_checkpoint
 from .diffusion.sampling import check_eta
-from .pipeline import crop_reference, talking_video
-from .video_io import read_audio, write_mp4
+from .pipeline import crop_reference, talking_video, talking_video_stream
+from .video_io import Mp4Writer, read_audio, write_mp4
 
 SAMPLE_RATE, FPS = 16000, 25
 
@@ -53,6 +53,31 @@ def sample_video(module, image: np.ndarray, audio: np.ndarray, steps=None, ref_s
                          eta=module.sample_eta if eta is None else eta)
 
 
+def sample_stream(module, image: np.ndarray, audio: np.ndarray, output, chunk_ms: float = 200, steps=None,
+                  ref_scale=None, audio_scale=None, seed: int = 0, eta: float | None = None) -> dict:
+    """`sample_video` with the speech handed over `chunk_ms` at a time, as a live source gives it, and the
+    mp4 written clip by clip as the clips come (fragmented: it plays while it grows, and a killed run
+    leaves the clips so far). -> {"frames", "nfe" (per clip window), "seconds", "first_frame_seconds"}."""
+    if chunk_ms <= 0:
+        raise ValueError(f"--chunk-ms must be positive, got {chunk_ms}")
+    size, hp = module.preset["frame_size"], module.hparams
+    ref_scale, audio_scale = module.sampling_scales(ref_scale, audio_scale)
+    step = max(1, round(SAMPLE_RATE * chunk_ms / 1000))
+    chunks = (audio[i:i + step] for i in range(0, len(audio), step))
+    clips = talking_video_stream(module.sampling_net, module.codec, module.audio_features, module.scheduler(), image,
+                                 chunks, hp.clip_frames, hp.motion_frames, steps or hp.sample_steps, ref_scale,
+                                 audio_scale, generator=torch.Generator().manual_seed(seed),
+                                 eta=module.sample_eta if eta is None else eta)
+    start, first, frames, nfes = time.perf_counter(), None, 0, []
+    with Mp4Writer(output, size, size, live=True) as mp4:
+        for video, speech, nfe in clips:
+            first = first or time.perf_counter() - start
+            mp4.write(video, speech)
+            frames, nfes = frames + len(video), nfes + [nfe]
+    return {"frames": frames, "nfe": float(np.mean(nfes)), "seconds": time.perf_counter() - start,
+            "first_frame_seconds": first}
+
+
 def probe_image(path) -> tuple[int, int]:
     """(width, height) of an image file, without decoding it; one clear error if it is not one."""
     from PIL import Image, UnidentifiedImageError
@@ -74,11 +99,13 @@ def training_face_crop(checkpoint: dict) -> dict | None:
 
 
 def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None, audio_scale=None, seed: int = 0,
-                progress: bool = True, eta: float | None = None, crop: bool = True) -> dict:
+                progress: bool = True, eta: float | None = None, crop: bool = True,
+                stream_ms: float | None = None) -> dict:
     """Checkpoint + image file + audio file -> an mp4 at `output`; returns what it cost:
     {"output", "frames", "nfe" (per clip window), "seconds" (sampling wall time), "module"}.
     The face is cropped as the training clips were (`crop_reference`); crop=False takes the image
-    as a cropped face (centre square, resized)."""
+    as a cropped face (centre square, resized). stream_ms: the speech is streamed in chunks of that
+    many ms and the mp4 written as the clips come (`sample_stream`; also "first_frame_seconds")."""
     width, height = probe_image(image_path)  # the inputs first: a wrong path costs no model load
     audio = read_audio(audio_path, SAMPLE_RATE)
     module = load_module(ckpt).eval()
@@ -89,6 +116,9 @@ def sample_file(ckpt, image_path, audio_path, output, steps=None, ref_scale=None
     image = crop_reference(image_path, size, module.training_face_crop if crop else None)
     module.sampling_scales(ref_scale, audio_scale)  # a one-pass student refuses CFG scales before any work
     check_eta(module.scheduler(), eta)  # and a deterministic sampler refuses an eta
+    if stream_ms is not None:
+        done = sample_stream(module, image, audio, output, stream_ms, steps, ref_scale, audio_scale, seed, eta)
+        return {"output": str(output), **done, "module": module}
     start = time.perf_counter()
     frames, nfe = sample_video(module, image, audio, steps, ref_scale, audio_scale, seed, progress, eta)
     seconds = time.perf_counter() - start
@@ -110,13 +140,22 @@ def main(argv=None):
     p.add_argument("--eta", type=float, default=None,
                    help="sampler stochasticity: TCD's gamma (default: the distiller's), DDIM's eta (default 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="live mode: the speech is handed over --chunk-ms at a "
+                   "time, each clip is made as soon as its speech is there, and the mp4 grows clip by clip "
+                   "(fragmented: it plays while written)")
+    p.add_argument("--chunk-ms", type=float, default=200, help="with --stream: the speech chunk size (default 200)")
     args = p.parse_args(argv)
     try:
         done = sample_file(args.ckpt, args.image, args.audio, args.output, args.steps, args.ref_cfg, args.audio_cfg,
-                           args.seed, eta=args.eta, crop=not args.no_crop)
+                           args.seed, eta=args.eta, crop=not args.no_crop,
+                           stream_ms=args.chunk_ms if args.stream else None)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fada sample: {err}") from None
-    print(f"wrote {done['output']}: {done['frames']} frames ({done['frames'] / FPS:.2f} s), "
+    seconds = done["frames"] / FPS
+    print(f"wrote {done['output']}: {done['frames']} frames ({seconds:.2f} s), "
           f"NFE {done['nfe']:g} per clip window ({type(done['module']).__name__}, "
           f"{type(done['module'].scheduler()).__name__}), {done['seconds']:.1f} s wall")
+    if args.stream:
+        print(f"streamed in {args.chunk_ms:g} ms chunks: first frames after {done['first_frame_seconds']:.2f} s, "
+              f"{done['frames'] / done['seconds']:.1f} frames/s overall (live needs {FPS})")
     return done
