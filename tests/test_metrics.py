@@ -200,3 +200,29 @@ def test_world_features_give_frechet_zero_on_the_same_clips_and_more_for_degrade
         same = frechet_from_features(world[role](video), world[role](video))
         assert abs(same) < 1e-6
     assert frechet_from_features(world["WorldFrames"](video), world["WorldFrames"](noisy)) > 1e-2
+
+
+def test_identity_distance_is_small_within_a_person_and_large_between_people():
+    """Against a slow reference (a histogram by Python loops), and the scale its docstring states:
+    a person's own frames near their first, another person's far."""
+    from fada_lightning.metrics.synthetic import identity_distance
+
+    clips = [render_clip(2001, "strict", i, size=32, frames=40)[0] for i in range(3)]
+    reference = clips[0][0]
+
+    def slow(frame):
+        counts = {}
+        for r, g, b in frame.reshape(-1, 3):
+            key = (int(r) * 4 // 256, int(g) * 4 // 256, int(b) * 4 // 256)
+            counts[key] = counts.get(key, 0) + 1
+        ref = {}
+        for r, g, b in reference.reshape(-1, 3):
+            key = (int(r) * 4 // 256, int(g) * 4 // 256, int(b) * 4 // 256)
+            ref[key] = ref.get(key, 0) + 1
+        n = frame.shape[0] * frame.shape[1]
+        return 0.5 * sum(abs(counts.get(k, 0) - ref.get(k, 0)) / n for k in {*counts, *ref})
+
+    own, other = identity_distance(clips[0], reference), identity_distance(clips[1], reference)
+    assert own[0] == 0 and np.allclose(own[[5, 30]], [slow(clips[0][5]), slow(clips[0][30])])
+    assert np.isclose(other[3], slow(clips[1][3]))
+    assert own.max() < 0.1 < 0.4 < other.min() and identity_distance(clips[2], reference).min() > 0.4

