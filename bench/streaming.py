@@ -36,7 +36,7 @@ from fada_lightning.export import pipeline_of  # noqa: E402
 from fada_lightning.models.codec import VAECodec  # noqa: E402
 from fada_lightning.module import TeacherModule  # noqa: E402
 from fada_lightning.pipeline import SpeechStream  # noqa: E402
-from fada_lightning.scaling import _distiller, bundled_distillers, example_inputs, meta_denoiser  # noqa: E402
+from fada_lightning.scaling import bundled_distillers, distiller_of, example_inputs, meta_denoiser  # noqa: E402
 
 FPS, SAMPLES_PER_FRAME = 25, 640
 # (row, bundled distill config or None for the teacher)
@@ -60,7 +60,7 @@ def micro_models(folder: Path) -> list[tuple[str, object]]:
         if config is None:
             models.append((name, teacher))
             continue
-        distiller, options = _distiller(specs[config])
+        distiller, options = distiller_of(specs[config])
         models.append((name, DistillModule(str(path), distiller, **options)))
     return models
 

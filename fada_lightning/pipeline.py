@@ -123,26 +123,30 @@ class SpeechStream:
 
     def windows(self, chunks):
         """chunks: an iterable of (samples,) float arrays at 16 kHz -> yields (windows (1, F', W, L, D),
-        speech (samples,) float32 under those F' frames), one pair a clip window."""
-        speech, start = np.zeros(0, np.float32), 0
+        speech (samples,) float32 under those F' frames), one pair a clip window. Speech no later window
+        reads is let go, so an hour-long stream holds seconds of it."""
+        speech, dropped, start = np.zeros(0, np.float32), 0, 0  # speech: samples [dropped, dropped + len)
         for chunk in chunks:
             speech = np.concatenate([speech, np.asarray(chunk, np.float32).reshape(-1)])
-            while len(speech) >= (start + self.clip_frames + self.radius + self.context) * SAMPLES_PER_FRAME:
-                yield self._window(speech, start, self.clip_frames, None)
+            while dropped + len(speech) >= (start + self.clip_frames + self.radius + self.context) * SAMPLES_PER_FRAME:
+                yield self._window(speech, dropped, start, self.clip_frames, None)
                 start += self.clip_frames
-        total = int(np.ceil(len(speech) / SAMPLES_PER_FRAME))
+                keep = max(0, start - self.radius - self.context) * SAMPLES_PER_FRAME  # the next window's first read
+                speech, dropped = speech[keep - dropped:], keep
+        total = int(np.ceil((dropped + len(speech)) / SAMPLES_PER_FRAME))
         for begin in range(start, total, self.clip_frames):
-            yield self._window(speech, begin, min(self.clip_frames, total - begin), total)
+            yield self._window(speech, dropped, begin, min(self.clip_frames, total - begin), total)
 
-    def _window(self, speech: np.ndarray, start: int, count: int, total: int | None):
-        """Frames [start, start + count): features of [first, last) read with `context` frames of margin."""
+    def _window(self, speech: np.ndarray, dropped: int, start: int, count: int, total: int | None):
+        """Frames [start, start + count): features of [first, last) read with `context` frames of margin;
+        `speech` holds the samples from `dropped` on."""
         first = max(0, start - self.radius - self.context)
         last = start + count + self.radius + self.context
         last = last if total is None else min(last, total)
-        wav = torch.tensor(speech[first * SAMPLES_PER_FRAME:last * SAMPLES_PER_FRAME])
+        wav = torch.tensor(speech[first * SAMPLES_PER_FRAME - dropped:last * SAMPLES_PER_FRAME - dropped])
         feats = self.features(wav, last - first)  # (last - first, L, D); a short end is padded with silence
         windows = audio_windows(feats, start - first, count, self.radius)  # frames before `first`: never read
-        return windows[None], speech[start * SAMPLES_PER_FRAME:(start + count) * SAMPLES_PER_FRAME]
+        return windows[None], speech[start * SAMPLES_PER_FRAME - dropped:(start + count) * SAMPLES_PER_FRAME - dropped]
 
 
 @torch.no_grad()

@@ -140,7 +140,8 @@ def bundled_distillers() -> dict[str, dict]:
     return rows
 
 
-def _distiller(spec: dict):
+def distiller_of(spec: dict):
+    """A `bundled_distillers()` entry -> (the distiller, the DistillModule options its config sets)."""
     from lightning.pytorch.cli import instantiate_class
 
     spec = dict(spec)
@@ -171,7 +172,7 @@ def _step_passes(distillers: dict[str, dict], periods: int) -> dict[str, tuple[f
     with tempfile.TemporaryDirectory() as tmp:
         path = random_teacher_checkpoint(Path(tmp) / "teacher.ckpt", clip_frames=2)
         for name, spec in distillers.items():
-            distiller, options = _distiller(spec)
+            distiller, options = distiller_of(spec)
             module = DistillModule(path, distiller, ema_decay=0.9, **options)
             module.load_teacher()
             z, _, cond = example_inputs(module.net, 4, 2, device="cpu")
@@ -198,7 +199,7 @@ def trained_parameters(spec: dict, preset: str | dict = "sd15") -> tuple[int, in
     networks the distiller trains, the frozen networks it keeps beside the teacher: G4)."""
     from fada_lightning.diffusion import schedule as S
 
-    distiller, options = _distiller(spec)
+    distiller, options = distiller_of(spec)
     student = meta_denoiser(preset, options.get("cfg_conditioning", "none"))
     distiller.bind(S.SD15_SCHEDULE, "epsilon", student_ema=student)  # the EMA only stands in: it is not trained
     distiller.set_teacher(meta_denoiser(preset), student)

@@ -24,7 +24,7 @@ def chunked(audio: np.ndarray, size: int) -> list[np.ndarray]:
     return [audio[i:i + size] for i in range(0, len(audio), size)]
 
 
-@pytest.mark.parametrize("samples", [10 * 640, 10 * 640 + 17, 3 * 640 + 1, 300])
+@pytest.mark.parametrize("samples", [10 * 640, 10 * 640 + 17, 3 * 640 + 1, 300, 61 * 640 + 5])
 @pytest.mark.parametrize("chunk", [3200, 999, 1 << 20])
 def test_streamed_audio_windows_are_the_whole_files(samples, chunk):
     """Log-mel windows made from chunks, clip by clip, equal the windows of the whole speech at once, for
