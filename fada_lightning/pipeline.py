@@ -33,7 +33,7 @@ from torch import nn
 
 from datamodules.audio_features import SAMPLE_RATE, SAMPLES_PER_FRAME, audio_windows
 
-from .diffusion.sampling import NFECounter, generate_video, iter_clips
+from .diffusion.sampling import NFECounter, decode_latents, dtype_of, encode_reference, generate_video, iter_clips
 from .models.codec import SpaceToDepthCodec, VAECodec
 from .models.denoiser import AvatarDenoiser
 from .video_io import read_audio, read_image, write_mp4
@@ -51,7 +51,12 @@ class AudioEncoder(ModelMixin, ConfigMixin):
     def __init__(self, class_path: str, init_args: dict | None = None):
         super().__init__()
         module, name = class_path.rsplit(".", 1)
-        self.features = getattr(importlib.import_module(module), name)(**(init_args or {}))
+        default = torch.get_default_dtype()  # from_pretrained(dtype=...) builds parts in that dtype
+        torch.set_default_dtype(torch.float32)
+        try:
+            self.features = getattr(importlib.import_module(module), name)(**(init_args or {}))
+        finally:
+            torch.set_default_dtype(default)
         self.parts = self.modules_of(self.features)  # the same modules: loading weights fills the features
 
     @staticmethod
@@ -78,8 +83,14 @@ class AudioEncoder(ModelMixin, ConfigMixin):
     def dim(self) -> int:
         return self.features.dim
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow the pipeline, casts do not: the features run in float32 (an STFT, wav2vec2's
+        norms) whatever a pipeline's dtype, and hand the denoiser float32 to cast."""
+        super()._apply(fn, recurse)
+        return super()._apply(lambda t: t.float() if t.is_floating_point() else t, recurse)
+
     def forward(self, wav: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self.features(wav, num_frames)
+        return self.features(wav.float(), num_frames)
 
 
 def audio_feature_windows(audio_features, audio: np.ndarray, radius: int) -> torch.Tensor:
@@ -164,15 +175,15 @@ def talking_video_stream(net: AvatarDenoiser, codec, audio_features, scheduler, 
     def windows():
         for window, speech in stream.windows(speech_chunks):
             spoken.append(speech)
-            yield window.to(net.device)
+            yield window.to(net.device, dtype_of(net))
 
     was_training = net.training
     net.eval()
     try:
-        for clip in iter_clips(counter, scheduler, codec.encode(ref), windows(), clip_frames, motion_frames, steps,
-                               ref_scale, audio_scale, generator=generator, eta=eta):
+        for clip in iter_clips(counter, scheduler, encode_reference(codec, net, ref), windows(), clip_frames,
+                               motion_frames, steps, ref_scale, audio_scale, generator=generator, eta=eta):
             speech, nfe, done = spoken.pop(0), counter.evaluations - done, counter.evaluations
-            video = codec.decode(clip[0, :int(np.ceil(len(speech) / SAMPLES_PER_FRAME))]).clamp(-1, 1)
+            video = decode_latents(codec, clip[:, :int(np.ceil(len(speech) / SAMPLES_PER_FRAME))])[0]
             yield to_uint8(video), speech, nfe
     finally:
         net.train(was_training)

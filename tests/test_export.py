@@ -140,3 +140,17 @@ def test_the_five_lines_of_docs_inference_run_as_written(exported_teacher, tmp_p
     monkeypatch.chdir(tmp_path)
     exec(compile(block, str(DOC), "exec"), {})
     assert len(decord.VideoReader(str(tmp_path / "talking.mp4"))) == 6
+
+
+def test_a_pipeline_loaded_in_bfloat16_samples_in_it(exported_teacher):
+    """dtype= casts the denoiser (and the codec, had it weights); the audio encoder stays float32;
+    the frames come out near the float32 pipeline's (bf16 rounding over 25 steps, not garbage)."""
+    folder = exported_teacher.config._name_or_path
+    half = FadaAvatarPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    assert half.denoiser.dtype == torch.bfloat16
+    assert {p.dtype for p in half.audio_encoder.state_dict().values() if p.is_floating_point()} == {torch.float32}
+    image, audio = random_face_and_speech(6)
+    frames = [pipe(image, audio, generator=torch.Generator().manual_seed(0)).frames for pipe in (half, exported_teacher)]
+    assert frames[0].shape == frames[1].shape == (6, 32, 32, 3)
+    assert 0 < np.abs(frames[0].astype(int) - frames[1]).mean() < 8

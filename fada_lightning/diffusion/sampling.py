@@ -118,8 +118,8 @@ def iter_clips(net, scheduler, ref: torch.Tensor, windows, clip_frames: int, mot
     its latents (B, clip_frames, C, h, w). The first clip's motion frames are the reference repeated;
     each later clip takes the last M frames generated. Scales None -> one conditional pass a step, else
     `denoiser_for` (one pass for a net that takes the scales, Eq 9's three otherwise); eta goes to the
-    scheduler's step. A clip draws its noise, then its steps' noise, from `generator`, so a stream of
-    windows makes the clips one call on all of them makes."""
+    scheduler's step. A clip draws its noise (in float32, so every dtype starts from the same), then its
+    steps' noise, from `generator`, so a stream of windows makes the clips one call on all of them makes."""
     check_eta(scheduler, eta)
     motion = ref[:, None].expand(-1, motion_frames, -1, -1, -1)
     for window in tqdm(windows, desc="clips", total=total, disable=not progress or total == 1):
@@ -128,10 +128,27 @@ def iter_clips(net, scheduler, ref: torch.Tensor, windows, clip_frames: int, mot
             window = torch.cat([window, window.new_zeros(b, clip_frames - window.shape[1], *window.shape[2:])], 1)
         cond = Conditions(ref=ref, motion=motion, audio=window)
         denoise = denoiser_for(net, cond, ref_scale, audio_scale)
-        noise = torch.randn((b, clip_frames, *ref.shape[1:]), generator=generator, device=ref.device, dtype=ref.dtype)
+        noise = torch.randn((b, clip_frames, *ref.shape[1:]), generator=generator, device=ref.device).to(ref.dtype)
         clip = sample_loop(denoise, noise, scheduler, num_steps, generator, progress, eta)
         yield clip
         motion = clip[:, -motion_frames:]
+
+
+def dtype_of(module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of a module's weights (`default` for one without any, such as SpaceToDepthCodec)."""
+    return next((p.dtype for p in module.parameters()), default)
+
+
+def encode_reference(codec, net, ref: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> the reference latent, in the codec's dtype in and the net's out
+    (a pipeline loaded with torch_dtype runs in it; float32 pixels come in)."""
+    return codec.encode(ref.to(dtype_of(codec, ref.dtype))).to(dtype_of(net, ref.dtype))
+
+
+def decode_latents(codec, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (B, F, C, h, w) -> pixels (B, F, 3, H, W) in [-1, 1], float32."""
+    frames = codec.decode(latents.flatten(0, 1).to(dtype_of(codec, latents.dtype)))
+    return frames.unflatten(0, latents.shape[:2]).float().clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -139,14 +156,14 @@ def generate_video(net, codec, scheduler, ref: torch.Tensor, audio: torch.Tensor
                    num_steps: int, ref_scale: float | None, audio_scale: float | None,
                    generator: torch.Generator | None = None, progress: bool = False, eta: float | None = None):
     """`generate_clips` in pixels: ref (B, 3, H, W) in [-1, 1], audio (B, T, W, L, D) ->
-    (video (B, T, 3, H, W) in [-1, 1], NFE per clip window). The net samples in eval mode and is
-    handed back in the mode it came in."""
+    (video (B, T, 3, H, W) in [-1, 1], NFE per clip window). The net samples in eval mode, in its own
+    dtype, and is handed back in the mode it came in."""
     was_training = net.training
     net.eval()
     try:
-        latents, nfe = generate_clips(net, scheduler, codec.encode(ref), audio, clip_frames, motion_frames, num_steps,
-                                      ref_scale, audio_scale, generator=generator, progress=progress, eta=eta)
+        latents, nfe = generate_clips(net, scheduler, encode_reference(codec, net, ref), audio.to(dtype_of(net)),
+                                      clip_frames, motion_frames, num_steps, ref_scale, audio_scale,
+                                      generator=generator, progress=progress, eta=eta)
     finally:
         net.train(was_training)
-    video = codec.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
-    return video.clamp(-1, 1), nfe
+    return decode_latents(codec, latents), nfe
