@@ -85,9 +85,9 @@ class AudioEncoder(ModelMixin, ConfigMixin):
 
     def _apply(self, fn, recurse=True):
         """Moves follow the pipeline, casts do not: the features run in float32 (an STFT, wav2vec2's
-        norms) whatever a pipeline's dtype, and hand the denoiser float32 to cast."""
-        super()._apply(fn, recurse)
-        return super()._apply(lambda t: t.float() if t.is_floating_point() else t, recurse)
+        norms) whatever a pipeline's dtype, and hand the denoiser float32 to cast. `fn` only names
+        the device: each float tensor goes there as it is (never through a cast and back)."""
+        return super()._apply(lambda t: t.to(fn(t).device) if t.is_floating_point() else fn(t), recurse)
 
     def forward(self, wav: torch.Tensor, num_frames: int) -> torch.Tensor:
         return self.features(wav.float(), num_frames)

@@ -150,7 +150,17 @@ def test_a_pipeline_loaded_in_bfloat16_samples_in_it(exported_teacher):
     half.set_progress_bar_config(disable=True)
     assert half.denoiser.dtype == torch.bfloat16
     assert {p.dtype for p in half.audio_encoder.state_dict().values() if p.is_floating_point()} == {torch.float32}
+    cast = FadaAvatarPipeline.from_pretrained(folder).to(torch.bfloat16)  # a cast after loading: the same
+    assert cast.denoiser.dtype == torch.bfloat16
+    exact = exported_teacher.audio_encoder.state_dict()
+    assert all(torch.equal(v, exact[k]) for k, v in cast.audio_encoder.state_dict().items())
     image, audio = random_face_and_speech(6)
     frames = [pipe(image, audio, generator=torch.Generator().manual_seed(0)).frames for pipe in (half, exported_teacher)]
     assert frames[0].shape == frames[1].shape == (6, 32, 32, 3)
     assert 0 < np.abs(frames[0].astype(int) - frames[1]).mean() < 8
+
+
+def test_a_micro_pipeline_moves_and_casts_as_a_whole(exported_teacher):
+    """diffusers asks every part its device and dtype (pipe.device, pipe.to): the weightless codec answers."""
+    pipe = FadaAvatarPipeline.from_pretrained(exported_teacher.config._name_or_path).to("cpu", torch.bfloat16)
+    assert pipe.device.type == "cpu" and pipe.codec.device.type == "cpu" and pipe.denoiser.dtype == torch.bfloat16

@@ -16,20 +16,22 @@ from diffusers.configuration_utils import register_to_config
 
 class SpaceToDepthCodec(ModelMixin, ConfigMixin):
     """z = scale * pixel_unshuffle(x, factor): (N, 3, H, W) -> (N, 3 f^2, H/f, W/f), exact inverse.
-    No weights: its saved folder is its config alone."""
+    No weights: its saved folder is its config alone. The scale is also a buffer that is not saved
+    (`latent_scale`), so the codec has a device and dtype, as diffusers asks of every part."""
 
     @register_to_config
     def __init__(self, factor: int = 4, scale: float = 1.0):
         super().__init__()
         self.factor, self.scale = factor, scale
+        self.register_buffer("latent_scale", torch.tensor(float(scale)), persistent=False)
         self.latent_channels = 3 * factor**2
         self.downsample = factor
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle(pixels, self.factor) * self.scale
+        return F.pixel_unshuffle(pixels, self.factor) * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(latents / self.scale, self.factor)
+        return F.pixel_shuffle(latents / self.latent_scale, self.factor)
 
     @classmethod
     def from_pretrained(cls, folder, subfolder: str | None = None, **kwargs) -> "SpaceToDepthCodec":
