@@ -16,22 +16,29 @@ from diffusers.configuration_utils import register_to_config
 
 class SpaceToDepthCodec(ModelMixin, ConfigMixin):
     """z = scale * pixel_unshuffle(x, factor): (N, 3, H, W) -> (N, 3 f^2, H/f, W/f), exact inverse.
-    No weights: its saved folder is its config alone. The scale is also a buffer that is not saved
-    (`latent_scale`), so the codec has a device and dtype, as diffusers asks of every part."""
+    No weights: its saved folder is its config alone, and it answers diffusers' device and dtype
+    questions itself (diffusers' lookup fails on a module without tensors)."""
 
     @register_to_config
     def __init__(self, factor: int = 4, scale: float = 1.0):
         super().__init__()
         self.factor, self.scale = factor, scale
-        self.register_buffer("latent_scale", torch.tensor(float(scale)), persistent=False)
         self.latent_channels = 3 * factor**2
         self.downsample = factor
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle(pixels, self.factor) * self.latent_scale
+        return F.pixel_unshuffle(pixels, self.factor) * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(latents / self.latent_scale, self.factor)
+        return F.pixel_shuffle(latents / self.scale, self.factor)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # it holds nothing: it computes wherever its input is
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # and in its input's dtype
 
     @classmethod
     def from_pretrained(cls, folder, subfolder: str | None = None, **kwargs) -> "SpaceToDepthCodec":
