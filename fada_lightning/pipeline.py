@@ -100,6 +100,11 @@ def audio_feature_windows(audio_features, audio: np.ndarray, radius: int) -> tor
     return audio_windows(feats, 0, num_frames, radius)[None]
 
 
+def to_pixels(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1]."""
+    return torch.tensor(image).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+
+
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """(T, 3, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
     return ((video.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
@@ -113,8 +118,7 @@ def talking_video(net: AvatarDenoiser, codec, audio_features, scheduler, image: 
     clip window): what `fada sample` (from a checkpoint's parts) and FadaAvatarPipeline (from the exported
     ones) both run. Scales None: one conditional pass a step (`generate_clips`)."""
     windows = audio_feature_windows(audio_features, audio, net.audio_projection.window // 2)
-    ref = torch.tensor(image).permute(2, 0, 1).float().div(127.5).sub(1)[None]
-    video, nfe = generate_video(net, codec, scheduler, ref.to(net.device), windows.to(net.device), clip_frames,
+    video, nfe = generate_video(net, codec, scheduler, to_pixels(image).to(net.device), windows.to(net.device), clip_frames,
                                 motion_frames, steps, ref_scale, audio_scale, generator=generator, progress=progress,
                                 eta=eta)
     return to_uint8(video[0]), nfe
@@ -169,7 +173,7 @@ def talking_video_stream(net: AvatarDenoiser, codec, audio_features, scheduler, 
     audio; motion frames carry from clip to clip. With the same generator the frames are
     `talking_video`'s (to float tolerance, log-mel features)."""
     stream = SpeechStream(audio_features, clip_frames, net.audio_projection.window // 2)
-    ref = torch.tensor(image).permute(2, 0, 1).float().div(127.5).sub(1)[None].to(net.device)
+    ref = to_pixels(image).to(net.device)
     counter, spoken, done = NFECounter(net, clips=1), [], 0
 
     def windows():
