@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, is_accelerate_available
 from torch import nn
 
 from datamodules.audio_features import SAMPLE_RATE, SAMPLES_PER_FRAME, audio_windows
@@ -82,6 +82,13 @@ class AudioEncoder(ModelMixin, ConfigMixin):
     @property
     def dim(self) -> int:
         return self.features.dim
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "AudioEncoder":
+        """Always in float32 (see `_apply`): diffusers' lean loading (with `accelerate`) would cast the
+        weights to the pipeline's dtype as it reads them."""
+        kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _apply(self, fn, recurse=True):
         """Moves follow the pipeline, casts do not: the features run in float32 (an STFT, wav2vec2's
@@ -252,6 +259,13 @@ class FadaAvatarPipeline(DiffusionPipeline):
                                 num_inference_steps=num_inference_steps, ref_guidance_scale=ref_guidance_scale,
                                 audio_guidance_scale=audio_guidance_scale, eta=eta, frame_size=frame_size,
                                 face_crop=face_crop)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # diffusers loads on the meta device (no second copy of the weights) only with `accelerate`
+        # installed, and without it says so at every load: ask for that loading only when it can happen
+        kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def guidance_scales(self, ref_scale: float | None, audio_scale: float | None) -> tuple:
         """The (s_r, s_a) to sample with: the given ones, else the exported defaults; (None, None) for

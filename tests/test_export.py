@@ -104,6 +104,7 @@ print("training modules:", loaded)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "training modules: []" in done.stdout
+    assert "accelerate" not in done.stderr  # no advice to install it at every load (it is used when present)
 
 
 def test_fada_export_writes_the_folder_and_refuses_to_overwrite_it(teacher_ckpt, tmp_path, capsys):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils import is_accelerate_available
 
 
 class SpaceToDepthCodec(ModelMixin, ConfigMixin):
@@ -67,7 +68,8 @@ class VAECodec(ModelMixin, ConfigMixin):
             if not folder.is_dir():
                 raise FileNotFoundError(f"VAE folder {folder} does not exist (set model.codec.init_args.path to a local diffusers folder)")
             sub = subfolder if subfolder and (folder / subfolder).is_dir() else None
-            self.vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, local_files_only=True)
+            self.vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, local_files_only=True,
+                                                     low_cpu_mem_usage=is_accelerate_available())
         elif config is not None:
             self.vae = AutoencoderKL.from_config(config)
         else:

@@ -26,6 +26,7 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+from diffusers.utils import is_accelerate_available
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -283,7 +284,8 @@ class AvatarDenoiser(ModelMixin, ConfigMixin):
         if not folder.is_dir():
             raise FileNotFoundError(f"pretrained UNet folder {folder} does not exist (a local diffusers folder)")
         sub = "unet" if (folder / "unet").is_dir() else None
-        return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, local_files_only=True)
+        return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, local_files_only=True,
+                                                    low_cpu_mem_usage=is_accelerate_available())
 
     def encode_reference(self, cond: Conditions) -> Bank:
         """Run the reference net on [r ; m] at t = 0 -> the bank for `forward(reference=...)`; with
