@@ -9,13 +9,16 @@ and --seconds of their speech; the model makes the whole video in one call (clip
 motion frames, as `fada sample` does). Per frame, averaged over people:
 
     identity  colour-histogram distance of each frame to the reference (metrics.synthetic.identity_distance:
-              a person's own frames 0.01-0.04, another person 0.48-0.71, pixel noise of std 10 levels 0.1)
+              a person's own frames 0.01-0.04, another person 0.48-0.71)
     IQA       the world's no-reference quality (WorldQuality: 1 clean, lower blurred or noisy)
 
 The table gives the first clip window (made from the reference alone) and then each --segment
-seconds; the rendered truth is a row too (no drift by construction). Drift is a segment worse than the
-first window. The last lines say by how much, and from which second every later second stays more
-than 0.02 worse (onsets are read on 1 s means, so drift inside the first segment shows).
+seconds. The rendered truth is a row too (no drift by construction), and so is the truth with pixel
+noise of std 10 and 20 levels (of 255), a scale for the distances. A palette shift moves the identity
+distance as noise does; the mean colour shift of each model's frames against the truth's tells them
+apart. Drift is a segment worse than the first window. The last lines say by how much, and from which
+second every later second stays more than 0.02 worse (onsets are read on 1 s means, so drift inside
+the first segment shows).
 """
 from __future__ import annotations
 
@@ -34,6 +37,18 @@ from fada_lightning.metrics.synthetic import WorldQuality, identity_distance  # 
 from fada_lightning.pipeline import FadaAvatarPipeline  # noqa: E402
 
 FPS, TEST_SEED = 25, 2000
+NOISE_LEVELS = (10, 20)  # std of the pixel noise of the reference rows, in levels of 255
+
+
+def with_noise(frames: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames plus Gaussian pixel noise of `std` levels, clipped to uint8."""
+    noise = np.random.default_rng(seed).normal(0, std, frames.shape)
+    return np.clip(frames + noise, 0, 255).astype(np.uint8)
+
+
+def colour_shift(frames: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(3,) mean R, G, B of `frames` minus the truth's, in levels (both (T, H, W, 3) uint8)."""
+    return frames.reshape(-1, 3).mean(0) - truth.reshape(-1, 3).mean(0)
 
 
 def load_pipeline(path: str) -> FadaAvatarPipeline:
@@ -88,7 +103,7 @@ def main(argv=None):
 
     frames = int(round(args.seconds * FPS))
     segments, seconds = edges_of(frames, int(round(args.segment * FPS))), edges_of(frames, FPS)
-    rows, window = {}, None
+    rows, colours, window = {}, {}, None
     for name, path in models:
         pipe = load_pipeline(path)
         size, window = pipe.config.frame_size, pipe.config.clip_frames
@@ -96,11 +111,16 @@ def main(argv=None):
         people = [render_clip(TEST_SEED, "strict", i, size=size, frames=frames) for i in range(args.people)]
         if "Truth" not in rows:
             rows["Truth"] = np.mean([series_of(video, video[0], quality) for video, _, _ in people], 0)
-        start, made = time.perf_counter(), []
+            for std in NOISE_LEVELS:
+                rows[f"Truth + noise {std}"] = np.mean(
+                    [series_of(with_noise(video, std, seed=i), video[0], quality) for i, (video, _, _) in
+                     enumerate(people)], 0)
+        start, made, shifts = time.perf_counter(), [], []
         for video, wav, _ in people:
             out = pipe(video[0], wav, generator=torch.Generator().manual_seed(args.seed))
             made.append(series_of(out.frames, video[0], quality))
-        rows[name] = np.mean(made, 0)
+            shifts.append(colour_shift(out.frames, video[:len(out.frames)]))
+        rows[name], colours[name] = np.mean(made, 0), np.mean(shifts, 0)
         print(f"{name}: {args.people} x {args.seconds:g} s in {time.perf_counter() - start:.0f} s", flush=True)
 
     names = ["window 1"] + [f"{a / FPS:g}-{b / FPS:g}s" for a, b in zip(segments[:-1], segments[1:])]
@@ -111,8 +131,12 @@ def main(argv=None):
         for name, values in table.items():
             print(f"{name:<24}" + "".join(f"{v:>10.3f}" for v in values[i]))
     print()
+    print(f"mean colour shift against the truth (R, G, B levels of 255), mean over {args.people} people")
+    for name, shift in colours.items():
+        print(f"{name:<24}" + "".join(f"{v:>+8.1f}" for v in shift))
+    print()
     for name, values in rows.items():
-        if name == "Truth":
+        if name.startswith("Truth"):
             continue
         per_second = bin_means(values, seconds)
         said = []
@@ -138,13 +162,16 @@ def plot(rows: dict[str, np.ndarray], window: int, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    greys = ("0.4", "0.65")
+    truth_styles = {"Truth": ("--", "k")} | {f"Truth + noise {s}": (":", g) for s, g in zip(NOISE_LEVELS, greys)}
     for name, values in rows.items():
         per_second = bin_means(values, edges_of(values.shape[1], FPS))
         mids = np.arange(per_second.shape[1]) + 0.5
+        style, colour = truth_styles.get(name, ("-", None))
         for ax, series, first in zip(axes, per_second, bin_means(values, [0, window])[:, 0]):
-            line, = ax.plot(mids, series, "--" if name == "Truth" else "-", label=name,
-                            color="k" if name == "Truth" else None)
-            ax.plot([0], [first], "o", color=line.get_color())
+            line, = ax.plot(mids, series, style, label=name, color=colour)
+            if not name.startswith("Truth +"):
+                ax.plot([0], [first], "o", color=line.get_color())
     for ax, title in zip(axes, ("identity distance to the reference", "IQA")):
         ax.set_xlabel("seconds into the video (dot: the first window)")
         ax.set_title(title)

@@ -30,3 +30,14 @@ def test_onset_is_where_every_later_bin_stays_worse(drift):
     iqa = np.array([0.80, 0.77, 0.79])  # worse: lower; bin 1 alone is no drift
     assert drift.onset(iqa, 0.80, 0.02, -1) is None
     assert drift.onset(iqa - 0.1, 0.80, 0.02, -1) == 0
+
+
+def test_the_noise_reference_and_the_colour_shift(drift):
+    frames = np.full((4, 8, 8, 3), 100, np.uint8)
+    np.testing.assert_array_equal(drift.with_noise(frames, 0), frames)
+    noisy = drift.with_noise(frames, 10)
+    assert noisy.dtype == np.uint8 and 9 < (noisy.astype(float) - 100).std() < 11
+    np.testing.assert_array_equal(drift.with_noise(frames, 10, seed=3), drift.with_noise(frames, 10, seed=3))
+    bluer = frames.copy()
+    bluer[..., 2] += 20
+    np.testing.assert_allclose(drift.colour_shift(bluer, frames), [0, 0, 20])
