@@ -217,8 +217,13 @@ class Ablation:
                              f"(its rows have seeds 0..{most - 1})")
 
     def seeds(self, row: dict) -> list[int]:
-        """The seeds of `row` this run trains, evaluates and tabulates: 0..seeds-1, or those of --seed."""
+        """The seeds of `row` this run trains and evaluates: 0..seeds-1, or those of --seed."""
         return [s for s in range(row["seeds"]) if self.only_seeds is None or s in self.only_seeds]
+
+    def table_seeds(self, row: dict) -> list[int]:
+        """The seeds of `row` the outputs cover: all of them, whichever --seed ran (jobs at different seeds
+        each rewrite one table of every finished run), except in --quick's first look (the seeds it ran)."""
+        return self.seeds(row) if self.quick else list(range(row["seeds"]))
 
     def run_dir(self, row: dict, seed: int) -> Path:
         if "checkpoint_of" in row or "run" not in row:
@@ -320,15 +325,16 @@ class Ablation:
     # ---- the outputs -----------------------------------------------------------------------------
     def write_outputs(self) -> list[Path]:
         """table.md, table.csv, summary.json, frames.png, losses.png and, with a sweep, one PNG per swept
-        scale and best_scale.md, from the finished rows and seeds (of those asked: every seed, or --seed's)."""
-        runs = [(row, {s: r for s in self.seeds(row) if (r := self.result(row, s)) is not None}) for row in self.rows]
+        scale and best_scale.md, from the finished rows and seeds (`table_seeds`)."""
+        runs = [(row, {s: r for s in self.table_seeds(row) if (r := self.result(row, s)) is not None})
+                for row in self.rows]
         finished = [(row, by_seed) for row, by_seed in runs if by_seed]
         if not finished:
             raise FileNotFoundError(f"no finished rows under {self.out} yet")
         summaries = {row["name"]: summarize(by_seed) for row, by_seed in finished}
-        missing = [row["name"] for row, by_seed in runs if not by_seed and self.seeds(row)]
-        partial = [f"{row['name']} ({len(by_seed)} of {len(self.seeds(row))} seeds)" for row, by_seed in finished
-                   if len(by_seed) < len(self.seeds(row))]
+        missing = [row["name"] for row, by_seed in runs if not by_seed and self.table_seeds(row)]
+        partial = [f"{row['name']} ({len(by_seed)} of {len(self.table_seeds(row))} seeds)"
+                   for row, by_seed in finished if len(by_seed) < len(self.table_seeds(row))]
         first = next(iter(finished[0][1].values()))
         table = markdown_table(self.spec.get("title", self.spec["name"]), [(row, summaries[row["name"]])
                                for row, _ in finished], first["depends_on"], missing, partial, self.quick)
@@ -581,8 +587,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                    "tables/mixed.yaml, tables/cfg.yaml, tables/cfg_sweep.yaml)")
     p.add_argument("--quick", action="store_true", help="two rows, seed 0, few steps, few clips (into <out>-quick)")
     p.add_argument("--row", action="append", help="run only this row (repeatable); its dependencies must be finished")
-    p.add_argument("--seed", action="append", type=int, help="run and tabulate only this training seed (repeatable; "
-                   "default: every seed of each row, with --quick seed 0)")
+    p.add_argument("--seed", action="append", type=int, help="run only this training seed (repeatable; default: every "
+                   "seed of each row, with --quick seed 0); the table covers every finished seed")
     p.add_argument("--collect", action="store_true", help="only write the outputs from the finished rows and seeds")
     args = p.parse_args(argv)
     try:

@@ -199,6 +199,22 @@ def test_each_model_s_best_scale_is_its_own_best_mean(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_job_at_one_seed_tabulates_every_finished_seed(tmp_path):
+    spec = {"name": "t", "out": str(tmp_path / "t"), "seeds": 3, "claims": [],
+            "rows": [{"name": "A", "fit": ["teacher.yaml"], "seeds": 3}, {"name": "B", "fit": ["teacher.yaml"], "seeds": 3}]}
+    depends_on = {"clips": 4, "frames_per_clip": 16, "resolution": 32, "extractors": {"iqa": "x"}}
+    for name, seed, fvd in [("A", 0, 1.0), ("A", 1, 3.0), ("B", 2, 2.0)]:
+        folder = tmp_path / "t" / name / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({**result(seed, fvd), "depends_on": depends_on}))
+    ablate.Ablation(spec, seeds=[1]).write_outputs()  # what `--row A --seed 1` writes once A's seed 1 is done
+    table = (tmp_path / "t" / "table.md").read_text()
+    line = next(line for line in table.splitlines() if line.startswith("| A |"))
+    assert "2 ± 1.4" in line and line.endswith(" | 100-101 | 2 |")  # FVD over seeds 0 and 1
+    assert "Partially finished: A (2 of 3 seeds), B (1 of 3 seeds)." in table
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["B"]["seeds"] == [2]
+
+
 def test_a_row_s_model_is_its_best_checkpoint_where_kept_and_a_run_resumes_from_its_last(tmp_path):
     ablation = ablate.Ablation(ablate.load_ablation("tables/distillers.yaml"))
     row = {**ablation.by_name["TCD"], "run": str(tmp_path / "tcd")}
