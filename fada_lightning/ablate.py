@@ -258,6 +258,12 @@ class Ablation:
         if done is not None:
             print(f"[ablate] {label}: finished earlier ({self.run_dir(row, seed) / 'result.json'}), skipped")
             return done
+        twin = self.twin(row, seed)
+        if twin is not None:  # a sweep's fixed point is in both figures: evaluated once (its noise is fixed)
+            result = {**self.result(twin, seed), "row": row["name"], "seconds_eval": 0.0, "same_as": twin["name"]}
+            write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
+            print(f"[ablate] {label}: the same evaluation as {twin['name']!r}: {evaluate.format_metrics(result)}")
+            return result
         if "fit" in row:
             self.train(row, seed)
         elif not self.checkpoint(row, seed).exists():
@@ -272,6 +278,14 @@ class Ablation:
         write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
         print(f"[ablate] {label}: {evaluate.format_metrics(result)}")
         return result
+
+    def twin(self, row: dict, seed: int) -> dict | None:
+        """Another evaluate-only row of the same model and settings, finished at `seed`, or None."""
+        if "checkpoint_of" not in row:
+            return None
+        return next((other for other in self.by_name.values() if other is not row
+                     and other.get("checkpoint_of") == row["checkpoint_of"]
+                     and other.get("evaluate") == row.get("evaluate") and self.result(other, seed) is not None), None)
 
     def train(self, row: dict, seed: int) -> None:
         """`fada fit` into the row's seed folder, resuming from its last checkpoint if a run was stopped."""

@@ -215,6 +215,26 @@ def test_a_job_at_one_seed_tabulates_every_finished_seed(tmp_path):
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["B"]["seeds"] == [2]
 
 
+def test_a_sweep_s_fixed_point_is_evaluated_once_for_both_figures(tmp_path, monkeypatch):
+    spec = yaml.safe_load((bundled_config_dir() / "tables" / "cfg_sweep.yaml").read_text())
+    spec["out"] = str(tmp_path / "sweep")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    ablation = ablate.Ablation(ablate.load_ablation(path))
+    by_audio, by_ref = ablation.by_name["FADA-Fast s_a=6.5"], ablation.by_name["FADA-Fast s_r=2"]
+    assert by_audio["evaluate"] == by_ref["evaluate"] == {"ref_scale": 2.0, "audio_scale": 6.5}
+    done = {**result(1, 3.0), "row": by_audio["name"], "seconds_eval": 64.0, "threads": 1,
+            "ground_truth": {"IQA": 0.9, "Sync-D": 0.08, "Sync-C": 0.47},
+            "depends_on": {"clips": 4, "frames_per_clip": 16, "resolution": 32}}
+    (ablation.run_dir(by_audio, 1)).mkdir(parents=True)
+    (ablation.run_dir(by_audio, 1) / "result.json").write_text(json.dumps(done))
+    monkeypatch.setattr(ablate.Ablation, "evaluate", lambda *args: pytest.fail("evaluated the same point again"))
+    copy = ablation.run_row(by_ref, 1)
+    assert copy["metrics"] == done["metrics"] and copy["same_as"] == by_audio["name"] and copy["seconds_eval"] == 0
+    assert ablation.result(by_ref, 1) == copy and ablation.twin(by_ref, 0) is None  # seed 0 is not finished
+    assert ablation.twin(ablation.by_name["FADA-Fast s_a=4"], 1) is None  # another point: evaluated on its own
+
+
 def test_a_row_s_model_is_its_best_checkpoint_where_kept_and_a_run_resumes_from_its_last(tmp_path):
     ablation = ablate.Ablation(ablate.load_ablation("tables/distillers.yaml"))
     row = {**ablation.by_name["TCD"], "run": str(tmp_path / "tcd")}
