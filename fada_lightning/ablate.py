@@ -247,6 +247,13 @@ class Ablation:
         best = self.tensorboard(row, seed) / "checkpoints" / "best.ckpt"
         return best if best.exists() else self.last_checkpoint(row, seed)
 
+    def trained(self, row: dict, seed: int) -> bool:
+        """Has the training behind `row`'s model finished at `seed`? Only then is its checkpoint final: a
+        run in progress (another job's) already has a last.ckpt and a best.ckpt."""
+        if "checkpoint_of" in row:
+            return self.trained(self.by_name[row["checkpoint_of"]], seed)
+        return (self.run_dir(row, seed) / "trained").exists()
+
     def result(self, row: dict, seed: int) -> dict | None:
         path = self.run_dir(row, seed) / "result.json"
         return json.loads(path.read_text()) if path.exists() else None
@@ -266,9 +273,9 @@ class Ablation:
             return result
         if "fit" in row:
             self.train(row, seed)
-        elif not self.checkpoint(row, seed).exists():
-            raise FileNotFoundError(f"row {row['name']!r} evaluates {row['checkpoint_of']!r}'s checkpoint "
-                                    f"{self.checkpoint(row, seed)}, which is not trained yet: run that row first")
+        elif not self.trained(row, seed):
+            raise FileNotFoundError(f"row {row['name']!r} evaluates the checkpoint of {row['checkpoint_of']!r} "
+                                    f"({self.checkpoint(row, seed)}), which is not trained yet: run that row first")
         began = time.perf_counter()
         result = self.evaluate(row, seed)
         trained = curve.training_seconds(self.tensorboard(row, seed)) if "fit" in row else 0.0
@@ -293,10 +300,10 @@ class Ablation:
         if (root / "trained").exists():
             return
         for key, verb in (("teacher", "distils"), ("student", "starts from")):
-            needed = self.checkpoint(self.by_name[row[key]], seed) if key in row else None
-            if needed is not None and not needed.exists():
-                raise FileNotFoundError(f"row {row['name']!r} at seed {seed} {verb} {row[key]!r}, whose checkpoint "
-                                        f"{needed} does not exist yet: run that row (that seed) first")
+            if key in row and not self.trained(self.by_name[row[key]], seed):
+                raise FileNotFoundError(f"row {row['name']!r} at seed {seed} {verb} {row[key]!r}, whose training "
+                                        f"({self.run_dir(self.by_name[row[key]], seed)}) has not finished yet: run "
+                                        f"that row (that seed) first")
         args = self.fit_args(row, seed)
         if ckpt.exists():
             print(f"[ablate] {row['name']} (seed {seed}): resuming from {ckpt}")

@@ -248,6 +248,24 @@ def test_a_row_s_model_is_its_best_checkpoint_where_kept_and_a_run_resumes_from_
     assert ablation.checkpoint({"name": "TCD at 1 step", "checkpoint_of": "TCD"}, 1) == checkpoints / "best.ckpt"
 
 
+def test_a_row_waits_for_its_dependency_s_training_to_finish_not_for_its_first_checkpoint(tmp_path):
+    spec = ablate.load_ablation("tables/distillers.yaml")
+    spec["out"] = str(tmp_path)
+    for row in spec["rows"]:
+        row.pop("run", None)  # every run folder under tmp_path
+    ablation = ablate.Ablation(spec)
+    teacher, dmd = ablation.by_name["Teacher A (strict)"], ablation.by_name["DMD (4 NFE)"]
+    for row in (teacher, dmd):  # runs in progress (another job's): checkpoints written, training not over
+        ablation.last_checkpoint(row, 0).parent.mkdir(parents=True)
+        ablation.last_checkpoint(row, 0).touch()
+    with pytest.raises(FileNotFoundError, match=r"distils 'Teacher A \(strict\)', whose training .* has not finished"):
+        ablation.run_row(ablation.by_name["TCD"], 0)
+    with pytest.raises(FileNotFoundError, match=r"evaluates the checkpoint of 'DMD \(4 NFE\)' .* not trained yet"):
+        ablation.run_row(ablation.by_name["DMD (4 NFE) at 1 step"], 0)
+    (ablation.run_dir(dmd, 0) / "trained").touch()
+    assert ablation.trained(ablation.by_name["DMD (4 NFE) at 1 step"], 0) and not ablation.trained(teacher, 0)
+
+
 def test_evaluate_counts_nfe_as_the_samplers_do_and_records_what_the_numbers_depend_on(teacher_ckpt, tmp_path):
     from fada_lightning.metrics import synthetic
 
