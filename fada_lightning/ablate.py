@@ -7,6 +7,7 @@ against each scale (FADA's Figures 3 and 4) and best_scale.md.
     fada ablate --config tables/distillers.yaml --quick    # two rows, seed 0, few steps: a first look, and CI's check
     fada ablate --config tables/mixed.yaml --row "Adaptive-0.25" --seed 1   # one row at one seed (a cluster job) ...
     fada ablate --config tables/mixed.yaml --collect       # ... then the table from the finished rows and seeds
+    fada ablate --config tables/mixed.yaml --jobs 2        # two runs at once (one machine: cores or GPUs shared)
 
 An ablation YAML names its rows; each row trains with `fit` (configs, as `fada fit --config`) plus
 `overrides` (dotted keys), or re-evaluates another row's checkpoint (`checkpoint_of`) with other
@@ -31,6 +32,8 @@ import math
 import os
 import re
 import statistics
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -343,6 +346,63 @@ class Ablation:
         args += [f"--{key}={json.dumps(value)}" for key, value in settings.items()]
         return evaluate.run(args, progress=self.progress)
 
+    # ---- several runs at once (--jobs N) ---------------------------------------------------------
+    def job_command(self, row: dict, seed: int, config: str) -> list[str]:
+        """One row at one seed as its own `fada ablate` process."""
+        return [sys.executable, "-m", "fada_lightning.cli", "ablate", "--config", config,
+                *(["--quick"] if self.quick else []), "--row", row["name"], "--seed", str(seed)]
+
+    def run_jobs(self, pairs: list[tuple[dict, int]], jobs: int, config: str, poll: float = 5.0) -> list[str]:
+        """Runs the (row, seed) pairs `jobs` at a time, in order, each as its own process (`job_command`)
+        on cores / jobs threads (OMP_NUM_THREADS, unless set) and its own GPU where there is one per job;
+        a pair starts once the models it needs at its seed are trained. Each process appends to
+        <run folder>/ablate.log. Returns the pairs that failed or could not run (their dependency failed)."""
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+        gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(
+            map(str, range(torch.cuda.device_count())))).split(",") if g]
+        waiting, running, failed = list(pairs), {}, []  # running: slot -> (process, row, seed, log file)
+        try:
+            while waiting or running:
+                for slot, (process, row, seed, log) in list(running.items()):
+                    if process.poll() is not None:
+                        del running[slot]
+                        log.close()
+                        if process.returncode:
+                            failed.append(f"{row['name']} (seed {seed})")
+                        print(f"[ablate] {row['name']} (seed {seed}): " + ("done" if not process.returncode else
+                              f"failed (exit {process.returncode}), see {log.name}"), flush=True)
+                pending = {(r["name"], s) for r, s in waiting} | {(r["name"], s) for _, r, s, _ in running.values()}
+                for row, seed in list(waiting):
+                    needs = [self.by_name[row[key]] for key in DEPENDENCIES if key in row]
+                    if all(self.trained(need, seed) for need in needs):
+                        if len(running) < jobs:
+                            slot = min(set(range(jobs)) - set(running))
+                            running[slot] = self.start_job(row, seed, config, threads,
+                                                           gpus[slot] if len(gpus) >= jobs else None)
+                            waiting.remove((row, seed))
+                    elif not any((need["name"], seed) in pending for need in needs):
+                        waiting.remove((row, seed))
+                        failed.append(f"{row['name']} (seed {seed})")
+                        print(f"[ablate] {row['name']} (seed {seed}): not run: it needs "
+                              f"{', '.join(n['name'] for n in needs)} at seed {seed}, which did not train", flush=True)
+                if waiting or running:
+                    time.sleep(poll)
+        finally:  # interrupted: stop the runs (each resumes from its last checkpoint)
+            for process, *_ in running.values():
+                process.terminate()
+        return failed
+
+    def start_job(self, row: dict, seed: int, config: str, threads: str, gpu: str | None) -> tuple:
+        env = {**os.environ, "OMP_NUM_THREADS": threads, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+        folder = self.run_dir(row, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        log = open(folder / "ablate.log", "a")
+        process = subprocess.Popen(self.job_command(row, seed, config), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env)
+        print(f"[ablate] {row['name']} (seed {seed}): started on {threads} threads"
+              + (f", GPU {gpu}" if gpu is not None else "") + f"; log {log.name}", flush=True)
+        return process, row, seed, log
+
     # ---- the outputs -----------------------------------------------------------------------------
     def write_outputs(self) -> list[Path]:
         """table.md, table.csv, summary.json, frames.png, losses.png and, with a sweep, one PNG per swept
@@ -607,24 +667,39 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--config", required=True, help="an ablation YAML (bundled: tables/distillers.yaml, "
                    "tables/mixed.yaml, tables/cfg.yaml, tables/cfg_sweep.yaml)")
     p.add_argument("--quick", action="store_true", help="two rows, seed 0, few steps, few clips (into <out>-quick)")
-    p.add_argument("--row", action="append", help="run only this row (repeatable); its dependencies must be finished")
+    p.add_argument("--row", action="append", help="run only this row (repeatable); the rows it needs must be "
+                   "trained, or run in the same --jobs call")
     p.add_argument("--seed", action="append", type=int, help="run only this training seed (repeatable; default: every "
                    "seed of each row, with --quick seed 0); the table covers every finished seed")
     p.add_argument("--collect", action="store_true", help="only write the outputs from the finished rows and seeds")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process on cores / N threads "
+                   "(and its own GPU if there are N); a run starts when the rows it needs are trained (default 1)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, not {args.jobs}")
+    failed = []
     try:
         ablation = Ablation(load_ablation(args.config), quick=args.quick, seeds=args.seed)
         if not args.collect:
             unknown = sorted(set(args.row or []) - set(ablation.by_name))
             if unknown:
                 raise ValueError(f"no row named {unknown} (rows: {', '.join(ablation.by_name)})")
-            for row in ablation.rows:
-                if not args.row or row["name"] in args.row:
-                    for seed in ablation.seeds(row):
-                        ablation.run_row(row, seed)
+            pairs = [(row, seed) for row in ablation.rows if not args.row or row["name"] in args.row
+                     for seed in ablation.seeds(row)]
+            if args.jobs > 1:
+                for row, seed in pairs:
+                    if ablation.result(row, seed) is not None:
+                        print(f"[ablate] {row['name']} (seed {seed}): finished earlier, skipped")
+                failed = ablation.run_jobs([(row, seed) for row, seed in pairs if ablation.result(row, seed) is None],
+                                           args.jobs, args.config)
+            else:
+                for row, seed in pairs:
+                    ablation.run_row(row, seed)
         written = ablation.write_outputs()
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fada ablate: {err}") from None
     print(f"[ablate] wrote {', '.join(str(p) for p in written)}")
     print((ablation.out / "table.md").read_text())
+    if failed:
+        raise SystemExit(f"fada ablate: {len(failed)} run(s) did not finish: {'; '.join(failed)}")
     return written

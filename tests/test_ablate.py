@@ -3,6 +3,7 @@
 counted, and a quick ablation runs end to end at two seeds and resumes."""
 import json
 import os
+import sys
 
 import pytest
 import yaml
@@ -266,6 +267,54 @@ def test_a_row_waits_for_its_dependency_s_training_to_finish_not_for_its_first_c
     assert ablation.trained(ablation.by_name["DMD (4 NFE) at 1 step"], 0) and not ablation.trained(teacher, 0)
 
 
+FAKE_JOB = """
+import json, sys, time
+from pathlib import Path
+folder, events, name, seed, fail = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+with open(events, "a") as f:
+    f.write(json.dumps(["start", name, int(seed), time.monotonic()]) + "\\n")
+time.sleep(0.4)
+if not fail:
+    (folder / "trained").touch()
+    (folder / "result.json").write_text("{}")
+with open(events, "a") as f:
+    f.write(json.dumps(["end", name, int(seed), time.monotonic()]) + "\\n")
+sys.exit(3 if fail else 0)
+"""
+
+
+def test_jobs_run_side_by_side_each_once_the_models_it_needs_are_trained(tmp_path, monkeypatch, capsys):
+    rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"},
+            {"name": "R", "fit": ["distill_rflow.yaml"], "teacher": "T"}, {"name": "S at 1 step", "checkpoint_of": "S"},
+            {"name": "U", "fit": ["teacher.yaml"]}]  # needs nothing: ready from the start
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "seeds": 2, "rows": rows}))
+    ablation = ablate.Ablation(ablate.load_ablation(path))
+    events = tmp_path / "events.jsonl"
+    fails = {("T", 1)}  # seed 1's teacher fails: its students at seed 1 must not start
+
+    def fake(row, seed, config):
+        return [sys.executable, "-c", FAKE_JOB, str(ablation.run_dir(row, seed)), str(events), row["name"], str(seed),
+                "1" if (row["name"], seed) in fails else "0"]
+
+    monkeypatch.setattr(ablation, "job_command", fake)
+    pairs = [(row, seed) for row in ablation.rows for seed in (0, 1)]
+    failed = ablation.run_jobs(pairs, jobs=2, config=str(path), poll=0.05)
+    assert sorted(failed) == ["R (seed 1)", "S (seed 1)", "S at 1 step (seed 1)", "T (seed 1)"]
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    when = {(kind, name, seed): t for kind, name, seed, t in log}
+    assert {(name, seed) for kind, name, seed, _ in log if kind == "start"} == {
+        ("T", 0), ("T", 1), ("S", 0), ("R", 0), ("S at 1 step", 0), ("U", 0), ("U", 1)}
+    for name, need in [("S", "T"), ("R", "T"), ("S at 1 step", "S")]:
+        assert when["start", name, 0] >= when["end", need, 0]
+    running = max(sum(1 for k, n, s, t in log if k == "start" and t <= moment) -
+                  sum(1 for k, n, s, t in log if k == "end" and t <= moment) for *_, moment in log)
+    assert running == 2  # up to 4 are ready at once (T and U at two seeds); never more than --jobs
+    out = capsys.readouterr().out
+    assert "S (seed 1): not run: it needs T at seed 1, which did not train" in out
+    assert "T (seed 1): failed (exit 3), see " in out and str(ablation.run_dir(rows[0], 1) / "ablate.log") in out
+
+
 def test_evaluate_counts_nfe_as_the_samplers_do_and_records_what_the_numbers_depend_on(teacher_ckpt, tmp_path):
     from fada_lightning.metrics import synthetic
 
@@ -312,7 +361,7 @@ def quick_spec(tmp_path) -> dict:
 
 
 @pytest.mark.slow
-def test_ablate_quick_runs_two_seeds_end_to_end_and_resumes_after_its_first_row(tmp_path, capsys):
+def test_ablate_quick_runs_two_seeds_end_to_end_and_resumes_after_its_first_row_then_two_jobs_at_once(tmp_path, capsys):
     from PIL import Image
 
     path = tmp_path / "tiny.yaml"
@@ -324,7 +373,8 @@ def test_ablate_quick_runs_two_seeds_end_to_end_and_resumes_after_its_first_row(
     stamp = first.stat().st_mtime_ns
     assert "Not finished yet: Student" in (out / "table.md").read_text()
 
-    ablate.main(["--config", str(path), "--quick", *seeds])  # picks up where the first call stopped
+    ablate.main(["--config", str(path), "--quick", "--jobs", "2", *seeds])  # picks up where the first call stopped,
+    # two runs at a time, each its own process
     assert "Teacher (seed 1): finished earlier" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp
     table = (out / "table.md").read_text()
