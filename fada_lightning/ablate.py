@@ -289,24 +289,32 @@ class Ablation:
         print(f"[ablate] {label}: {evaluate.format_metrics(result)}")
         return result
 
-    def twin(self, row: dict, seed: int) -> dict | None:
-        """Another evaluate-only row of the same model and settings, finished at `seed`, or None."""
+    def twins(self, row: dict) -> list[dict]:
+        """The other evaluate-only rows of the same model and settings (a sweep's fixed point is in both figures)."""
         if "checkpoint_of" not in row:
-            return None
-        return next((other for other in self.by_name.values() if other is not row
-                     and other.get("checkpoint_of") == row["checkpoint_of"]
-                     and other.get("evaluate") == row.get("evaluate") and self.result(other, seed) is not None), None)
+            return []
+        return [other for other in self.by_name.values() if other is not row
+                and other.get("checkpoint_of") == row["checkpoint_of"] and other.get("evaluate") == row.get("evaluate")]
+
+    def twin(self, row: dict, seed: int) -> dict | None:
+        """A twin (`twins`) finished at `seed`, whose result is this row's too, or None."""
+        return next((other for other in self.twins(row) if self.result(other, seed) is not None), None)
+
+    def needs(self, row: dict) -> list[dict]:
+        """The rows whose trained models `row` needs at its seed: its teacher, the student it starts from, or
+        the row whose checkpoint it evaluates."""
+        return [self.by_name[row[key]] for key in DEPENDENCIES if key in row]
 
     def train(self, row: dict, seed: int) -> None:
         """`fada fit` into the row's seed folder, resuming from its last checkpoint if a run was stopped."""
         root, ckpt = self.run_dir(row, seed), self.last_checkpoint(row, seed)
         if (root / "trained").exists():
             return
-        for key, verb in (("teacher", "distils"), ("student", "starts from")):
-            if key in row and not self.trained(self.by_name[row[key]], seed):
-                raise FileNotFoundError(f"row {row['name']!r} at seed {seed} {verb} {row[key]!r}, whose training "
-                                        f"({self.run_dir(self.by_name[row[key]], seed)}) has not finished yet: run "
-                                        f"that row (that seed) first")
+        for need in self.needs(row):
+            if not self.trained(need, seed):
+                raise FileNotFoundError(f"row {row['name']!r} at seed {seed} needs {need['name']!r}, whose training "
+                                        f"({self.run_dir(need, seed)}) has not finished yet: run that row (that "
+                                        f"seed) first")
         args = self.fit_args(row, seed)
         if ckpt.exists():
             print(f"[ablate] {row['name']} (seed {seed}): resuming from {ckpt}")
@@ -372,14 +380,17 @@ class Ablation:
                         print(f"[ablate] {row['name']} (seed {seed}): " + ("done" if not process.returncode else
                               f"failed (exit {process.returncode}), see {log.name}"), flush=True)
                 pending = {(r["name"], s) for r, s in waiting} | {(r["name"], s) for _, r, s, _ in running.values()}
+                busy = {(r["name"], s) for _, r, s, _ in running.values()}
                 for row, seed in list(waiting):
-                    needs = [self.by_name[row[key]] for key in DEPENDENCIES if key in row]
+                    needs = self.needs(row)
                     if all(self.trained(need, seed) for need in needs):
-                        if len(running) < jobs:
+                        # a twin being evaluated: wait and copy its result (run_row) rather than evaluate again
+                        if len(running) < jobs and not any((t["name"], seed) in busy for t in self.twins(row)):
                             slot = min(set(range(jobs)) - set(running))
                             running[slot] = self.start_job(row, seed, config, threads,
                                                            gpus[slot] if len(gpus) >= jobs else None)
                             waiting.remove((row, seed))
+                            busy.add((row["name"], seed))
                     elif not any((need["name"], seed) in pending for need in needs):
                         waiting.remove((row, seed))
                         failed.append(f"{row['name']} (seed {seed})")

@@ -259,7 +259,7 @@ def test_a_row_waits_for_its_dependency_s_training_to_finish_not_for_its_first_c
     for row in (teacher, dmd):  # runs in progress (another job's): checkpoints written, training not over
         ablation.last_checkpoint(row, 0).parent.mkdir(parents=True)
         ablation.last_checkpoint(row, 0).touch()
-    with pytest.raises(FileNotFoundError, match=r"distils 'Teacher A \(strict\)', whose training .* has not finished"):
+    with pytest.raises(FileNotFoundError, match=r"needs 'Teacher A \(strict\)', whose training .* has not finished"):
         ablation.run_row(ablation.by_name["TCD"], 0)
     with pytest.raises(FileNotFoundError, match=r"evaluates the checkpoint of 'DMD \(4 NFE\)' .* not trained yet"):
         ablation.run_row(ablation.by_name["DMD (4 NFE) at 1 step"], 0)
@@ -286,6 +286,7 @@ sys.exit(3 if fail else 0)
 def test_jobs_run_side_by_side_each_once_the_models_it_needs_are_trained(tmp_path, monkeypatch, capsys):
     rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"},
             {"name": "R", "fit": ["distill_rflow.yaml"], "teacher": "T"}, {"name": "S at 1 step", "checkpoint_of": "S"},
+            {"name": "S at 1 step, twin", "checkpoint_of": "S"},  # the same evaluation: waits for the first
             {"name": "U", "fit": ["teacher.yaml"]}]  # needs nothing: ready from the start
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "seeds": 2, "rows": rows}))
@@ -300,12 +301,13 @@ def test_jobs_run_side_by_side_each_once_the_models_it_needs_are_trained(tmp_pat
     monkeypatch.setattr(ablation, "job_command", fake)
     pairs = [(row, seed) for row in ablation.rows for seed in (0, 1)]
     failed = ablation.run_jobs(pairs, jobs=2, config=str(path), poll=0.05)
-    assert sorted(failed) == ["R (seed 1)", "S (seed 1)", "S at 1 step (seed 1)", "T (seed 1)"]
+    assert sorted(failed) == ["R (seed 1)", "S (seed 1)", "S at 1 step (seed 1)", "S at 1 step, twin (seed 1)",
+                              "T (seed 1)"]
     log = [json.loads(line) for line in events.read_text().splitlines()]
     when = {(kind, name, seed): t for kind, name, seed, t in log}
     assert {(name, seed) for kind, name, seed, _ in log if kind == "start"} == {
-        ("T", 0), ("T", 1), ("S", 0), ("R", 0), ("S at 1 step", 0), ("U", 0), ("U", 1)}
-    for name, need in [("S", "T"), ("R", "T"), ("S at 1 step", "S")]:
+        ("T", 0), ("T", 1), ("S", 0), ("R", 0), ("S at 1 step", 0), ("U", 0), ("U", 1), ("S at 1 step, twin", 0)}
+    for name, need in [("S", "T"), ("R", "T"), ("S at 1 step", "S"), ("S at 1 step, twin", "S at 1 step")]:
         assert when["start", name, 0] >= when["end", need, 0]
     running = max(sum(1 for k, n, s, t in log if k == "start" and t <= moment) -
                   sum(1 for k, n, s, t in log if k == "end" and t <= moment) for *_, moment in log)
