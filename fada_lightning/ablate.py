@@ -8,6 +8,7 @@ against each scale (FADA's Figures 3 and 4) and best_scale.md.
     fada ablate --config tables/mixed.yaml --row "Adaptive-0.25" --seed 1   # one row at one seed (a cluster job) ...
     fada ablate --config tables/mixed.yaml --collect       # ... then the table from the finished rows and seeds
     fada ablate --config tables/mixed.yaml --jobs 2        # two runs at once (one machine: cores or GPUs shared)
+    fada ablate --collect --config tables/distillers.yaml --config tables/mixed.yaml   # ... + claims.md: all claims
 
 An ablation YAML names its rows; each row trains with `fit` (configs, as `fada fit --config`) plus
 `overrides` (dotted keys), or re-evaluates another row's checkpoint (`checkpoint_of`) with other
@@ -183,24 +184,53 @@ def overall(verdicts: list[str]) -> str:
     return "in part" if held and failed else HOLDS if held else FAILS if failed else UNDECIDED
 
 
+def verdicts(claim: dict, summaries: dict) -> tuple[dict, str]:
+    """A claim judged column by column (`judge`) from the per-seed values in `summaries` -> ({column:
+    verdict}, the claim's verdict); ({}, "not judged: ...") while one of its rows has no finished seed."""
+    a, b = summaries.get(claim["better"]), summaries.get(claim["than"])
+    if a is None or b is None:
+        waiting = [name for name, s in ((claim["better"], a), (claim["than"], b)) if s is None]
+        return {}, f"not judged: {', '.join(waiting)} not finished"
+    by_column = {c: judge(a[c]["values"], b[c]["values"], evaluate.LOWER_IS_BETTER[c]) for c in claim["columns"]}
+    return by_column, overall(list(by_column.values()))
+
+
 def claims_table(claims: list[dict], summaries: dict) -> str:
-    """Markdown: each claim judged column by column (`judge`) from the per-seed values in `summaries`."""
+    """Markdown: each claim's `verdicts`, a column per quality metric."""
     lines = ["### The paper's claims against the spread over training seeds", "",
              "| Claim | " + " | ".join(QUALITY) + " | verdict |", "|---|" + "---|" * (len(QUALITY) + 1)]
     for claim in claims:
-        a, b = summaries.get(claim["better"]), summaries.get(claim["than"])
-        if a is None or b is None:
-            waiting = [name for name, s in ((claim["better"], a), (claim["than"], b)) if s is None]
-            lines.append(f"| {claim['claim']} | " + " | ".join("" for _ in QUALITY) +
-                         f" | not judged: {', '.join(waiting)} not finished |")
-            continue
-        verdicts = {c: judge(a[c]["values"], b[c]["values"], evaluate.LOWER_IS_BETTER[c]) for c in claim["columns"]}
-        lines.append(f"| {claim['claim']} | " + " | ".join(verdicts.get(c, "") for c in QUALITY) +
-                     f" | {overall(list(verdicts.values()))} |")
+        by_column, verdict = verdicts(claim, summaries)
+        lines.append(f"| {claim['claim']} | " + " | ".join(by_column.get(c, "") for c in QUALITY) + f" | {verdict} |")
     lines += ["", "A column holds when every training seed of the first row beats every seed of the second (their "
               "ranges over seeds do not overlap), does not hold when the reverse is true, and cannot tell "
               "otherwise or with one seed. A claim holds in part when it holds on some columns and is reversed "
               "on others. Blank: a column the claim is not about."]
+    return "\n".join(lines) + "\n"
+
+
+def overview(ablations: list[Ablation], configs: list[str]) -> str:
+    """Markdown: every claim of several ablations with its verdict (`verdicts`), and the time of every run
+    behind them, each run folder counted once (tables share teachers and students)."""
+    lines = ["### The paper's claims, every table", "", "Made with `fada ablate --collect "
+             + " ".join(f"--config {c}" for c in configs) + "`.", "",
+             "| Table | Claim | verdict | holds on | does not hold on |", "|---|---|---|---|---|"]
+    runs: dict[Path, dict] = {}
+    for ablation in ablations:
+        results = ablation.results()
+        summaries = {row["name"]: summarize(by_seed) for row, by_seed in results if by_seed}
+        for claim in ablation.spec["claims"]:
+            by_column, verdict = verdicts(claim, summaries)
+            on = [", ".join(c for c, v in by_column.items() if v == kind) for kind in (HOLDS, FAILS)]
+            lines.append(f"| {ablation.spec.get('title', ablation.spec['name'])} | {claim['claim']} | {verdict} | "
+                         f"{on[0]} | {on[1]} |")
+        runs.update({ablation.run_dir(row, seed).resolve(): result for row, by_seed in results
+                     for seed, result in by_seed.items()})
+    seconds = run_seconds(list(runs.values()))
+    lines += ["", "Columns as in each table's claims (holds: every training seed of the first row beats every seed "
+              "of the second). Time of the {} finished runs behind these tables on this machine, each counted once: "
+              "training {:.2f} h, evaluation {:.2f} h wall; CPU time (wall x threads) {:.2f} h.".format(
+                  len(runs), *(seconds[part] / 3600 for part in ("train", "eval", "cpu")))]
     return "\n".join(lines) + "\n"
 
 
@@ -415,11 +445,15 @@ class Ablation:
         return process, row, seed, log
 
     # ---- the outputs -----------------------------------------------------------------------------
+    def results(self) -> list[tuple[dict, dict[int, dict]]]:
+        """[(row, {seed: result})] of every row, over the seeds the outputs cover (`table_seeds`) that finished."""
+        return [(row, {s: r for s in self.table_seeds(row) if (r := self.result(row, s)) is not None})
+                for row in self.rows]
+
     def write_outputs(self) -> list[Path]:
         """table.md, table.csv, summary.json, frames.png, losses.png and, with a sweep, one PNG per swept
         scale and best_scale.md, from the finished rows and seeds (`table_seeds`)."""
-        runs = [(row, {s: r for s in self.table_seeds(row) if (r := self.result(row, s)) is not None})
-                for row in self.rows]
+        runs = self.results()
         finished = [(row, by_seed) for row, by_seed in runs if by_seed]
         if not finished:
             raise FileNotFoundError(f"no finished rows under {self.out} yet")
@@ -473,15 +507,22 @@ def summarize(by_seed: dict[int, dict]) -> dict:
     run's threads (a result without `threads` ran on torch's default: every core); sd is the sample
     standard deviation over seeds (n - 1 in the denominator), None with one seed."""
     seeds = sorted(by_seed)
-    seconds = {part: sum(by_seed[s].get(f"seconds_{part}", 0.0) for s in seeds) for part in ("train", "eval")}
-    seconds["cpu"] = sum((by_seed[s].get("seconds_train", 0.0) + by_seed[s].get("seconds_eval", 0.0))
-                         * by_seed[s].get("threads", os.cpu_count()) for s in seeds)
-    summary: dict = {"seeds": seeds, "steps": [int(by_seed[s]["step"]) for s in seeds], "seconds": seconds}
+    summary: dict = {"seeds": seeds, "steps": [int(by_seed[s]["step"]) for s in seeds],
+                     "seconds": run_seconds([by_seed[s] for s in seeds])}
     for column in (*evaluate.COLUMNS, "IQA_ci95"):
         values = [float(by_seed[s]["metrics"][column]) for s in seeds]
         summary[column] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
                            "min": min(values), "max": max(values), "values": values}
     return summary
+
+
+def run_seconds(results: list[dict]) -> dict:
+    """{"train", "eval": wall seconds summed over the results, "cpu": CPU seconds, wall x each run's threads
+    (a result without `threads` ran on torch's default: every core)}."""
+    seconds = {part: sum(r.get(f"seconds_{part}", 0.0) for r in results) for part in ("train", "eval")}
+    seconds["cpu"] = sum((r.get("seconds_train", 0.0) + r.get("seconds_eval", 0.0)) * r.get("threads", os.cpu_count())
+                         for r in results)
+    return seconds
 
 
 def sweep_curves(summaries: list) -> dict:
@@ -675,8 +716,9 @@ def frames_png(strips: list[tuple[str, np.ndarray]]) -> bytes:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="fada ablate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="an ablation YAML (bundled: tables/distillers.yaml, "
-                   "tables/mixed.yaml, tables/cfg.yaml, tables/cfg_sweep.yaml)")
+    p.add_argument("--config", required=True, action="append", help="an ablation YAML (bundled: tables/distillers.yaml, "
+                   "tables/mixed.yaml, tables/cfg.yaml, tables/cfg_sweep.yaml); with --collect, several: each table, "
+                   "then every claim and the total time in claims.md beside their folders")
     p.add_argument("--quick", action="store_true", help="two rows, seed 0, few steps, few clips (into <out>-quick)")
     p.add_argument("--row", action="append", help="run only this row (repeatable); the rows it needs must be "
                    "trained, or run in the same --jobs call")
@@ -688,9 +730,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, not {args.jobs}")
+    if len(args.config) > 1 and not args.collect:
+        p.error("several --config only with --collect (to run tables, run each; they share the rows they have in common)")
+    if len(args.config) > 1:
+        return collect_all(args.config, args.quick, args.seed)
     failed = []
     try:
-        ablation = Ablation(load_ablation(args.config), quick=args.quick, seeds=args.seed)
+        ablation = Ablation(load_ablation(args.config[0]), quick=args.quick, seeds=args.seed)
         if not args.collect:
             unknown = sorted(set(args.row or []) - set(ablation.by_name))
             if unknown:
@@ -702,7 +748,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     if ablation.result(row, seed) is not None:
                         print(f"[ablate] {row['name']} (seed {seed}): finished earlier, skipped")
                 failed = ablation.run_jobs([(row, seed) for row, seed in pairs if ablation.result(row, seed) is None],
-                                           args.jobs, args.config)
+                                           args.jobs, args.config[0])
             else:
                 for row, seed in pairs:
                     ablation.run_row(row, seed)
@@ -713,4 +759,26 @@ def main(argv: list[str] | None = None) -> list[Path]:
     print((ablation.out / "table.md").read_text())
     if failed:
         raise SystemExit(f"fada ablate: {len(failed)} run(s) did not finish: {'; '.join(failed)}")
+    return written
+
+
+def collect_all(configs: list[str], quick: bool = False, seeds: list[int] | None = None) -> list[Path]:
+    """`--collect` of several tables: each table's outputs (a table with no finished row yet is named and
+    skipped), then `overview` into claims.md in the folder that holds the tables' folders."""
+    written, ablations = [], []
+    try:
+        for config in configs:
+            ablation = Ablation(load_ablation(config), quick=quick, seeds=seeds)
+            ablations.append(ablation)
+            try:
+                written += ablation.write_outputs()
+            except FileNotFoundError as err:
+                print(f"[ablate] {config}: {err}")
+    except ValueError as err:
+        raise SystemExit(f"fada ablate: {err}") from None
+    text = overview(ablations, configs)
+    root = Path(os.path.commonpath([a.out.resolve() for a in ablations]))
+    written.append(write_atomic(root / "claims.md", text.encode()))
+    print(f"[ablate] wrote {', '.join(str(p) for p in written)}")
+    print(text)
     return written

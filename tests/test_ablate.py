@@ -216,6 +216,38 @@ def test_a_job_at_one_seed_tabulates_every_finished_seed(tmp_path):
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["B"]["seeds"] == [2]
 
 
+def test_collecting_several_tables_judges_every_claim_and_counts_a_shared_run_once(tmp_path, capsys):
+    shared = {"name": "T", "fit": ["teacher.yaml"], "run": str(tmp_path / "shared_teacher")}  # in both tables
+    tables = {"one": [shared, {"name": "A", "fit": ["teacher.yaml"]}], "two": [shared, {"name": "B", "fit": ["teacher.yaml"]}],
+              "empty": [{"name": "C", "fit": ["teacher.yaml"]}]}
+    claims = {"one": [{"claim": "A beats T", "better": "A", "than": "T", "columns": ["FVD", "IQA"]}],
+              "two": [{"claim": "B beats T", "better": "B", "than": "T"}], "empty": []}
+    configs = []
+    for name, rows in tables.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "title": f"Table {name}", "out": str(tmp_path / "tables" / name),
+                                        "seeds": 2, "rows": rows, "claims": claims[name]}))
+        configs += ["--config", str(path)]
+    depends_on = {"clips": 4, "frames_per_clip": 16, "resolution": 32, "extractors": {"iqa": "x"}}
+    # A: lower FVD (holds) and lower IQA (does not hold) than T at both seeds; B at one seed only
+    for folder, seed, fvd, iqa in [("shared_teacher", 0, 2.0, 0.6), ("shared_teacher", 1, 2.2, 0.7),
+                                   ("tables/one/A", 0, 1.0, 0.4), ("tables/one/A", 1, 1.1, 0.5), ("tables/two/B", 0, 1.0, 0.9)]:
+        (tmp_path / folder / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / folder / f"seed{seed}" / "result.json").write_text(
+            json.dumps({**result(seed, fvd, iqa), "threads": 1, "depends_on": depends_on}))
+    with pytest.raises(SystemExit):  # several tables are only collected: each runs on its own
+        ablate.main(configs)
+    capsys.readouterr()
+    written = ablate.main(["--collect", *configs])
+    assert written[-1] == tmp_path / "tables" / "claims.md" and (tmp_path / "tables" / "one" / "table.md").exists()
+    text = written[-1].read_text()
+    assert "| Table one | A beats T | in part | FVD | IQA |" in text
+    assert "| Table two | B beats T | cannot tell |  |  |" in text  # one seed of B: no spread
+    assert "`fada ablate --collect --config " in text
+    assert "5 finished runs" in text and "training 0.08 h, evaluation 0.04 h wall" in text  # T's 2 runs once
+    assert "no finished rows under" in capsys.readouterr().out  # the empty table is named, not an error
+
+
 def test_a_sweep_s_fixed_point_is_evaluated_once_for_both_figures(tmp_path, monkeypatch):
     spec = yaml.safe_load((bundled_config_dir() / "tables" / "cfg_sweep.yaml").read_text())
     spec["out"] = str(tmp_path / "sweep")
