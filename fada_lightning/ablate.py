@@ -8,6 +8,7 @@ against each scale (FADA's Figures 3 and 4) and best_scale.md.
     fada ablate --config tables/mixed.yaml --row "Adaptive-0.25" --seed 1   # one row at one seed (a cluster job) ...
     fada ablate --config tables/mixed.yaml --collect       # ... then the table from the finished rows and seeds
     fada ablate --config tables/mixed.yaml --jobs 2        # two runs at once (one machine: cores or GPUs shared)
+    fada ablate --config tables/mixed.yaml --status      # where each row and seed is; writes nothing
     fada ablate --collect --config tables/distillers.yaml --config tables/mixed.yaml   # ... + claims.md: all claims
 
 An ablation YAML names its rows; each row trains with `fit` (configs, as `fada fit --config`) plus
@@ -384,6 +385,26 @@ class Ablation:
         args += [f"--{key}={json.dumps(value)}" for key, value in settings.items()]
         return evaluate.run(args, progress=self.progress)
 
+    def status(self, row: dict, seed: int, now: float | None = None) -> str:
+        """Where `row` is at `seed`, for --status: finished, trained (not evaluated), in progress or stopped
+        (its last validation and the age of last.ckpt, from which it resumes), waiting, or not started."""
+        if self.result(row, seed) is not None:
+            return "finished"
+        waiting = [need["name"] for need in self.needs(row) if not self.trained(need, seed)]
+        if "fit" not in row or self.trained(row, seed):
+            return (f"waiting for {', '.join(waiting)}" if waiting else
+                    "trained, not evaluated" if "fit" in row else "ready to evaluate")
+        last = self.last_checkpoint(row, seed)
+        if not last.exists():
+            return f"waiting for {', '.join(waiting)}" if waiting else "not started"
+        minutes = ((now or time.time()) - last.stat().st_mtime) / 60
+        losses = curve.held_out_loss(self.tensorboard(row, seed))
+        if not losses:
+            return f"training, no validation yet (last.ckpt written {minutes:.0f} min ago)"
+        (step, value), (best_step, best) = losses[-1], min(losses, key=lambda point: point[1])
+        return (f"training or stopped: val/loss {value:.4g} after {step + 1} steps, best {best:.4g} after "
+                f"{best_step + 1} (last.ckpt written {minutes:.0f} min ago)")
+
     # ---- several runs at once (--jobs N) ---------------------------------------------------------
     def job_command(self, row: dict, seed: int, config: str) -> list[str]:
         """One row at one seed as its own `fada ablate` process."""
@@ -725,11 +746,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--seed", action="append", type=int, help="run only this training seed (repeatable; default: every "
                    "seed of each row, with --quick seed 0); the table covers every finished seed")
     p.add_argument("--collect", action="store_true", help="only write the outputs from the finished rows and seeds")
+    p.add_argument("--status", action="store_true", help="only print where each row and seed is (finished, "
+                   "training: its last held-out loss, waiting: for which row) and write nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process on cores / N threads "
                    "(and its own GPU if there are N); a run starts when the rows it needs are trained (default 1)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, not {args.jobs}")
+    if len(args.config) > 1 and args.status:
+        p.error("--status takes one --config")
     if len(args.config) > 1 and not args.collect:
         p.error("several --config only with --collect (to run tables, run each; they share the rows they have in common)")
     if len(args.config) > 1:
@@ -737,6 +762,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     failed = []
     try:
         ablation = Ablation(load_ablation(args.config[0]), quick=args.quick, seeds=args.seed)
+        if args.status:
+            for row in ablation.rows:
+                if not args.row or row["name"] in args.row:
+                    for seed in ablation.seeds(row):
+                        print(f"{row['name']} (seed {seed}): {ablation.status(row, seed)}")
+            return []
         if not args.collect:
             unknown = sorted(set(args.row or []) - set(ablation.by_name))
             if unknown:

@@ -299,6 +299,37 @@ def test_a_row_waits_for_its_dependency_s_training_to_finish_not_for_its_first_c
     assert ablation.trained(ablation.by_name["DMD (4 NFE) at 1 step"], 0) and not ablation.trained(teacher, 0)
 
 
+def test_status_tells_where_each_row_and_seed_is(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"},
+            {"name": "S at 1 step", "checkpoint_of": "S"}]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "seeds": 3, "rows": rows}))
+    ablation = ablate.Ablation(ablate.load_ablation(path))
+    teacher, student = ablation.by_name["T"], ablation.by_name["S"]
+    for seed in (0, 1):
+        ablation.run_dir(teacher, seed).mkdir(parents=True)
+        (ablation.run_dir(teacher, seed) / "trained").touch()
+    (ablation.run_dir(teacher, 0) / "result.json").write_text(json.dumps(result(0, 1.0)))
+    ablation.last_checkpoint(teacher, 2).parent.mkdir(parents=True)
+    ablation.last_checkpoint(teacher, 2).touch()
+    with SummaryWriter(str(ablation.tensorboard(teacher, 2))) as writer:
+        for step, value in ((499, 0.02), (999, 0.01), (1499, 0.012)):
+            writer.add_scalar("val/loss", value, step)
+    ablation.run_dir(student, 1).mkdir(parents=True)
+    (ablation.run_dir(student, 1) / "trained").touch()
+    ablate.main(["--config", str(path), "--status"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == ["T (seed 0): finished", "T (seed 1): trained, not evaluated",
+                       "T (seed 2): training or stopped: val/loss 0.012 after 1500 steps, best 0.01 after 1000 "
+                       "(last.ckpt written 0 min ago)"]
+    assert out[3:] == ["S (seed 0): not started", "S (seed 1): trained, not evaluated", "S (seed 2): waiting for T",
+                       "S at 1 step (seed 0): waiting for S", "S at 1 step (seed 1): ready to evaluate",
+                       "S at 1 step (seed 2): waiting for S"]
+    assert not (tmp_path / "t" / "table.md").exists()  # --status writes nothing
+
+
 FAKE_JOB = """
 import json, sys, time
 from pathlib import Path
