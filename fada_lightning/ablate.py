@@ -27,7 +27,9 @@ or cannot tell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
@@ -60,6 +62,7 @@ SWEEP_KEYS = {"model", "models", "fixed", "audio_scale", "ref_scale", "best_by"}
 CLAIM_KEYS = {"claim", "better", "than", "columns"}  # not `on`: YAML reads it as true
 QUALITY = tuple(c for c in evaluate.COLUMNS if c != "NFE-D")  # a claim's columns unless it names some
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "cannot tell"
+LOCK = "running.lock"  # in a row's seed folder: held (flock) by the process running it, with its pid inside
 EVAL_JSON = "eval/result.json"  # in a row's seed folder; evaluate writes the sample clips beside it
 FRAME_STRIDE = 2      # frames.png shows every 2nd frame of the clip
 FRAME_MIN_PX = 128    # ... each upscaled (nearest neighbour, an integer factor) to at least this many px
@@ -210,6 +213,45 @@ def claims_table(claims: list[dict], summaries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class RunInProgress(RuntimeError):
+    """Another process is running this row at this seed (tables share run folders)."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path, label: str):
+    """Holds <folder>/running.lock while a row runs at one seed, so two processes (two tables sharing a run
+    folder, or two workers) never train into one folder at once: the second stops with RunInProgress. An
+    flock ends with its process however the process ends, so a killed run leaves no stale lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunInProgress(f"{label} is running in another process (pid {f.read().strip() or '?'}, "
+                                f"{folder / LOCK}): wait for it, or stop it and run again to resume") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The pid of the process running the row in `folder` (holding its lock), or None."""
+    if not (folder / LOCK).exists():
+        return None
+    with open(folder / LOCK) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def overview(ablations: list[Ablation], configs: list[str]) -> str:
     """Markdown: every claim of several ablations with its verdict (`verdicts`), and the time of every run
     behind them, each run folder counted once (tables share teachers and students)."""
@@ -294,7 +336,14 @@ class Ablation:
 
     # ---- one row at one seed ---------------------------------------------------------------------
     def run_row(self, row: dict, seed: int) -> dict:
+        """Trains (or resumes) and evaluates `row` at `seed`, unless finished; one process at a time (`run_lock`)."""
         label = f"{row['name']} (seed {seed})"
+        if self.result(row, seed) is None:
+            with run_lock(self.run_dir(row, seed), f"row {label}"):
+                return self.run_unlocked(row, seed, label)
+        return self.run_unlocked(row, seed, label)
+
+    def run_unlocked(self, row: dict, seed: int, label: str) -> dict:
         done = self.result(row, seed)
         if done is not None:
             print(f"[ablate] {label}: finished earlier ({self.run_dir(row, seed) / 'result.json'}), skipped")
@@ -390,19 +439,23 @@ class Ablation:
         (its last validation and the age of last.ckpt, from which it resumes), waiting, or not started."""
         if self.result(row, seed) is not None:
             return "finished"
+        pid = lock_holder(self.run_dir(row, seed))
+        running = f"running (pid {pid}): " if pid else ""
         waiting = [need["name"] for need in self.needs(row) if not self.trained(need, seed)]
         if "fit" not in row or self.trained(row, seed):
-            return (f"waiting for {', '.join(waiting)}" if waiting else
-                    "trained, not evaluated" if "fit" in row else "ready to evaluate")
+            return running + ("evaluating" if running else f"waiting for {', '.join(waiting)}" if waiting else
+                              "trained, not evaluated" if "fit" in row else "ready to evaluate")
         last = self.last_checkpoint(row, seed)
         if not last.exists():
-            return f"waiting for {', '.join(waiting)}" if waiting else "not started"
+            return running + ("starting" if running else f"waiting for {', '.join(waiting)}" if waiting else
+                              "not started")
         minutes = ((now or time.time()) - last.stat().st_mtime) / 60
         losses = curve.held_out_loss(self.tensorboard(row, seed))
+        state = running + "training" if running else "stopped (resumes from last.ckpt)"
         if not losses:
-            return f"training, no validation yet (last.ckpt written {minutes:.0f} min ago)"
+            return f"{state}, no validation yet (last.ckpt written {minutes:.0f} min ago)"
         (step, value), (best_step, best) = losses[-1], min(losses, key=lambda point: point[1])
-        return (f"training or stopped: val/loss {value:.4g} after {step + 1} steps, best {best:.4g} after "
+        return (f"{state}: val/loss {value:.4g} after {step + 1} steps, best {best:.4g} after "
                 f"{best_step + 1} (last.ckpt written {minutes:.0f} min ago)")
 
     # ---- several runs at once (--jobs N) ---------------------------------------------------------
@@ -784,7 +837,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 for row, seed in pairs:
                     ablation.run_row(row, seed)
         written = ablation.write_outputs()
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, RunInProgress) as err:
         raise SystemExit(f"fada ablate: {err}") from None
     print(f"[ablate] wrote {', '.join(str(p) for p in written)}")
     print((ablation.out / "table.md").read_text())

@@ -3,6 +3,7 @@
 counted, and a quick ablation runs end to end at two seeds and resumes."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -322,12 +323,64 @@ def test_status_tells_where_each_row_and_seed_is(tmp_path, capsys):
     ablate.main(["--config", str(path), "--status"])
     out = capsys.readouterr().out.splitlines()
     assert out[:3] == ["T (seed 0): finished", "T (seed 1): trained, not evaluated",
-                       "T (seed 2): training or stopped: val/loss 0.012 after 1500 steps, best 0.01 after 1000 "
-                       "(last.ckpt written 0 min ago)"]
+                       "T (seed 2): stopped (resumes from last.ckpt): val/loss 0.012 after 1500 steps, best 0.01 "
+                       "after 1000 (last.ckpt written 0 min ago)"]
     assert out[3:] == ["S (seed 0): not started", "S (seed 1): trained, not evaluated", "S (seed 2): waiting for T",
                        "S at 1 step (seed 0): waiting for S", "S at 1 step (seed 1): ready to evaluate",
                        "S at 1 step (seed 2): waiting for S"]
     assert not (tmp_path / "t" / "table.md").exists()  # --status writes nothing
+    holder = hold_lock(ablation.run_dir(teacher, 2))
+    try:
+        assert ablation.status(teacher, 2).startswith(f"running (pid {holder.pid}): training: val/loss 0.012")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ablation.status(teacher, 2).startswith("stopped")  # the lock ends with its process
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+f = open(os.path.join(sys.argv[1], "running.lock"), "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.truncate(0); f.write(str(os.getpid())); f.flush()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def hold_lock(folder):
+    """A process holding `folder`'s run lock, as a running `fada ablate` does, until killed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_row_running_in_another_process_is_not_run_twice(tmp_path, monkeypatch):
+    """Tables share run folders (Teacher A is in every table): a second process on the same row and seed stops
+    with a clear error instead of training into the folder beside the first."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "rows": [{"name": "T", "fit": ["teacher.yaml"]}]}))
+    ablation = ablate.Ablation(ablate.load_ablation(path))
+    row = ablation.by_name["T"]
+    monkeypatch.setattr(ablate.Ablation, "train", lambda *args: pytest.fail("trained beside a running process"))
+    holder = hold_lock(ablation.run_dir(row, 0))
+    try:
+        with pytest.raises(ablate.RunInProgress, match=rf"row T \(seed 0\) is running in another process \(pid {holder.pid},"):
+            ablation.run_row(row, 0)
+        with pytest.raises(SystemExit, match="is running in another process"):
+            ablate.main(["--config", str(path)])
+    finally:
+        holder.kill()
+        holder.wait()
+    trained = []
+    monkeypatch.setattr(ablate.Ablation, "train", lambda self, row, seed: trained.append(seed))
+    evaluated = {**result(0, 1.0), "ground_truth": {"IQA": 0.9, "Sync-D": 0.08, "Sync-C": 0.47},
+                 "depends_on": {"clips": 4, "frames_per_clip": 16, "resolution": 32}}
+    monkeypatch.setattr(ablate.Ablation, "evaluate", lambda *args: evaluated)
+    monkeypatch.setattr(ablate.curve, "training_seconds", lambda run: 1.0)
+    ablation.run_row(row, 0)  # the holder is gone: its lock with it
+    assert trained == [0] and ablation.result(row, 0)["metrics"] == evaluated["metrics"]
 
 
 FAKE_JOB = """
