@@ -800,7 +800,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                    "seed of each row, with --quick seed 0); the table covers every finished seed")
     p.add_argument("--collect", action="store_true", help="only write the outputs from the finished rows and seeds")
     p.add_argument("--status", action="store_true", help="only print where each row and seed is (finished, "
-                   "training: its last held-out loss, waiting: for which row) and write nothing")
+                   "running or stopped: its last held-out loss, waiting: for which row) and write nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process on cores / N threads "
                    "(and its own GPU if there are N); a run starts when the rows it needs are trained (default 1)")
     args = p.parse_args(argv)
