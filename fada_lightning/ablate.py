@@ -265,7 +265,8 @@ def overview(ablations: list[Ablation], configs: list[str]) -> str:
         for claim in ablation.spec["claims"]:
             by_column, verdict = verdicts(claim, summaries)
             on = [", ".join(c for c, v in by_column.items() if v == kind) for kind in (HOLDS, FAILS)]
-            lines.append(f"| {ablation.spec.get('title', ablation.spec['name'])} | {claim['claim']} | {verdict} | "
+            table = ablation.spec.get("title", ablation.spec["name"]).split(":")[0]  # "Table 2 (micro)"
+            lines.append(f"| {table} | {claim['claim']} | {verdict} | "
                          f"{on[0]} | {on[1]} |")
         runs.update({ablation.run_dir(row, seed).resolve(): result for row, by_seed in results
                      for seed, result in by_seed.items()})

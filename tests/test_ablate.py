@@ -226,7 +226,7 @@ def test_collecting_several_tables_judges_every_claim_and_counts_a_shared_run_on
     configs = []
     for name, rows in tables.items():
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"name": name, "title": f"Table {name}", "out": str(tmp_path / "tables" / name),
+        path.write_text(yaml.safe_dump({"name": name, "title": f"Table {name}: some rows", "out": str(tmp_path / "tables" / name),
                                         "seeds": 2, "rows": rows, "claims": claims[name]}))
         configs += ["--config", str(path)]
     depends_on = {"clips": 4, "frames_per_clip": 16, "resolution": 32, "extractors": {"iqa": "x"}}
@@ -242,7 +242,7 @@ def test_collecting_several_tables_judges_every_claim_and_counts_a_shared_run_on
     written = ablate.main(["--collect", *configs])
     assert written[-1] == tmp_path / "tables" / "claims.md" and (tmp_path / "tables" / "one" / "table.md").exists()
     text = written[-1].read_text()
-    assert "| Table one | A beats T | in part | FVD | IQA |" in text
+    assert "| Table one | A beats T | in part | FVD | IQA |" in text  # the title up to a colon
     assert "| Table two | B beats T | cannot tell |  |  |" in text  # one seed of B: no spread
     assert "`fada ablate --collect --config " in text
     assert "5 finished runs" in text and "training 0.08 h, evaluation 0.04 h wall" in text  # T's 2 runs once
