@@ -448,7 +448,7 @@ class Ablation:
                               "trained, not evaluated" if "fit" in row else "ready to evaluate")
         last = self.last_checkpoint(row, seed)
         if not last.exists():
-            return running + ("starting" if running else f"waiting for {', '.join(waiting)}" if waiting else
+            return running + ("training, no checkpoint yet" if running else f"waiting for {', '.join(waiting)}" if waiting else
                               "not started")
         minutes = ((now or time.time()) - last.stat().st_mtime) / 60
         losses = curve.held_out_loss(self.tensorboard(row, seed))
