@@ -18,7 +18,9 @@ the student from that row's (a distiller's, for a second stage). `seeds: N` (top
 trains each row N times, at seeds 0..N-1 (`seed_everything` and the data's shuffle seed); seed s of a row
 uses seed s of the rows it depends on, so each seed replicates the whole pipeline. A row's run folder is
 <out>/<row slug>/seed<s> (or <its `run`>/seed<s>, so tables can share a teacher); it is finished when its
-result.json exists, and a stopped row resumes from its last checkpoint.
+result.json exists, and a stopped row resumes from its last checkpoint. `record: DIR` also keeps each
+result (with its held-out loss curve) in DIR, to commit: a recorded row stays finished when its run
+folder is lost.
 
 `claims:` lists the paper's orderings, {claim: TEXT, better: ROW, than: ROW, columns: [COLUMN, ...]}, and
 table.md judges each column against the spread over training seeds (`judge`): holds, does not hold,
@@ -112,6 +114,7 @@ def load_ablation(path: str | Path) -> dict:
     spec.setdefault("name", Path(path).stem)
     spec.setdefault("out", f"runs/ablation/{spec['name']}")
     spec.setdefault("evaluation", ["eval/synthetic.yaml"])
+    spec.setdefault("record", None)
     spec["seeds"] = seed_count(spec.get("seeds", 1), f"{path}: top-level")
     rows = [dict(row) for row in spec["rows"]]
     if spec.get("sweep"):  # {models: [ROW, ...], fixed: {ref_scale, audio_scale}, audio_scale: [...], ref_scale: [...]}
@@ -285,6 +288,7 @@ class Ablation:
     def __init__(self, spec: dict, quick: bool = False, progress: bool = True, seeds: list[int] | None = None):
         self.spec, self.quick, self.progress = spec, quick, progress
         self.out = Path(spec["out"] + ("-quick" if quick else ""))
+        self.records = Path(spec["record"]) if spec.get("record") and not quick else None
         self.by_name = {row["name"]: row for row in spec["rows"]}
         self.rows = [self.by_name[name] for name in spec["quick"]] if quick else spec["rows"]
         self.only_seeds = sorted(set(seeds)) if seeds else ([0] if quick else None)
@@ -292,6 +296,8 @@ class Ablation:
         if self.only_seeds and not set(self.only_seeds) <= set(range(most)):
             raise ValueError(f"no seed {sorted(set(self.only_seeds) - set(range(most)))} in this ablation "
                              f"(its rows have seeds 0..{most - 1})")
+        for row in self.rows:
+            self.record_path(row, 0)  # every run folder has its place under `record`
 
     def seeds(self, row: dict) -> list[int]:
         """The seeds of `row` this run trains and evaluates: 0..seeds-1, or those of --seed."""
@@ -331,9 +337,55 @@ class Ablation:
             return self.trained(self.by_name[row["checkpoint_of"]], seed)
         return (self.run_dir(row, seed) / "trained").exists()
 
+    def record_path(self, row: dict, seed: int) -> Path | None:
+        """Where `record` keeps the row's result at `seed`: <record>/<run folder below the tables' common
+        folder>.json (runs/ablation/teacher_a/seed0 -> <record>/teacher_a/seed0.json), or None without one."""
+        if self.records is None:
+            return None
+        folder, base = self.run_dir(row, seed), self.out.parent
+        if not folder.resolve().is_relative_to(base.resolve()):
+            raise ValueError(f"row {row['name']!r}: its run folder {folder} is not under {base}, the folder that "
+                             f"holds the table's {self.out.name}/, so `record` has no place for it")
+        return self.records / folder.resolve().relative_to(base.resolve()).with_suffix(".json")
+
     def result(self, row: dict, seed: int) -> dict | None:
-        path = self.run_dir(row, seed) / "result.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        """The row's result at `seed` from its run folder, else from its record (the folder lost), or None."""
+        for path in (self.run_dir(row, seed) / "result.json", self.record_path(row, seed)):
+            if path is not None and path.exists():
+                return json.loads(path.read_text())
+        return None
+
+    def only_recorded(self, row: dict, seed: int) -> bool:
+        """Is the row's result at `seed` in its record alone, its run folder (and checkpoint) gone?"""
+        record = self.record_path(row, seed)
+        return (record is not None and record.exists()
+                and not (self.run_dir(row, seed) / "result.json").exists())
+
+    def keep(self, row: dict, seed: int, result: dict) -> None:
+        """Writes the row's result at `seed` into its run folder and, with `record`, its record: the result
+        with its held-out loss curve, a small file to commit beside the results page, so a table and its
+        claims survive the loss of the run folders (checkpoints are not committed)."""
+        write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
+        record = self.record_path(row, seed)
+        if record is not None:
+            kept = {**result, "held_out_loss": self.held_out_loss(row, seed)}
+            write_atomic(record, (json.dumps(kept, indent=1) + "\n").encode())
+
+    def held_out_loss(self, row: dict, seed: int) -> list:
+        """[(step, val/loss)] of a training row at `seed`: from its TensorBoard events, else from its record."""
+        if "fit" not in row:
+            return []
+        if self.tensorboard(row, seed).exists():
+            return [list(point) for point in curve.held_out_loss(self.tensorboard(row, seed))]
+        record = self.record_path(row, seed)
+        return json.loads(record.read_text()).get("held_out_loss", []) if record and record.exists() else []
+
+    def gone(self, need: dict, seed: int) -> str:
+        """Why `need` at `seed` is not trained, when its result survives only in its record: the fix."""
+        if not self.only_recorded(need, seed):
+            return ""
+        return (f" (its result is recorded in {self.record_path(need, seed)}, but its run folder and checkpoint are "
+                f"gone: delete that record and run {need['name']!r} at seed {seed} again to retrain it)")
 
     # ---- one row at one seed ---------------------------------------------------------------------
     def run_row(self, row: dict, seed: int) -> dict:
@@ -347,26 +399,29 @@ class Ablation:
     def run_unlocked(self, row: dict, seed: int, label: str) -> dict:
         done = self.result(row, seed)
         if done is not None:
-            print(f"[ablate] {label}: finished earlier ({self.run_dir(row, seed) / 'result.json'}), skipped")
+            where = self.record_path(row, seed) if self.only_recorded(row, seed) else self.run_dir(row, seed) / "result.json"
+            print(f"[ablate] {label}: finished earlier ({where}), skipped")
             return done
         twin = self.twin(row, seed)
         if twin is not None:  # a sweep's fixed point is in both figures: evaluated once (its noise is fixed)
             result = {**self.result(twin, seed), "row": row["name"], "seconds_eval": 0.0, "same_as": twin["name"]}
-            write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
+            self.keep(row, seed, result)
             print(f"[ablate] {label}: the same evaluation as {twin['name']!r}: {evaluate.format_metrics(result)}")
             return result
         if "fit" in row:
             self.train(row, seed)
         elif not self.trained(row, seed):
-            raise FileNotFoundError(f"row {row['name']!r} evaluates the checkpoint of {row['checkpoint_of']!r} "
-                                    f"({self.checkpoint(row, seed)}), which is not trained yet: run that row first")
+            need = self.by_name[row["checkpoint_of"]]
+            raise FileNotFoundError(f"row {row['name']!r} evaluates the checkpoint of {need['name']!r} "
+                                    f"({self.checkpoint(row, seed)}), which is not trained yet: run that row first"
+                                    + self.gone(need, seed))
         began = time.perf_counter()
         result = self.evaluate(row, seed)
         trained = curve.training_seconds(self.tensorboard(row, seed)) if "fit" in row else 0.0
         # threads: the intra-op threads this process ran on (CPU time ~ wall x threads)
         result.update(row=row["name"], seed=seed, seconds_train=round(trained, 1),
                       seconds_eval=round(time.perf_counter() - began, 1), threads=torch.get_num_threads())
-        write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
+        self.keep(row, seed, result)
         print(f"[ablate] {label}: {evaluate.format_metrics(result)}")
         return result
 
@@ -395,7 +450,7 @@ class Ablation:
             if not self.trained(need, seed):
                 raise FileNotFoundError(f"row {row['name']!r} at seed {seed} needs {need['name']!r}, whose training "
                                         f"({self.run_dir(need, seed)}) has not finished yet: run that row (that "
-                                        f"seed) first")
+                                        f"seed) first" + self.gone(need, seed))
         args = self.fit_args(row, seed)
         if ckpt.exists():
             print(f"[ablate] {row['name']} (seed {seed}): resuming from {ckpt}")
@@ -439,7 +494,8 @@ class Ablation:
         """Where `row` is at `seed`, for --status: finished, trained (not evaluated), in progress or stopped
         (its last validation and the age of last.ckpt, from which it resumes), waiting, or not started."""
         if self.result(row, seed) is not None:
-            return "finished"
+            return f"finished (recorded in {self.record_path(row, seed)}; its run folder is gone)" \
+                if self.only_recorded(row, seed) else "finished"
         pid = lock_holder(self.run_dir(row, seed))
         running = f"running (pid {pid}): " if pid else ""
         waiting = [need["name"] for need in self.needs(row) if not self.trained(need, seed)]
@@ -500,7 +556,8 @@ class Ablation:
                         waiting.remove((row, seed))
                         failed.append(f"{row['name']} (seed {seed})")
                         print(f"[ablate] {row['name']} (seed {seed}): not run: it needs "
-                              f"{', '.join(n['name'] for n in needs)} at seed {seed}, which did not train", flush=True)
+                              f"{', '.join(n['name'] for n in needs)} at seed {seed}, which did not train"
+                              + "".join(self.gone(n, seed) for n in needs), flush=True)
                 if waiting or running:
                     time.sleep(poll)
         finally:  # interrupted: stop the runs (each resumes from its last checkpoint)
@@ -532,6 +589,10 @@ class Ablation:
         finished = [(row, by_seed) for row, by_seed in runs if by_seed]
         if not finished:
             raise FileNotFoundError(f"no finished rows under {self.out} yet")
+        for row, by_seed in finished:  # a result from before `record` was set gets its record
+            for seed, result in by_seed.items():
+                if (record := self.record_path(row, seed)) is not None and not record.exists():
+                    self.keep(row, seed, result)
         summaries = {row["name"]: summarize(by_seed) for row, by_seed in finished}
         missing = [row["name"] for row, by_seed in runs if not by_seed and self.table_seeds(row)]
         partial = [f"{row['name']} ({len(by_seed)} of {len(self.table_seeds(row))} seeds)"
@@ -551,7 +612,7 @@ class Ablation:
             sweep = self.spec["sweep"]
             written.append(write_atomic(self.out / "best_scale.md",
                                         best_scale_table(curves, sweep["best_by"], sweep["fixed"]).encode()))
-        losses = {row["name"]: {s: loss for s in by_seed if (loss := curve.held_out_loss(self.tensorboard(row, s)))}
+        losses = {row["name"]: {s: loss for s in by_seed if (loss := self.held_out_loss(row, s))}
                   for row, by_seed in finished if "fit" in row}
         if any(losses.values()):
             written.append(plot_losses(self.out / "losses.png", {name: by_seed for name, by_seed in losses.items()

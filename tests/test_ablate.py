@@ -3,6 +3,7 @@
 counted, and a quick ablation runs end to end at two seeds and resumes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -251,7 +252,7 @@ def test_collecting_several_tables_judges_every_claim_and_counts_a_shared_run_on
 
 def test_a_sweep_s_fixed_point_is_evaluated_once_for_both_figures(tmp_path, monkeypatch):
     spec = yaml.safe_load((bundled_config_dir() / "tables" / "cfg_sweep.yaml").read_text())
-    spec["out"] = str(tmp_path / "sweep")
+    spec["out"], spec["record"] = str(tmp_path / "sweep"), None  # its models' run folders are the repo's
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     ablation = ablate.Ablation(ablate.load_ablation(path))
@@ -336,6 +337,60 @@ def test_status_tells_where_each_row_and_seed_is(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert ablation.status(teacher, 2).startswith("stopped")  # the lock ends with its process
+
+
+def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_named(tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    rows = [{"name": "T", "fit": ["teacher.yaml"], "run": str(tmp_path / "runs" / "teacher")},
+            {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"}, {"name": "S at 1 step", "checkpoint_of": "S"}]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "runs" / "t"), "record": str(tmp_path / "records"),
+                                    "seeds": 2, "rows": rows, "claims": [{"claim": "S beats T", "better": "S", "than": "T", "columns": ["FVD"]}]}))
+    ablation = ablate.Ablation(ablate.load_ablation(path))
+    teacher, student = ablation.by_name["T"], ablation.by_name["S"]
+    depends_on = {"clips": 4, "frames_per_clip": 16, "resolution": 32, "extractors": {"iqa": "x"}}
+    truth = {"IQA": 0.9, "Sync-D": 0.08, "Sync-C": 0.47}
+
+    def train(row, seed):  # a run that logs its held-out loss and keeps a checkpoint
+        with SummaryWriter(str(ablation.tensorboard(row, seed))) as writer:
+            for step, value in ((24, 0.25 + seed), (49, 0.125 + seed)):  # exact in float32
+                writer.add_scalar("val/loss", value, step)
+        ablation.last_checkpoint(row, seed).parent.mkdir(parents=True, exist_ok=True)
+        ablation.last_checkpoint(row, seed).touch()
+        (ablation.run_dir(row, seed) / "trained").touch()
+
+    monkeypatch.setattr(ablation, "train", train)
+    monkeypatch.setattr(ablation, "evaluate", lambda row, seed: {**result(seed, 2.0 if row is teacher else 1.0),
+                                                                 "depends_on": depends_on, "ground_truth": truth})
+    for row in (teacher, student):
+        for seed in (0, 1):
+            ablation.run_row(row, seed)
+    assert (tmp_path / "records" / "teacher" / "seed1.json").exists()  # under the tables' folder: runs/
+    record = json.loads((tmp_path / "records" / "t" / "S" / "seed0.json").read_text())
+    assert record["metrics"]["FVD"] == 1.0 and record["held_out_loss"] == [[24, 0.25], [49, 0.125]]
+
+    shutil.rmtree(tmp_path / "runs")  # the machine is lost: run folders, checkpoints, TensorBoard events
+    monkeypatch.setattr(ablation, "train", lambda *args: pytest.fail("retrained a recorded row"))
+    assert ablation.run_row(teacher, 0)["metrics"]["FVD"] == 2.0  # finished: skipped
+    assert f"finished earlier ({tmp_path / 'records' / 'teacher' / 'seed0.json'}), skipped" in capsys.readouterr().out
+    assert ablation.status(student, 1) == f"finished (recorded in {tmp_path / 'records' / 't' / 'S' / 'seed1.json'}; " \
+                                          "its run folder is gone)"
+    ablation.write_outputs()
+    table = (tmp_path / "runs" / "t" / "table.md").read_text()
+    assert "| S beats T |  |  |  | holds |  |  | holds |" in table  # both seeds of S beat both of T on FVD
+    assert (tmp_path / "runs" / "t" / "losses.png").exists()  # the curves come from the records
+    with pytest.raises(FileNotFoundError, match=r"its result is recorded in .*seed0.json, but its run folder and "
+                                                r"checkpoint are gone: delete that record and run 'S' at seed 0 again"):
+        ablation.run_row(ablation.by_name["S at 1 step"], 0)
+
+
+def test_a_record_needs_every_run_folder_under_the_tables_folder(tmp_path):
+    spec = {"name": "t", "out": str(tmp_path / "runs" / "t"), "record": str(tmp_path / "records"), "seeds": 1,
+            "claims": [], "quick": ["T"], "rows": [{"name": "T", "fit": ["teacher.yaml"], "run": str(tmp_path / "elsewhere"), "seeds": 1}]}
+    with pytest.raises(ValueError, match=r"row 'T': its run folder .*elsewhere/seed0 is not under .*runs, .* `record`"):
+        ablate.Ablation(spec)
+    assert ablate.Ablation(spec, quick=True).records is None  # a first look records nothing
 
 
 HOLD_LOCK = """
