@@ -10,6 +10,7 @@ against each scale (FADA's Figures 3 and 4) and best_scale.md.
     fada ablate --config tables/mixed.yaml --jobs 2        # two runs at once (one machine: cores or GPUs shared)
     fada ablate --config tables/mixed.yaml --status      # where each row and seed is; writes nothing
     fada ablate --collect --config tables/distillers.yaml --config tables/mixed.yaml   # ... + claims.md: all claims
+    fada ablate --config tables/distillers.yaml --config tables/mixed.yaml --jobs 2    # both tables' runs, one queue
 
 An ablation YAML names its rows; each row trains with `fit` (configs, as `fada fit --config`) plus
 `overrides` (dotted keys), or re-evaluates another row's checkpoint (`checkpoint_of`) with other
@@ -43,6 +44,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -521,60 +523,15 @@ class Ablation:
         return [sys.executable, "-m", "fada_lightning.cli", "ablate", "--config", config,
                 *(["--quick"] if self.quick else []), "--row", row["name"], "--seed", str(seed)]
 
-    def run_jobs(self, pairs: list[tuple[dict, int]], jobs: int, config: str, poll: float = 5.0) -> list[str]:
-        """Runs the (row, seed) pairs `jobs` at a time, in order, each as its own process (`job_command`)
-        on cores / jobs threads (OMP_NUM_THREADS, unless set) and its own GPU where there is one per job;
-        a pair starts once the models it needs at its seed are trained. Each process appends to
-        <run folder>/ablate.log. Returns the pairs that failed or could not run (their dependency failed)."""
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
-        gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(
-            map(str, range(torch.cuda.device_count())))).split(",") if g]
-        waiting, running, failed = list(pairs), {}, []  # running: slot -> (process, row, seed, log file)
-        try:
-            while waiting or running:
-                for slot, (process, row, seed, log) in list(running.items()):
-                    if process.poll() is not None:
-                        del running[slot]
-                        log.close()
-                        if process.returncode:
-                            failed.append(f"{row['name']} (seed {seed})")
-                        print(f"[ablate] {row['name']} (seed {seed}): " + ("done" if not process.returncode else
-                              f"failed (exit {process.returncode}), see {log.name}"), flush=True)
-                pending = {(r["name"], s) for r, s in waiting} | {(r["name"], s) for _, r, s, _ in running.values()}
-                busy = {(r["name"], s) for _, r, s, _ in running.values()}
-                for row, seed in list(waiting):
-                    needs = self.needs(row)
-                    if all(self.trained(need, seed) for need in needs):
-                        # a twin being evaluated: wait and copy its result (run_row) rather than evaluate again
-                        if len(running) < jobs and not any((t["name"], seed) in busy for t in self.twins(row)):
-                            slot = min(set(range(jobs)) - set(running))
-                            running[slot] = self.start_job(row, seed, config, threads,
-                                                           gpus[slot] if len(gpus) >= jobs else None)
-                            waiting.remove((row, seed))
-                            busy.add((row["name"], seed))
-                    elif not any((need["name"], seed) in pending for need in needs):
-                        waiting.remove((row, seed))
-                        failed.append(f"{row['name']} (seed {seed})")
-                        print(f"[ablate] {row['name']} (seed {seed}): not run: it needs "
-                              f"{', '.join(n['name'] for n in needs)} at seed {seed}, which did not train"
-                              + "".join(self.gone(n, seed) for n in needs), flush=True)
-                if waiting or running:
-                    time.sleep(poll)
-        finally:  # interrupted: stop the runs (each resumes from its last checkpoint)
-            for process, *_ in running.values():
-                process.terminate()
-        return failed
-
-    def start_job(self, row: dict, seed: int, config: str, threads: str, gpu: str | None) -> tuple:
+    def start_job(self, job: Job, threads: str, gpu: str | None) -> tuple:
         env = {**os.environ, "OMP_NUM_THREADS": threads, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
-        folder = self.run_dir(row, seed)
-        folder.mkdir(parents=True, exist_ok=True)
-        log = open(folder / "ablate.log", "a")
-        process = subprocess.Popen(self.job_command(row, seed, config), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=env)
-        print(f"[ablate] {row['name']} (seed {seed}): started on {threads} threads"
-              + (f", GPU {gpu}" if gpu is not None else "") + f"; log {log.name}", flush=True)
-        return process, row, seed, log
+        job.folder.mkdir(parents=True, exist_ok=True)
+        log = open(job.folder / "ablate.log", "a")
+        process = subprocess.Popen(self.job_command(job.row, job.seed, job.config), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        print(f"[ablate] {job}: started on {threads} threads" + (f", GPU {gpu}" if gpu is not None else "")
+              + f"; log {log.name}", flush=True)
+        return process, job, log
 
     # ---- the outputs -----------------------------------------------------------------------------
     def results(self) -> list[tuple[dict, dict[int, dict]]]:
@@ -634,6 +591,70 @@ class Ablation:
             return []
         clips = [(name, read_clip_png(found[keys[0]])) for name, found in pngs.items() if keys[0] in found]
         return [("real", clips[0][1][0])] + [(name, fake) for name, (_, fake) in clips]
+
+
+class Job(NamedTuple):
+    """One row of one table at one seed, for --jobs (a run folder shared by tables is one job)."""
+    ablation: Ablation
+    config: str
+    row: dict
+    seed: int
+
+    @property
+    def folder(self) -> Path:
+        return self.ablation.run_dir(self.row, self.seed).resolve()
+
+    def key(self, row: dict) -> Path:
+        """The run folder of `row` (this job's table) at this job's seed: a job's identity across tables."""
+        return self.ablation.run_dir(row, self.seed).resolve()
+
+    def __str__(self) -> str:
+        return f"{self.row['name']} (seed {self.seed})"
+
+
+def run_jobs(queue: list[Job], jobs: int, poll: float = 5.0) -> list[str]:
+    """Runs the jobs `jobs` at a time, in order, each as its own process (`Ablation.job_command`) on cores /
+    jobs threads (OMP_NUM_THREADS, unless set) and its own GPU where there is one per job; a job starts
+    once the models it needs at its seed are trained (by a job of any table: tables share run folders).
+    Each process appends to <run folder>/ablate.log. Returns the jobs that failed or could not run
+    (a model they need did not train)."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(
+        map(str, range(torch.cuda.device_count())))).split(",") if g]
+    waiting, running, failed = list(queue), {}, []  # running: slot -> (process, job, log file)
+    try:
+        while waiting or running:
+            for slot, (process, job, log) in list(running.items()):
+                if process.poll() is not None:
+                    del running[slot]
+                    log.close()
+                    if process.returncode:
+                        failed.append(str(job))
+                    print(f"[ablate] {job}: " + ("done" if not process.returncode else
+                          f"failed (exit {process.returncode}), see {log.name}"), flush=True)
+            busy = {job.folder for _, job, _ in running.values()}
+            pending = busy | {job.folder for job in waiting}
+            for job in list(waiting):
+                ablation, needs = job.ablation, job.ablation.needs(job.row)
+                if all(ablation.trained(need, job.seed) for need in needs):
+                    # a twin being evaluated: wait and copy its result (run_row) rather than evaluate again
+                    if len(running) < jobs and not any(job.key(t) in busy for t in ablation.twins(job.row)):
+                        slot = min(set(range(jobs)) - set(running))
+                        running[slot] = ablation.start_job(job, threads, gpus[slot] if len(gpus) >= jobs else None)
+                        waiting.remove(job)
+                        busy.add(job.folder)
+                elif not any(job.key(need) in pending for need in needs):
+                    waiting.remove(job)
+                    failed.append(str(job))
+                    print(f"[ablate] {job}: not run: it needs {', '.join(n['name'] for n in needs)} at seed "
+                          f"{job.seed}, which did not train" + "".join(ablation.gone(n, job.seed) for n in needs),
+                          flush=True)
+            if waiting or running:
+                time.sleep(poll)
+    finally:  # interrupted: stop the runs (each resumes from its last checkpoint)
+        for process, *_ in running.values():
+            process.terminate()
+    return failed
 
 
 def summarize(by_seed: dict[int, dict]) -> dict:
@@ -853,11 +874,11 @@ def frames_png(strips: list[tuple[str, np.ndarray]]) -> bytes:
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="fada ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, action="append", help="an ablation YAML (bundled: tables/distillers.yaml, "
-                   "tables/mixed.yaml, tables/cfg.yaml, tables/cfg_sweep.yaml); with --collect, several: each table, "
-                   "then every claim and the total time in claims.md beside their folders")
+                   "tables/mixed.yaml, tables/cfg.yaml, tables/cfg_sweep.yaml); several: their rows in this order, a run "
+                   "folder they share once, then each table and claims.md (every claim, the total time) beside them")
     p.add_argument("--quick", action="store_true", help="two rows, seed 0, few steps, few clips (into <out>-quick)")
-    p.add_argument("--row", action="append", help="run only this row (repeatable); the rows it needs must be "
-                   "trained, or run in the same --jobs call")
+    p.add_argument("--row", action="append", help="run only this row (repeatable; of any --config); the rows it "
+                   "needs must be trained, or run in the same --jobs call")
     p.add_argument("--seed", action="append", type=int, help="run only this training seed (repeatable; default: every "
                    "seed of each row, with --quick seed 0); the table covers every finished seed")
     p.add_argument("--collect", action="store_true", help="only write the outputs from the finished rows and seeds")
@@ -868,60 +889,55 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, not {args.jobs}")
-    if len(args.config) > 1 and args.status:
-        p.error("--status takes one --config")
-    if len(args.config) > 1 and not args.collect:
-        p.error("several --config only with --collect (to run tables, run each; they share the rows they have in common)")
-    if len(args.config) > 1:
-        return collect_all(args.config, args.quick, args.seed)
     failed = []
     try:
-        ablation = Ablation(load_ablation(args.config[0]), quick=args.quick, seeds=args.seed)
-        if args.status:
+        ablations = [Ablation(load_ablation(config), quick=args.quick, seeds=args.seed) for config in args.config]
+        unknown = sorted(set(args.row or []) - {name for ablation in ablations for name in ablation.by_name})
+        if unknown:
+            raise ValueError(f"no row named {unknown} (rows: "
+                             f"{', '.join(dict.fromkeys(n for a in ablations for n in a.by_name))})")
+        queue, seen = [], set()  # every chosen row and seed of every table, in order; a shared run folder once
+        for config, ablation in zip(args.config, ablations):
             for row in ablation.rows:
-                if not args.row or row["name"] in args.row:
-                    for seed in ablation.seeds(row):
-                        print(f"{row['name']} (seed {seed}): {ablation.status(row, seed)}")
+                for seed in ablation.seeds(row) if not args.row or row["name"] in args.row else []:
+                    if (job := Job(ablation, config, row, seed)).folder not in seen:
+                        seen.add(job.folder)
+                        queue.append(job)
+        if args.status:
+            for job in queue:
+                print(f"{job}: {job.ablation.status(job.row, job.seed)}")
             return []
         if not args.collect:
-            unknown = sorted(set(args.row or []) - set(ablation.by_name))
-            if unknown:
-                raise ValueError(f"no row named {unknown} (rows: {', '.join(ablation.by_name)})")
-            pairs = [(row, seed) for row in ablation.rows if not args.row or row["name"] in args.row
-                     for seed in ablation.seeds(row)]
             if args.jobs > 1:
-                for row, seed in pairs:
-                    if ablation.result(row, seed) is not None:
-                        print(f"[ablate] {row['name']} (seed {seed}): finished earlier, skipped")
-                failed = ablation.run_jobs([(row, seed) for row, seed in pairs if ablation.result(row, seed) is None],
-                                           args.jobs, args.config[0])
+                for job in queue:
+                    if job.ablation.result(job.row, job.seed) is not None:
+                        print(f"[ablate] {job}: finished earlier, skipped")
+                failed = run_jobs([job for job in queue if job.ablation.result(job.row, job.seed) is None], args.jobs)
             else:
-                for row, seed in pairs:
-                    ablation.run_row(row, seed)
-        written = ablation.write_outputs()
+                for job in queue:
+                    job.ablation.run_row(job.row, job.seed)
+        if len(ablations) > 1:
+            written = collect_all(ablations, args.config)
+        else:
+            written = ablations[0].write_outputs()
+            print(f"[ablate] wrote {', '.join(str(p) for p in written)}")
+            print((ablations[0].out / "table.md").read_text())
     except (FileNotFoundError, ValueError, RunInProgress) as err:
         raise SystemExit(f"fada ablate: {err}") from None
-    print(f"[ablate] wrote {', '.join(str(p) for p in written)}")
-    print((ablation.out / "table.md").read_text())
     if failed:
         raise SystemExit(f"fada ablate: {len(failed)} run(s) did not finish: {'; '.join(failed)}")
     return written
 
 
-def collect_all(configs: list[str], quick: bool = False, seeds: list[int] | None = None) -> list[Path]:
-    """`--collect` of several tables: each table's outputs (a table with no finished row yet is named and
-    skipped), then `overview` into claims.md in the folder that holds the tables' folders."""
-    written, ablations = [], []
-    try:
-        for config in configs:
-            ablation = Ablation(load_ablation(config), quick=quick, seeds=seeds)
-            ablations.append(ablation)
-            try:
-                written += ablation.write_outputs()
-            except FileNotFoundError as err:
-                print(f"[ablate] {config}: {err}")
-    except ValueError as err:
-        raise SystemExit(f"fada ablate: {err}") from None
+def collect_all(ablations: list[Ablation], configs: list[str]) -> list[Path]:
+    """The outputs of several tables: each table's (a table with no finished row yet is named and skipped),
+    then `overview` into claims.md in the folder that holds the tables' folders."""
+    written = []
+    for config, ablation in zip(configs, ablations):
+        try:
+            written += ablation.write_outputs()
+        except FileNotFoundError as err:
+            print(f"[ablate] {config}: {err}")
     text = overview(ablations, configs)
     root = Path(os.path.commonpath([a.out.resolve() for a in ablations]))
     written.append(write_atomic(root / "claims.md", text.encode()))

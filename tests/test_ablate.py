@@ -237,9 +237,6 @@ def test_collecting_several_tables_judges_every_claim_and_counts_a_shared_run_on
         (tmp_path / folder / f"seed{seed}").mkdir(parents=True)
         (tmp_path / folder / f"seed{seed}" / "result.json").write_text(
             json.dumps({**result(seed, fvd, iqa), "threads": 1, "depends_on": depends_on}))
-    with pytest.raises(SystemExit):  # several tables are only collected: each runs on its own
-        ablate.main(configs)
-    capsys.readouterr()
     written = ablate.main(["--collect", *configs])
     assert written[-1] == tmp_path / "tables" / "claims.md" and (tmp_path / "tables" / "one" / "table.md").exists()
     text = written[-1].read_text()
@@ -445,11 +442,11 @@ folder, events, name, seed, fail = Path(sys.argv[1]), sys.argv[2], sys.argv[3], 
 with open(events, "a") as f:
     f.write(json.dumps(["start", name, int(seed), time.monotonic()]) + "\\n")
 time.sleep(0.4)
+with open(events, "a") as f:  # before `trained`, which lets the runs that need this one start
+    f.write(json.dumps(["end", name, int(seed), time.monotonic()]) + "\\n")
 if not fail:
     (folder / "trained").touch()
-    (folder / "result.json").write_text("{}")
-with open(events, "a") as f:
-    f.write(json.dumps(["end", name, int(seed), time.monotonic()]) + "\\n")
+    (folder / "result.json").write_text(sys.argv[6] if len(sys.argv) > 6 else "{}")
 sys.exit(3 if fail else 0)
 """
 
@@ -470,8 +467,8 @@ def test_jobs_run_side_by_side_each_once_the_models_it_needs_are_trained(tmp_pat
                 "1" if (row["name"], seed) in fails else "0"]
 
     monkeypatch.setattr(ablation, "job_command", fake)
-    pairs = [(row, seed) for row in ablation.rows for seed in (0, 1)]
-    failed = ablation.run_jobs(pairs, jobs=2, config=str(path), poll=0.05)
+    failed = ablate.run_jobs([ablate.Job(ablation, str(path), row, seed) for row in ablation.rows for seed in (0, 1)],
+                             jobs=2, poll=0.05)
     assert sorted(failed) == ["R (seed 1)", "S (seed 1)", "S at 1 step (seed 1)", "S at 1 step, twin (seed 1)",
                               "T (seed 1)"]
     log = [json.loads(line) for line in events.read_text().splitlines()]
@@ -486,6 +483,35 @@ def test_jobs_run_side_by_side_each_once_the_models_it_needs_are_trained(tmp_pat
     out = capsys.readouterr().out
     assert "S (seed 1): not run: it needs T at seed 1, which did not train" in out
     assert "T (seed 1): failed (exit 3), see " in out and str(ablation.run_dir(rows[0], 1) / "ablate.log") in out
+
+
+def test_several_tables_run_as_one_queue_and_the_run_folder_they_share_trains_once(tmp_path, monkeypatch, capsys):
+    teacher = {"name": "T", "fit": ["teacher.yaml"], "run": str(tmp_path / "runs" / "teacher")}  # in both tables
+    configs = []
+    for name, student in (("one", "A"), ("two", "B")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "out": str(tmp_path / "runs" / name), "rows": [
+            teacher, {"name": student, "fit": ["distill_tcd.yaml"], "teacher": "T"}]}))
+        configs += ["--config", str(path)]
+    events = tmp_path / "events.jsonl"
+    done = json.dumps({**result(0, 1.0), "threads": 1, "ground_truth": {"IQA": 0.9, "Sync-D": 0.08, "Sync-C": 0.47},
+                       "depends_on": {"clips": 4, "frames_per_clip": 16, "resolution": 32, "extractors": {"iqa": "x"}}})
+
+    def fake(self, row, seed, config):
+        return [sys.executable, "-c", FAKE_JOB, str(self.run_dir(row, seed)), str(events), row["name"], str(seed), "0", done]
+
+    monkeypatch.setattr(ablate.Ablation, "job_command", fake)
+    monkeypatch.setattr(ablate.run_jobs, "__defaults__", (0.05,))  # poll
+    ablate.main([*configs, "--status"])
+    assert capsys.readouterr().out.splitlines() == ["T (seed 0): not started", "A (seed 0): waiting for T",
+                                                    "B (seed 0): waiting for T"]  # T once
+    written = ablate.main([*configs, "--jobs", "2"])
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [name for kind, name, *_ in log if kind == "start"].count("T") == 1
+    when = {(kind, name): t for kind, name, _, t in log}
+    assert when["start", "A"] >= when["end", "T"] and when["start", "B"] >= when["end", "T"]
+    assert written[-1] == tmp_path / "runs" / "claims.md"
+    assert all((tmp_path / "runs" / name / "table.md").exists() for name in ("one", "two"))
 
 
 def test_evaluate_counts_nfe_as_the_samplers_do_and_records_what_the_numbers_depend_on(teacher_ckpt, tmp_path):
