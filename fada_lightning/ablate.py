@@ -600,13 +600,13 @@ class Job(NamedTuple):
     row: dict
     seed: int
 
-    @property
-    def folder(self) -> Path:
-        return self.ablation.run_dir(self.row, self.seed).resolve()
-
     def key(self, row: dict) -> Path:
         """The run folder of `row` (this job's table) at this job's seed: a job's identity across tables."""
         return self.ablation.run_dir(row, self.seed).resolve()
+
+    @property
+    def folder(self) -> Path:
+        return self.key(self.row)
 
     def __str__(self) -> str:
         return f"{self.row['name']} (seed {self.seed})"
