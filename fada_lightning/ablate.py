@@ -296,7 +296,7 @@ class Ablation:
         self.only_seeds = sorted(set(seeds)) if seeds else ([0] if quick else None)
         most = max(row["seeds"] for row in self.rows)
         if self.only_seeds and not set(self.only_seeds) <= set(range(most)):
-            raise ValueError(f"no seed {sorted(set(self.only_seeds) - set(range(most)))} in this ablation "
+            raise ValueError(f"no seed {sorted(set(self.only_seeds) - set(range(most)))} in ablation {spec['name']!r} "
                              f"(its rows have seeds 0..{most - 1})")
         for row in self.rows:
             self.record_path(row, 0)  # every run folder has its place under `record`

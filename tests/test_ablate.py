@@ -512,6 +512,8 @@ def test_several_tables_run_as_one_queue_and_the_run_folder_they_share_trains_on
     assert when["start", "A"] >= when["end", "T"] and when["start", "B"] >= when["end", "T"]
     assert written[-1] == tmp_path / "runs" / "claims.md"
     assert all((tmp_path / "runs" / name / "table.md").exists() for name in ("one", "two"))
+    with pytest.raises(SystemExit, match="no seed \\[1\\] in ablation 'one'"):  # which table lacks the seed
+        ablate.main([*configs, "--seed", "1", "--status"])
 
 
 def test_evaluate_counts_nfe_as_the_samplers_do_and_records_what_the_numbers_depend_on(teacher_ckpt, tmp_path):
