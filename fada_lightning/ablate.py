@@ -364,10 +364,13 @@ class Ablation:
                 and not (self.run_dir(row, seed) / "result.json").exists())
 
     def keep(self, row: dict, seed: int, result: dict) -> None:
-        """Writes the row's result at `seed` into its run folder and, with `record`, its record: the result
-        with its held-out loss curve, a small file to commit beside the results page, so a table and its
-        claims survive the loss of the run folders (checkpoints are not committed)."""
+        """Writes the row's result at `seed` into its run folder and, with `record`, its record."""
         write_atomic(self.run_dir(row, seed) / "result.json", json.dumps(result, indent=1).encode())
+        self.write_record(row, seed, result)
+
+    def write_record(self, row: dict, seed: int, result: dict) -> None:
+        """With `record`: the result with its held-out loss curve, a small file to commit beside the results
+        page, so a table and its claims survive the loss of the run folders (checkpoints are not committed)."""
         record = self.record_path(row, seed)
         if record is not None:
             kept = {**result, "held_out_loss": self.held_out_loss(row, seed)}
@@ -549,7 +552,7 @@ class Ablation:
         for row, by_seed in finished:  # a result from before `record` was set gets its record
             for seed, result in by_seed.items():
                 if (record := self.record_path(row, seed)) is not None and not record.exists():
-                    self.keep(row, seed, result)
+                    self.write_record(row, seed, result)
         summaries = {row["name"]: summarize(by_seed) for row, by_seed in finished}
         missing = [row["name"] for row, by_seed in runs if not by_seed and self.table_seeds(row)]
         partial = [f"{row['name']} ({len(by_seed)} of {len(self.table_seeds(row))} seeds)"

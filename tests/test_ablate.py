@@ -367,6 +367,9 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
     record = json.loads((tmp_path / "records" / "t" / "S" / "seed0.json").read_text())
     assert record["metrics"]["FVD"] == 1.0 and record["held_out_loss"] == [[24, 0.25], [49, 0.125]]
 
+    (tmp_path / "records" / "teacher" / "seed1.json").unlink()  # a result from before `record` was set ...
+    ablation.write_outputs()
+    assert json.loads((tmp_path / "records" / "teacher" / "seed1.json").read_text())["held_out_loss"][0] == [24, 1.25]
     shutil.rmtree(tmp_path / "runs")  # the machine is lost: run folders, checkpoints, TensorBoard events
     monkeypatch.setattr(ablation, "train", lambda *args: pytest.fail("retrained a recorded row"))
     assert ablation.run_row(teacher, 0)["metrics"]["FVD"] == 2.0  # finished: skipped
