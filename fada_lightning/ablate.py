@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -628,6 +629,11 @@ def run_jobs(queue: list[Job], jobs: int, poll: float = 5.0) -> list[str]:
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(
         map(str, range(torch.cuda.device_count())))).split(",") if g]
     waiting, running, failed = list(queue), {}, []  # running: slot -> (process, job, log file)
+
+    def stop(signum, frame):  # `kill PID` ends the queue as Ctrl-C does: through `finally`, which stops its runs
+        raise SystemExit(f"fada ablate: stopped by signal {signum}; each run resumes from its last checkpoint")
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         while waiting or running:
             for slot, (process, job, log) in list(running.items()):
@@ -657,9 +663,17 @@ def run_jobs(queue: list[Job], jobs: int, poll: float = 5.0) -> list[str]:
                           flush=True)
             if waiting or running:
                 time.sleep(poll)
-    finally:  # interrupted: stop the runs (each resumes from its last checkpoint)
+    finally:  # interrupted: stop the runs (each resumes from its last checkpoint) and wait for them
+        signal.signal(signal.SIGTERM, previous)
         for process, *_ in running.values():
             process.terminate()
+        for process, _, log in running.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
     return failed
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -504,6 +505,34 @@ def test_a_job_that_builds_on_a_trained_model_starts_before_one_that_trains_from
     assert ablate.run_jobs(queue, jobs=1, poll=0.05) == []
     starts = [(name, seed) for kind, name, seed, _ in map(json.loads, events.read_text().splitlines()) if kind == "start"]
     assert starts == [("T", 0), ("S", 0), ("T", 1), ("S", 1), ("U", 0), ("U", 1)]
+
+
+QUEUE = """
+import sys
+import time
+from fada_lightning import ablate
+path, pid_file = sys.argv[1], sys.argv[2]
+ablation = ablate.Ablation(ablate.load_ablation(path))
+ablation.job_command = lambda row, seed, config: [sys.executable, "-c", "import os, sys, time; "
+    "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)", pid_file]
+ablate.run_jobs([ablate.Job(ablation, path, ablation.rows[0], 0)], jobs=2, poll=0.05)
+"""
+
+
+def test_killing_the_queue_stops_its_runs(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "rows": [{"name": "T", "fit": ["teacher.yaml"]}]}))
+    pid_file = tmp_path / "run.pid"
+    queue = subprocess.Popen([sys.executable, "-c", QUEUE, str(path), str(pid_file)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run = int(pid_file.read_text())
+    queue.terminate()  # SIGTERM, as `kill PID` sends
+    assert queue.wait(timeout=60) == 1
+    assert "stopped by signal 15; each run resumes from its last checkpoint" in queue.stderr.read()
+    with pytest.raises(ProcessLookupError):  # the queue waited for its run, so nothing is left, not even a zombie
+        os.kill(run, 0)
 
 
 def test_several_tables_run_as_one_queue_and_the_run_folder_they_share_trains_once(tmp_path, monkeypatch, capsys):
