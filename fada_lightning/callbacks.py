@@ -5,6 +5,7 @@ import math
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class FinalCheckpoint(ModelCheckpoint):
@@ -18,6 +19,7 @@ class FinalCheckpoint(ModelCheckpoint):
     - A checkpoint written at a step's batch end predates that step's validation, and a run resumed
       from it never redoes that validation: it is written again after it, so what the validation told
       the callbacks (Plateau's count, the best val/loss) is not lost to a kill.
+    - A run stopped by SIGTERM writes `last.ckpt` at the step it stopped after, and loses nothing.
     """
 
     def __init__(self, *args, last_every_n_steps: int = 0, **kwargs):
@@ -58,6 +60,15 @@ class FinalCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
         if self.save_last and trainer.global_step > self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer, pl_module, exception):
+        super().on_exception(trainer, pl_module, exception)
+        # SIGTERM (`kill`, a scheduler's preemption, `fada ablate` stopping its runs): Lightning raises it
+        # between training steps, after the step's validation, so last.ckpt there is whole and the run
+        # resumes where it stopped. Raised inside a validation (not training), the state is not whole.
+        if (isinstance(exception, SIGTERMException) and self.save_last and trainer.training
+                and trainer.global_step > self._last_global_step_saved):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 

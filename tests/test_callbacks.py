@@ -1,5 +1,7 @@
 """FinalCheckpoint: the end of a run is saved even between periodic checkpoints. Plateau: the budget rule
 that stops a run once its held-out loss stops improving."""
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fada_lightning.callbacks import FinalCheckpoint, Plateau
 
@@ -36,6 +39,28 @@ def test_last_checkpoint_is_refreshed_between_kept_checkpoints(tmp_path):
     assert saved_at == [2, 4, 5]           # every 2 steps, then the end of the run
     assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+def test_a_run_stopped_by_sigterm_saves_the_step_it_stopped_after(tmp_path):
+    """`kill`, a preemption or `fada ablate` stopping its runs: the run resumes from step 7, not from 5."""
+
+    class Stopped(BoringModel):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.global_step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this step
+
+    checkpoint = FinalCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=100, save_top_k=-1,
+                                 last_every_n_steps=5)
+    trainer = Trainer(max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, callbacks=[checkpoint], default_root_dir=tmp_path)
+    with pytest.raises(SIGTERMException):
+        trainer.fit(Stopped())
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 7
+    resumed = Trainer(max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, default_root_dir=tmp_path)
+    resumed.fit(BoringModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 20
 
 
 class Scripted(BoringModel):
