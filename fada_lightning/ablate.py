@@ -21,7 +21,8 @@ uses seed s of the rows it depends on, so each seed replicates the whole pipelin
 <out>/<row slug>/seed<s> (or <its `run`>/seed<s>, so tables can share a teacher); it is finished when its
 result.json exists, and a stopped row resumes from its last checkpoint. `record: DIR` also keeps each
 result (with its held-out loss curve) in DIR, to commit: a recorded row stays finished when its run
-folder is lost.
+folder is lost. `keep_checkpoints: used` deletes a trained row's checkpoints but the evaluated one and
+last.ckpt once it is evaluated (default `all`).
 
 `claims:` lists the paper's orderings, {claim: TEXT, better: ROW, than: ROW, columns: [COLUMN, ...]}, and
 table.md judges each column against the spread over training seeds (`judge`): holds, does not hold,
@@ -38,6 +39,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -118,6 +120,10 @@ def load_ablation(path: str | Path) -> dict:
     spec.setdefault("out", f"runs/ablation/{spec['name']}")
     spec.setdefault("evaluation", ["eval/synthetic.yaml"])
     spec.setdefault("record", None)
+    spec.setdefault("keep_checkpoints", "all")
+    if spec["keep_checkpoints"] not in ("all", "used"):
+        raise ValueError(f"{path}: keep_checkpoints is 'all' (every checkpoint a run's config keeps) or 'used' "
+                         f"(only the evaluated one and last.ckpt, once a row is evaluated), not {spec['keep_checkpoints']!r}")
     spec["seeds"] = seed_count(spec.get("seeds", 1), f"{path}: top-level")
     rows = [dict(row) for row in spec["rows"]]
     if spec.get("sweep"):  # {models: [ROW, ...], fixed: {ref_scale, audio_scale}, audio_scale: [...], ref_scale: [...]}
@@ -428,8 +434,19 @@ class Ablation:
         result.update(row=row["name"], seed=seed, seconds_train=round(trained, 1),
                       seconds_eval=round(time.perf_counter() - began, 1), threads=torch.get_num_threads())
         self.keep(row, seed, result)
+        if "fit" in row and self.spec.get("keep_checkpoints") == "used":
+            self.drop_unused_checkpoints(row, seed)
         print(f"[ablate] {label}: {evaluate.format_metrics(result)}")
         return result
+
+    def drop_unused_checkpoints(self, row: dict, seed: int) -> None:
+        """`keep_checkpoints: used`: of an evaluated row's checkpoints, only those the tables use stay, the
+        evaluated one (handed on to the rows that need it) and last.ckpt (a teacher's checkpoint every 250
+        steps, kept for its curve, is 3 GB a seed at micro scale)."""
+        used = {self.checkpoint(row, seed), self.last_checkpoint(row, seed)}
+        for path in self.last_checkpoint(row, seed).parent.glob("*.ckpt"):
+            if path not in used:  # a sharded (FSDP2) checkpoint is a folder
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def twins(self, row: dict) -> list[dict]:
         """The other evaluate-only rows of the same model and settings (a sweep's fixed point is in both figures)."""

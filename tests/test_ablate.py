@@ -386,6 +386,39 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
         ablation.run_row(ablation.by_name["S at 1 step"], 0)
 
 
+def test_keep_checkpoints_used_leaves_the_evaluated_checkpoint_and_last_once_a_row_is_evaluated(tmp_path, monkeypatch):
+    rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"}]
+    spec = {"name": "t", "out": str(tmp_path / "t"), "rows": rows, "keep_checkpoints": "used"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    ablation = ablate.Ablation(ablate.load_ablation(path))
+    kept = {"T": ["last.ckpt", "step000250.ckpt", "step000500.ckpt"], "S": ["best.ckpt", "last.ckpt", "step000200.ckpt"]}
+
+    def train(row, seed):
+        folder = ablation.last_checkpoint(row, seed).parent
+        folder.mkdir(parents=True)
+        for name in kept[row["name"]]:
+            (folder / name).touch()
+        (folder / "step000600.ckpt").mkdir()  # a sharded checkpoint is a folder
+        (ablation.run_dir(row, seed) / "trained").touch()
+
+    def evaluate(row, seed):  # the evaluated checkpoint, and every checkpoint the next row needs, is still there
+        assert len(list(ablation.last_checkpoint(row, seed).parent.glob("*.ckpt"))) == 4
+        return {**result(seed, 1.0), "ground_truth": {"IQA": 0.9, "Sync-D": 0.08, "Sync-C": 0.47},
+                "depends_on": {"clips": 4, "frames_per_clip": 16, "resolution": 32, "extractors": {"iqa": "x"}}}
+
+    monkeypatch.setattr(ablation, "train", train)
+    monkeypatch.setattr(ablation, "evaluate", evaluate)
+    for row in rows:
+        ablation.run_row(ablation.by_name[row["name"]], 0)
+    assert sorted(p.name for p in ablation.last_checkpoint(ablation.by_name["T"], 0).parent.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in ablation.last_checkpoint(ablation.by_name["S"], 0).parent.iterdir()) == [
+        "best.ckpt", "last.ckpt"]
+    path.write_text(yaml.safe_dump({**spec, "keep_checkpoints": "best"}))
+    with pytest.raises(ValueError, match="keep_checkpoints is 'all' .* or 'used' .*, not 'best'"):
+        ablate.load_ablation(path)
+
+
 def test_a_record_needs_every_run_folder_under_the_tables_folder(tmp_path):
     spec = {"name": "t", "out": str(tmp_path / "runs" / "t"), "record": str(tmp_path / "records"), "seeds": 1,
             "claims": [], "quick": ["T"], "rows": [{"name": "T", "fit": ["teacher.yaml"], "run": str(tmp_path / "elsewhere"), "seeds": 1}]}
