@@ -548,8 +548,9 @@ class Ablation:
         env = {**os.environ, "OMP_NUM_THREADS": threads, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
         job.folder.mkdir(parents=True, exist_ok=True)
         log = open(job.folder / "ablate.log", "a")
+        # its own session: Ctrl-C reaches the queue alone, which stops the run with SIGTERM (saved at its step)
         process = subprocess.Popen(self.job_command(job.row, job.seed, job.config), stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         print(f"[ablate] {job}: started on {threads} threads" + (f", GPU {gpu}" if gpu is not None else "")
               + f"; log {log.name}", flush=True)
         return process, job, log

@@ -67,6 +67,7 @@ class FinalCheckpoint(ModelCheckpoint):
         # SIGTERM (`kill`, a scheduler's preemption, `fada ablate` stopping its runs): Lightning raises it
         # between training steps, after the step's validation, so last.ckpt there is whole and the run
         # resumes where it stopped. Raised inside a validation (not training), the state is not whole.
+        # (Lightning's save_on_exception saves on any exception, a Ctrl-C mid-step too, and a step file.)
         if (isinstance(exception, SIGTERMException) and self.save_last and trainer.training
                 and trainer.global_step > self._last_global_step_saved):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

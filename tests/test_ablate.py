@@ -4,6 +4,7 @@ counted, and a quick ablation runs end to end at two seeds and resumes."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -542,28 +543,35 @@ def test_a_job_that_builds_on_a_trained_model_starts_before_one_that_trains_from
 
 QUEUE = """
 import sys
-import time
 from fada_lightning import ablate
 path, pid_file = sys.argv[1], sys.argv[2]
 ablation = ablate.Ablation(ablate.load_ablation(path))
-ablation.job_command = lambda row, seed, config: [sys.executable, "-c", "import os, sys, time; "
+ablation.job_command = lambda row, seed, config: [sys.executable, "-c", "import os, signal, sys, time; "
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(open(sys.argv[1] + '.how', 'w').write('SIGTERM'))); "
     "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)", pid_file]
 ablate.run_jobs([ablate.Job(ablation, path, ablation.rows[0], 0)], jobs=2, poll=0.05)
 """
 
 
-def test_killing_the_queue_stops_its_runs(tmp_path):
+@pytest.mark.parametrize("how", ["kill", "Ctrl-C"])
+def test_killing_the_queue_stops_its_runs(tmp_path, how):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "rows": [{"name": "T", "fit": ["teacher.yaml"]}]}))
     pid_file = tmp_path / "run.pid"
-    queue = subprocess.Popen([sys.executable, "-c", QUEUE, str(path), str(pid_file)], stderr=subprocess.PIPE, text=True)
+    queue = subprocess.Popen([sys.executable, "-c", QUEUE, str(path), str(pid_file)], stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # a terminal of its own: Ctrl-C goes to its process group
     deadline = time.monotonic() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     run = int(pid_file.read_text())
-    queue.terminate()  # SIGTERM, as `kill PID` sends
-    assert queue.wait(timeout=60) == 1
-    assert "stopped by signal 15; each run resumes from its last checkpoint" in queue.stderr.read()
+    if how == "kill":
+        queue.terminate()  # SIGTERM to the queue alone
+        assert queue.wait(timeout=60) == 1
+        assert "stopped by signal 15; each run resumes from its last checkpoint" in queue.stderr.read()
+    else:  # SIGINT to the whole foreground group: the run is in a session of its own, so the queue stops it
+        os.killpg(queue.pid, signal.SIGINT)
+        queue.wait(timeout=60)
+    assert (tmp_path / "run.pid.how").read_text() == "SIGTERM"  # which a training run saves at (FinalCheckpoint)
     with pytest.raises(ProcessLookupError):  # the queue waited for its run, so nothing is left, not even a zombie
         os.kill(run, 0)
 
