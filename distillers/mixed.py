@@ -124,6 +124,13 @@ class MixedPeRFlow(PeRFlow):
                             gt_mask=self.gt_mask(tiers, len(t), z0.device),
                             tiers=None if tiers is None else tuple(tiers))
 
+    def held_out_loss(self, student, job: MixedTargets) -> torch.Tensor:
+        """The distillation half alone, PeRFlow's loss: the quantity a `Plateau` budget watches is then the
+        same in every row whatever w(R). With w(R) L_gt in, the value is mostly the ground-truth half's
+        (its target is one draw of eps, not a mean: R stays near 10 in the micro runs), and the budget
+        would stop each row on how fast it fits the data rather than the teacher."""
+        return self.student_loss(student, job)[1]["loss_distill"]
+
     def loss(self, pred: torch.Tensor, job: MixedTargets) -> tuple[torch.Tensor, dict]:
         """mean_B [L_distill + w(R) L_gt] with R = L_gt / L_distill per sample, detached.
         Logs the means and (B,) tensors (histograms) of R and w over the clips that take the GT loss."""

@@ -4,6 +4,7 @@ import torch
 from lightning.pytorch.cli import instantiate_class
 
 from distillers.mixed import Adaptive, AdaptiveUnlimited, Fixed, MixedPeRFlow
+from distillers.perflow import PeRFlow
 from fada_lightning.diffusion import perflow as P
 from fada_lightning.diffusion import schedule as S
 
@@ -95,6 +96,20 @@ def test_the_ratio_is_per_sample_and_carries_no_gradient():
     (grad,) = torch.autograd.grad(loss, pred)
     (expected,) = torch.autograd.grad(held_constant(pred), pred)
     torch.testing.assert_close(grad, expected)
+
+
+def test_the_held_out_loss_is_perflow_s_whatever_the_ground_truth_weight():
+    """A plateau budget watches the same quantity in every Table 3 row: the distillation half's loss."""
+    z0, cond, eps = random_latents(b=3)
+    t, teacher, student = torch.tensor([0.9, 0.5, 0.1]), WobblyNet(0.7), WobblyNet(0.3)
+    plain = PeRFlow(solver_steps=2)
+    plain.bind(S.SD15_SCHEDULE, "v_prediction")
+    expected = plain.held_out_loss(student, plain.make_targets(teacher, z0, cond, t, eps, torch.Generator().manual_seed(0)))
+    for weight in (Fixed(0.0), Fixed(1.0), AdaptiveUnlimited(alpha=0.5, beta=0.2)):
+        mixed = _mixed(gt_weight=weight)
+        job = mixed.make_targets(teacher, z0, cond, t, eps, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(mixed.held_out_loss(student, job), expected)
+    assert float(mixed.student_loss(student, job)[0]) > float(expected) * 1.1  # training still adds w L_gt
 
 
 def test_gt_tiers_choose_which_clips_get_the_ground_truth_loss():
