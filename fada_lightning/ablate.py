@@ -21,7 +21,8 @@ uses seed s of the rows it depends on, so each seed replicates the whole pipelin
 <out>/<row slug>/seed<s> (or <its `run`>/seed<s>, so tables can share a teacher); it is finished when its
 result.json exists, and a stopped row resumes from its last checkpoint. `record: DIR` also keeps each
 result (with its held-out loss curve) in DIR, to commit: a recorded row stays finished when its run
-folder is lost. `keep_checkpoints: used` deletes a trained row's checkpoints but the evaluated one and
+folder is lost. A result names its evaluated checkpoint and the ones it was built on (its teacher's,
+its first stage's) by SHA-256, so rows trained on a retrained teacher can be told apart. `keep_checkpoints: used` deletes a trained row's checkpoints but the evaluated one and
 last.ckpt once it is evaluated (default `all`).
 
 `claims:` lists the paper's orderings, {claim: TEXT, better: ROW, than: ROW, columns: [COLUMN, ...]}, and
@@ -34,6 +35,7 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import math
@@ -74,6 +76,19 @@ EVAL_JSON = "eval/result.json"  # in a row's seed folder; evaluate writes the sa
 FRAME_STRIDE = 2      # frames.png shows every 2nd frame of the clip
 FRAME_MIN_PX = 128    # ... each upscaled (nearest neighbour, an integer factor) to at least this many px
 LABEL_PX, LABEL_CHARS, STRIP_GAP_PX, DPI = 240, 24, 8, 100  # frames.png: name column (px, wrap), gap, px per inch
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """SHA-256 of a checkpoint file, or of a sharded (FSDP2) checkpoint folder: each file's path below it, then its bytes."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def slug(name: str) -> str:
@@ -432,12 +447,22 @@ class Ablation:
         trained = curve.training_seconds(self.tensorboard(row, seed)) if "fit" in row else 0.0
         # threads: the intra-op threads this process ran on (CPU time ~ wall x threads)
         result.update(row=row["name"], seed=seed, seconds_train=round(trained, 1),
-                      seconds_eval=round(time.perf_counter() - began, 1), threads=torch.get_num_threads())
+                      seconds_eval=round(time.perf_counter() - began, 1), threads=torch.get_num_threads(),
+                      checkpoint_sha256=self.checkpoint_identity(row, seed),
+                      built_on={need["name"]: self.checkpoint_identity(need, seed) for need in self.needs(row)})
         self.keep(row, seed, result)
         if "fit" in row and self.spec.get("keep_checkpoints") == "used":
             self.drop_unused_checkpoints(row, seed)
         print(f"[ablate] {label}: {evaluate.format_metrics(result)}")
         return result
+
+    def checkpoint_identity(self, row: dict, seed: int) -> str | None:
+        """SHA-256 of the trained row's checkpoint at `seed` (the one the rows that need it load), else the one
+        its result recorded (its run folder gone), else None (recorded before results named checkpoints)."""
+        path = self.checkpoint(row, seed)
+        if path.exists():
+            return checkpoint_sha256(path)
+        return (self.result(row, seed) or {}).get("checkpoint_sha256")
 
     def drop_unused_checkpoints(self, row: dict, seed: int) -> None:
         """`keep_checkpoints: used`: of an evaluated row's checkpoints, only those the tables use stay, the

@@ -387,6 +387,48 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
         ablation.run_row(ablation.by_name["S at 1 step"], 0)
 
 
+def test_a_result_names_its_checkpoint_and_the_ones_it_was_built_on_by_sha256(tmp_path, monkeypatch):
+    import hashlib
+
+    rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"},
+            {"name": "S at 1 step", "checkpoint_of": "S"}]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "runs" / "t"), "record": str(tmp_path / "records"),
+                                    "seeds": 2, "rows": rows}))
+    ablation = ablate.Ablation(ablate.load_ablation(path))
+    weights = {(name, seed): f"{name} trained at seed {seed}".encode() for name in ("T", "S") for seed in (0, 1)}
+    sha = {key: hashlib.sha256(data).hexdigest() for key, data in weights.items()}
+
+    def train(row, seed):
+        ablation.last_checkpoint(row, seed).parent.mkdir(parents=True, exist_ok=True)
+        ablation.last_checkpoint(row, seed).write_bytes(weights[row["name"], seed])
+        (ablation.run_dir(row, seed) / "trained").touch()
+
+    monkeypatch.setattr(ablation, "train", train)
+    truth = {"IQA": 0.9, "Sync-D": 0.08, "Sync-C": 0.47}
+    depends_on = {"clips": 4, "frames_per_clip": 16, "resolution": 32}
+    monkeypatch.setattr(ablation, "evaluate", lambda row, seed: {**result(seed, 1.0), "ground_truth": truth,
+                                                                 "depends_on": depends_on})
+    for name in ("T", "S", "S at 1 step"):
+        for seed in (0, 1):
+            ablation.run_row(ablation.by_name[name], seed)
+    records = {(name, seed): json.loads(ablation.record_path(ablation.by_name[name], seed).read_text())
+               for name in ("T", "S", "S at 1 step") for seed in (0, 1)}
+    assert records["T", 1]["checkpoint_sha256"] == sha["T", 1] and records["T", 1]["built_on"] == {}
+    assert records["S", 1]["checkpoint_sha256"] == sha["S", 1] and records["S", 1]["built_on"] == {"T": sha["T", 1]}
+    assert records["S at 1 step", 0]["checkpoint_sha256"] == sha["S", 0]
+    assert records["S at 1 step", 0]["built_on"] == {"S": sha["S", 0]}
+    shutil.rmtree(tmp_path / "runs")  # the checkpoint is gone, its recorded identity is not
+    assert ablation.checkpoint_identity(ablation.by_name["T"], 0) == sha["T", 0]
+
+    shards = tmp_path / "step000600.ckpt"  # a sharded checkpoint: its file names count, as its bytes do
+    (shards / "model").mkdir(parents=True)
+    (shards / "model" / "0.distcp").write_bytes(b"ab")
+    before = ablate.checkpoint_sha256(shards)
+    (shards / "model" / "0.distcp").rename(shards / "model" / "1.distcp")
+    assert ablate.checkpoint_sha256(shards) != before
+
+
 def test_keep_checkpoints_used_leaves_the_evaluated_checkpoint_and_last_once_a_row_is_evaluated(tmp_path, monkeypatch):
     rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"}]
     spec = {"name": "t", "out": str(tmp_path / "t"), "rows": rows, "keep_checkpoints": "used"}
