@@ -22,8 +22,9 @@ uses seed s of the rows it depends on, so each seed replicates the whole pipelin
 result.json exists, and a stopped row resumes from its last checkpoint. `record: DIR` also keeps each
 result (with its held-out loss curve) in DIR, to commit: a recorded row stays finished when its run
 folder is lost. A result names its evaluated checkpoint and the ones it was built on (its teacher's,
-its first stage's) by SHA-256, so rows trained on a retrained teacher can be told apart. `keep_checkpoints: used` deletes a trained row's checkpoints but the evaluated one and
-last.ckpt once it is evaluated (default `all`).
+its first stage's) by SHA-256, so rows trained on a retrained teacher can be told apart.
+`keep_checkpoints: used` deletes a trained row's checkpoints but the evaluated one and last.ckpt once it
+is evaluated (default `all`).
 
 `claims:` lists the paper's orderings, {claim: TEXT, better: ROW, than: ROW, columns: [COLUMN, ...]}, and
 table.md judges each column against the spread over training seeds (`judge`): holds, does not hold,
