@@ -285,10 +285,15 @@ class AvatarDataModule(L.LightningDataModule):
             self.train_set.resume_in_epoch = dict(self._in_epoch)
 
     def _loader(self, dataset, **kw) -> DataLoader:
+        """A DataLoader with its own generator: a loader's first iterator draws its workers' base seed, which
+        from the global generator would shift every later noise draw of training (so a run's noise would
+        depend on when it first validated, and a resumed run's on where it resumed). The streams are seeded
+        by `seed` themselves (streams.py)."""
         workers = self.hparams.num_workers
         prefetch = {"prefetch_factor": self.hparams.prefetch_factor} if workers > 0 else {}
         return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **prefetch, **kw)
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(self.hparams.seed), **prefetch, **kw)
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:  # a resumed run continues with fresh clip draws

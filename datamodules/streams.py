@@ -80,7 +80,6 @@ class _WorkerStream:
         self.url = None  # the shard being read
         self.visit = 0  # shards opened so far; unreadable data is counted once per visit
         self.failed_visit = -1
-        self.epochs = 0
         self.fast_forwarding = False
         self.read_in_visit = 0  # whole samples the open shard has given so far
         self.truncated: set[str] = set()  # shards whose loss `settle_visit` counted
@@ -145,7 +144,12 @@ class _WorkerStream:
         warnings.warn(f"skipping unreadable data in shard {self.url}: {_describe(exn)}", BadSampleWarning)
         return True
 
-    def next_items(self, count: int, rng: np.random.Generator):
+    def sample_rng(self) -> np.random.Generator:
+        """The draws of the raw sample just pulled (its window's start, say): a function of its place in the
+        stream alone, so a resumed run draws for each clip what the killed run would have."""
+        return np.random.default_rng([self.data.seed, self.first_epoch, self.data.rank, self.worker, self.pulled])
+
+    def next_items(self, count: int):
         produced = 0
         while produced < count:
             raw = next(self.raw)
@@ -154,7 +158,7 @@ class _WorkerStream:
             try:
                 if self.data.crashed is not None and self.data.crashed.has(url, key):
                     raise SkipSample(f"it crashed the decoder in an earlier run ({self.data.crashed.path})")
-                item = self.data.decoder(raw, rng)
+                item = self.data.decoder(raw, self.sample_rng())
             except Exception as exn:  # corrupt media, bad json, short clip, missing fields, a decoder crash
                 self.skipped += not (isinstance(exn, MissingMembers) and url in self.truncated)  # counted as lost
                 warnings.warn(f"skipping sample {key!r} in shard {url}: {_describe(exn)}", BadSampleWarning)
@@ -175,8 +179,9 @@ class ClipStream(IterableDataset):
 
     Rank and world size are given, never read from globals; the DataLoader worker comes from
     `get_worker_info()` and `num_workers` must match the DataLoader's (0 counts as 1). Each
-    worker keeps its stream position across epochs (persistent workers, or num_workers=0); clip
-    starts are drawn from a generator seeded by (seed, epoch, rank, worker). Without persistent
+    worker keeps its stream position across epochs (persistent workers, or num_workers=0); a clip's
+    start is drawn from a generator seeded by (seed, first epoch, rank, worker, its place in the
+    stream), so a resumed run draws what the killed one would have. Without persistent
     workers call `set_epoch` every epoch, or every epoch replays the first. shuffle_buffer: samples
     held and drawn from at random (webdataset's shuffle, seeded alike), so a batch mixes shards.
     `resume` ({global worker: (first_epoch, pulled, skipped)}, from a checkpoint) puts each worker's
@@ -221,11 +226,7 @@ class ClipStream(IterableDataset):
         """This process's items as DataLoader worker `worker` for the next epoch."""
         if worker not in self._streams:
             self._streams[worker] = _WorkerStream(self, worker, self.num_workers)
-        stream = self._streams[worker]
-        epoch = self.epoch + stream.epochs
-        stream.epochs += 1
-        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-        return stream.next_items(self.samples_per_worker, rng)
+        return self._streams[worker].next_items(self.samples_per_worker)
 
 
 def resumed_in_epoch(dataset, worker: int) -> int:

@@ -1,6 +1,8 @@
 """LightningModules: the shared avatar base and the teacher (Eq 1)."""
 from __future__ import annotations
 
+import random
+
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +30,26 @@ def ema_with_warmup(decay: float):
         torch._foreach_lerp_(_local(ema_params), _local(params), 1 - d)
 
     return update
+
+
+def rng_states() -> dict:
+    """The global random states training draws from (torch's, each CUDA device's, NumPy's, Python's) as plain
+    lists, which every checkpoint format keeps."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [name, keys.tolist(), pos, has_gauss, gauss], "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    """Sets what `rng_states` returned; CUDA's only on as many devices as were saved."""
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if states["cuda"] and torch.cuda.is_available() and torch.cuda.device_count() == len(states["cuda"]):
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -177,8 +199,19 @@ class AvatarModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict):
         checkpoint["fada_module"] = f"{type(self).__module__}.{type(self).__qualname__}"  # for `fada sample`
         checkpoint["fada_role"] = self.checkpoint_role  # checked wherever a checkpoint is read (checkpoints.py)
+        checkpoint["rng_states"] = rng_states()
+
+    def on_train_start(self):
+        """A resumed run goes on with the random state it was saved with (its t and noise draws), not the
+        one `seed_everything` set at its start, so it trains as the run it continues would have. Only
+        `fit` restores it: loading a checkpoint to sample leaves the caller's state alone."""
+        saved = getattr(self, "_resumed_rng_states", None)
+        if saved is not None:
+            set_rng_states(saved)
+            self._resumed_rng_states = None
 
     def on_load_checkpoint(self, checkpoint: dict):
+        self._resumed_rng_states = checkpoint.get("rng_states")
         theirs = checkpoint.get("hyper_parameters", {}).get("preset")
         if isinstance(theirs, dict) and theirs.get("net") != self.preset.get("net"):
             raise ValueError(

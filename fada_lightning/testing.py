@@ -70,8 +70,10 @@ def random_teacher_checkpoint(path, clip_frames: int = 4) -> str:
 
 
 def cpu_trainer(root, steps: int, **kwargs) -> L.Trainer:
+    """A quiet CPU trainer for `steps` steps; no validation unless `kwargs` asks for it."""
+    kwargs = {"limit_val_batches": 0, **kwargs}
     return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     limit_val_batches=0, enable_model_summary=False, default_root_dir=str(root), **kwargs)
+                     enable_model_summary=False, default_root_dir=str(root), **kwargs)
 
 
 def shard_data(shards: list[str], model, batch_size: int = 4) -> AvatarDataModule:

@@ -442,26 +442,31 @@ class KeyRecorder(L.Callback):
 def test_a_killed_and_resumed_fit_trains_on_the_clips_an_uninterrupted_one_does(tmp_path):
     """6 steps straight, against 3 steps, a checkpoint, and a resumed run to 6 (2 workers, 4 batches an
     epoch: the checkpoint falls inside an epoch, after worker 0 has yielded its share and worker 1 has
-    not, and the run crosses an epoch end): the same clips at every step."""
+    not, and the run crosses an epoch end): the same clips at every step, and the same t and noise, so
+    the same weights to the bit. A run that validates (after steps 2 and 4) trains to those weights too."""
     from fada_lightning.checkpoints import AtomicCheckpointIO
     from fada_lightning.module import TeacherModule
 
     shards = make_shards(tmp_path, n_clips=8, clips_per_shard=2, frames=12, size=32)
 
-    def fit(steps, ckpt_path=None, save=None):
-        torch.manual_seed(0)
+    def fit(steps, ckpt_path=None, save=None, validate=False):
+        torch.manual_seed(0)  # as seed_everything: a resumed run starts from the same state as a new one
         model = TeacherModule(preset=small_preset(), clip_frames=4, ema_decay=None)
         data = AvatarDataModule.for_model(model, train_shards=shards, batch_size=2, num_workers=2, epoch_samples=8,
-                                          seed=3)
+                                          seed=3, val_shards=shards[:1] if validate else None, val_samples=2)
         recorder = KeyRecorder()
+        validation = {"limit_val_batches": 1, "val_check_interval": 2, "num_sanity_val_steps": 1} if validate else {}
         trainer = cpu_trainer(tmp_path, steps, callbacks=[recorder], enable_checkpointing=False,
-                              plugins=[AtomicCheckpointIO()])
+                              plugins=[AtomicCheckpointIO()], **validation)
         trainer.fit(model, data, ckpt_path=ckpt_path)
         if save:
             trainer.save_checkpoint(save)
-        return recorder.keys
+        return recorder.keys, model.net.state_dict()
 
-    straight = fit(6)
-    first = fit(3, save=tmp_path / "step3.ckpt")
-    resumed = fit(6, ckpt_path=tmp_path / "step3.ckpt")
+    straight, weights = fit(6)
+    first, _ = fit(3, save=tmp_path / "step3.ckpt")
+    resumed, resumed_weights = fit(6, ckpt_path=tmp_path / "step3.ckpt")
     assert len(straight) == 6 and first + resumed == straight
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+    validated, validated_weights = fit(6, validate=True)
+    assert validated == straight and all(torch.equal(weights[k], validated_weights[k]) for k in weights)
