@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-
 from pathlib import Path
 
 import lightning as L
@@ -33,19 +32,20 @@ def ema_with_warmup(decay: float):
 
 
 def rng_states() -> dict:
-    """The global random states training draws from (torch's, each CUDA device's, NumPy's, Python's) as plain
-    lists, which every checkpoint format keeps."""
+    """The global random states training draws from (torch's, this process's CUDA device's, NumPy's,
+    Python's) as plain lists, which every checkpoint format keeps. Only the current device: asking for
+    every device's state would open a CUDA context on each GPU from each rank."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    cuda = torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state().tolist(), "cuda": cuda,
             "numpy": [name, keys.tolist(), pos, has_gauss, gauss], "python": random.getstate()}
 
 
 def set_rng_states(states: dict) -> None:
-    """Sets what `rng_states` returned; CUDA's only on as many devices as were saved."""
+    """Sets what `rng_states` returned (CUDA's on the current device, where one was saved and is here)."""
     torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
-    if states["cuda"] and torch.cuda.is_available() and torch.cuda.device_count() == len(states["cuda"]):
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(states["cuda"], dtype=torch.uint8))
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = states["python"]

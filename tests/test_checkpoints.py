@@ -25,3 +25,19 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
         read_checkpoint(tmp_path / "runs")
     with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_the_random_states_a_checkpoint_keeps_set_every_generator_back_after_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from fada_lightning.module import rng_states, set_rng_states
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    torch.save({"rng_states": rng_states()}, tmp_path / "c.ckpt")
+    expected = torch.rand(3), random.random(), np.random.rand(), np.random.randn()
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    set_rng_states(torch.load(tmp_path / "c.ckpt", weights_only=True)["rng_states"])
+    drawn = torch.rand(3), random.random(), np.random.rand(), np.random.randn()
+    assert torch.equal(drawn[0], expected[0]) and drawn[1:] == expected[1:]
