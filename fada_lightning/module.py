@@ -203,12 +203,12 @@ class AvatarModule(L.LightningModule):
 
     def on_train_start(self):
         """A resumed run goes on with the random state it was saved with (its t and noise draws), not the
-        one `seed_everything` set at its start, so it trains as the run it continues would have. Only
-        `fit` restores it: loading a checkpoint to sample leaves the caller's state alone."""
-        saved = getattr(self, "_resumed_rng_states", None)
-        if saved is not None:
+        one `seed_everything` set at its start, so it trains as the run it continues would have. Only a
+        `fit` that resumes (`ckpt_path`) restores it: a module loaded to sample, or to train afresh, keeps
+        the caller's state."""
+        saved, self._resumed_rng_states = getattr(self, "_resumed_rng_states", None), None
+        if saved is not None and self.trainer.ckpt_path:
             set_rng_states(saved)
-            self._resumed_rng_states = None
 
     def on_load_checkpoint(self, checkpoint: dict):
         self._resumed_rng_states = checkpoint.get("rng_states")
