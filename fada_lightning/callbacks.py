@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -19,7 +20,8 @@ class FinalCheckpoint(ModelCheckpoint):
     - A checkpoint written at a step's batch end predates that step's validation, and a run resumed
       from it never redoes that validation: it is written again after it, so what the validation told
       the callbacks (Plateau's count, the best val/loss) is not lost to a kill.
-    - A run stopped by SIGTERM writes `last.ckpt` at the step it stopped after, and loses nothing.
+    - A run stopped by SIGTERM writes `last.ckpt` at the step it stopped after, and loses nothing. A SIGTERM
+      that comes during a validation of the fit is held until that validation ends, so the checkpoint knows it.
     """
 
     def __init__(self, *args, last_every_n_steps: int = 0, **kwargs):
@@ -28,6 +30,7 @@ class FinalCheckpoint(ModelCheckpoint):
             raise ValueError(f"last_every_n_steps must be >= 0 (0: off), got {last_every_n_steps}")
         self.last_every_n_steps = last_every_n_steps
         self._before_validation: list[str] = []  # written at this step's batch end
+        self._held_sigterm = False  # a SIGTERM that came during this validation
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -37,7 +40,17 @@ class FinalCheckpoint(ModelCheckpoint):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._before_validation = []
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        # Lightning stops a validation at the next batch once SIGTERM has come, and a run resumed from this
+        # step never redoes it: Plateau's count, best.ckpt's pick and the curve lose that point for good.
+        # So the flag is held until on_validation_end; the training loop stops right after it (on_exception).
+        signals = trainer._signal_connector  # what `trainer.received_sigterm` reads; no public setter
+        if signals.received_sigterm and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            signals.received_sigterm, self._held_sigterm = False, True
+
     def on_validation_end(self, trainer, pl_module):
+        if self._held_sigterm:
+            trainer._signal_connector.received_sigterm, self._held_sigterm = True, False
         super().on_validation_end(trainer, pl_module)
         if trainer.sanity_checking or not self._before_validation:
             return
@@ -65,8 +78,8 @@ class FinalCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception):
         super().on_exception(trainer, pl_module, exception)
         # SIGTERM (`kill`, a scheduler's preemption, `fada ablate` stopping its runs): Lightning raises it
-        # between training steps, after the step's validation, so last.ckpt there is whole and the run
-        # resumes where it stopped. Raised inside a validation (not training), the state is not whole.
+        # between training steps, after the step's validation (held till its end, above), so last.ckpt
+        # there is whole and the run resumes where it stopped. Raised elsewhere, the state is not whole.
         # (Lightning's save_on_exception saves on any exception, a Ctrl-C mid-step too, and a step file.)
         if (isinstance(exception, SIGTERMException) and self.save_last and trainer.training
                 and trainer.global_step > self._last_global_step_saved):

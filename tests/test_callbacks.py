@@ -77,8 +77,9 @@ class Scripted(BoringModel):
         self.validations += 1
 
 
-def plateau_trainer(tmp_path, *callbacks, max_steps=100):
-    return Trainer(max_steps=max_steps, val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1,
+def plateau_trainer(tmp_path, *callbacks, max_steps=100, limit_val_batches=1):
+    return Trainer(max_steps=max_steps, val_check_interval=5, check_val_every_n_epoch=None,
+                   limit_val_batches=limit_val_batches,
                    num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
                    enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                    callbacks=list(callbacks), default_root_dir=tmp_path)
@@ -141,6 +142,40 @@ def test_a_run_killed_after_a_validation_at_a_checkpoint_step_resumes_as_if_not_
     resumed, model = callbacks(), Scripted(losses)
     model.validations = 2
     plateau_trainer(tmp_path, *resumed).fit(model, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed[0].history == uninterrupted[0].history and resumed[0].stopped_at == 20
+    assert torch.load(tmp_path / "best.ckpt", weights_only=False)["global_step"] == 10
+
+
+def test_a_sigterm_during_a_validation_waits_for_it_and_the_resumed_run_loses_nothing(tmp_path):
+    """SIGTERM in the first of step 10's two validation batches: Lightning would stop there, and a run resumed
+    from step 10 would never redo that validation (0.5, a new best). It ends first; last.ckpt at step 10 knows
+    it, and the resumed run's Plateau history, stop and best.ckpt are the uninterrupted run's."""
+    losses = [1.0, 0.5, 0.5, 0.5, 0.1]
+
+    class KilledInValidation(Scripted):
+        def validation_step(self, batch, batch_idx):
+            if self.global_step == 10 and batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            super().validation_step(batch, batch_idx)
+
+    def callbacks(folder=tmp_path):
+        return (Plateau(patience=2), FinalCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=5,
+                                                      save_top_k=-1),
+                ModelCheckpoint(dirpath=folder, monitor="val/loss", filename="best", save_top_k=1,
+                                enable_version_counter=False))
+
+    uninterrupted = callbacks(tmp_path / "whole")
+    plateau_trainer(tmp_path / "whole", *uninterrupted, limit_val_batches=2).fit(Scripted(losses))
+    assert uninterrupted[0].history == [(5, 1.0), (10, 0.5), (15, 0.5), (20, 0.5)]
+
+    killed = callbacks()
+    with pytest.raises(SIGTERMException):
+        plateau_trainer(tmp_path, *killed, limit_val_batches=2).fit(KilledInValidation(losses))
+    assert killed[0].history == uninterrupted[0].history[:2]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 10
+    resumed, model = callbacks(), Scripted(losses)
+    model.validations = 2
+    plateau_trainer(tmp_path, *resumed, limit_val_batches=2).fit(model, ckpt_path=tmp_path / "last.ckpt")
     assert resumed[0].history == uninterrupted[0].history and resumed[0].stopped_at == 20
     assert torch.load(tmp_path / "best.ckpt", weights_only=False)["global_step"] == 10
 
