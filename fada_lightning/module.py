@@ -1,13 +1,16 @@
 """LightningModules: the shared avatar base and the teacher (Eq 1)."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
@@ -50,6 +53,29 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s own random stream, mixed from the run's seed and the step it starts at by
+    NumPy's SeedSequence, so no two (seed, rank, step) share a stream. A 32-bit value, as NumPy's global
+    seed must be."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    """Seeds the global generators `rng_states` keeps (torch's on every device, NumPy's, Python's)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]: a collective, so every rank calls it ([obj] outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -199,19 +225,35 @@ class AvatarModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict):
         checkpoint["fada_module"] = f"{type(self).__module__}.{type(self).__qualname__}"  # for `fada sample`
         checkpoint["fada_role"] = self.checkpoint_role  # checked wherever a checkpoint is read (checkpoints.py)
-        checkpoint["rng_states"] = rng_states()
+        by_rank = gather_objects(rng_states())  # every rank saves (Trainer.save_checkpoint), so all gather
+        checkpoint["rng_states"] = by_rank[0]
+        if len(by_rank) > 1:
+            checkpoint["rng_states_by_rank"] = by_rank
 
     def on_train_start(self):
-        """A resumed run goes on with the random state it was saved with (its t and noise draws), not the
-        one `seed_everything` set at its start, so it trains as the run it continues would have. Only a
-        `fit` that resumes (`ckpt_path`) restores it: a module loaded to sample, or to train afresh, keeps
-        the caller's state."""
-        saved, self._resumed_rng_states = getattr(self, "_resumed_rng_states", None), None
-        if saved is not None and self.trainer.ckpt_path:
-            set_rng_states(saved)
+        """Each rank draws its own t, noise and condition dropout: `seed_everything` gives every rank the
+        same state, so ranks > 0 reseed from (seed, rank) (`rank_seed`); rank 0 keeps it, so one process
+        trains as it always did. A resumed run goes on with each rank's state as saved, so it trains as
+        the run it continues would have; a rank the checkpoint has no state for (saved on fewer
+        processes, or before states were kept by rank) reseeds from (seed, rank, step). Only a `fit` that
+        resumes (`ckpt_path`) restores states: a module loaded to sample, or to train afresh, keeps the
+        caller's state."""
+        saved, self._resumed_rng_states = getattr(self, "_resumed_rng_states", None) or [], []
+        saved = saved if self.trainer.ckpt_path else []
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if rank < len(saved):
+            set_rng_states(saved[rank])
+        elif rank > 0:
+            seed_all(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())), rank,
+                               self.trainer.global_step))
+        if saved and len(saved) != world:
+            rank_zero_warn(f"the checkpoint kept random states for {len(saved)} process(es), this run has {world}: "
+                           f"ranks without a saved state draw from new seeds, so the run does not continue the "
+                           f"saved one's draws exactly", category=UserWarning)
 
     def on_load_checkpoint(self, checkpoint: dict):
-        self._resumed_rng_states = checkpoint.get("rng_states")
+        states = checkpoint.get("rng_states")
+        self._resumed_rng_states = checkpoint.get("rng_states_by_rank") or ([states] if states else [])
         theirs = checkpoint.get("hyper_parameters", {}).get("preset")
         if isinstance(theirs, dict) and theirs.get("net") != self.preset.get("net"):
             raise ValueError(

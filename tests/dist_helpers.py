@@ -8,6 +8,7 @@ The distiller they run (tests/test_distributed.py) trains a network of its own b
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from datamodules.clips import ClipDecoder, FixedClips
 from datamodules.shards import resolve_shards
 from distillers.base import DistillTargets
 from fada_lightning.distill import DistillModule
+from fada_lightning.module import rng_states
 
 
 class _Indexed(Dataset):
@@ -52,8 +54,13 @@ class IndexedClips(L.LightningDataModule):
         self.clips = _Indexed(FixedClips(resolve_shards(self.hparams.shards), self.decoder, self.hparams.count))
 
     def train_dataloader(self):  # in order: rank r gets clips r, r + P, ... (Lightning's own sampler shuffles)
+        """With a generator of its own: each epoch's iterator draws a base seed, and from the global generator
+        that draw would land on different sides of a checkpoint saved at an epoch's end in a straight run
+        and in one resumed from it (Lightning re-enters the saved epoch), so the module's draws would not
+        line up."""
         sampler = DistributedSampler(self.clips, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
-        return DataLoader(self.clips, batch_size=self.hparams.batch_size, sampler=sampler)
+        return DataLoader(self.clips, batch_size=self.hparams.batch_size, sampler=sampler,
+                          generator=torch.Generator().manual_seed(0))
 
 
 class SeededDistill(DistillModule):
@@ -84,17 +91,20 @@ def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 class Record(L.Callback):
     """Writes `out`/record.json ({losses: the student's mean over ranks per step, network_losses: {network:
-    its loss per step it updated}, keys: [rank][step] clip keys,
-    dtypes: trained weights' dtypes}), `out`/weights.pt (the module's whole state at the end) and
+    its loss per step it updated}, keys: [rank][step] clip keys, rng: [rank][step] a digest of the global
+    random states at the step's start, dtypes: trained weights' dtypes}), `out`/weights.pt (the module's whole state at the end) and
     `out`/start.pt (at the start of training, after a checkpoint was restored) from rank 0."""
 
     def __init__(self, out: str):
         self.out = Path(out)
-        self.losses, self.keys, self.network_losses = [], [], {}
+        self.losses, self.keys, self.rng, self.network_losses = [], [], [], {}
         self.start = None
 
     def on_train_start(self, trainer, pl_module):
         self.start = full_state(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rng.append(hashlib.sha256(json.dumps(rng_states()).encode()).hexdigest()[:16])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
@@ -105,12 +115,12 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = full_state(pl_module)
-        keys = _gather(self.keys)
+        keys, rng = _gather(self.keys), _gather(self.rng)
         dtypes = sorted({str(p.dtype) for p in pl_module.net.parameters()})
         sharded = {name: isinstance(net, FSDPModule) for name, net in pl_module.networks().items()}
         if trainer.global_rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            record = dict(losses=self.losses, network_losses=self.network_losses, keys=keys, sharded=sharded, dtypes=dtypes, world_size=trainer.world_size,
+            record = dict(losses=self.losses, network_losses=self.network_losses, keys=keys, rng=rng, sharded=sharded, dtypes=dtypes, world_size=trainer.world_size,
                           global_step=trainer.global_step)
             (self.out / "record.json").write_text(json.dumps(record))
             torch.save(state, self.out / "weights.pt")

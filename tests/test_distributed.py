@@ -81,10 +81,10 @@ def assert_same_weights(a: dict, b: dict, atol: float):
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def two_processes(tmp_path, name, teacher_ckpt, shards, strategy, *args, distiller: dict = PROBED):
+def two_processes(tmp_path, name, teacher_ckpt, shards, strategy, *args, **kwargs):
     return fit(tmp_path, name, teacher_ckpt, shards, "--config", str(find_config(f"strategies/{strategy}.yaml")),
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
-               "--data.init_args.batch_size=2", *args, devices=2, distiller=distiller)
+               "--data.init_args.batch_size=2", *args, devices=2, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,25 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(strategy, o
     keys = run["keys"]  # each rank saw its own clips (clip i on rank i mod 2), as many batches each
     assert len(keys[0]) == len(keys[1]) == STEPS
     assert {k for step in keys[0] for k in step}.isdisjoint({k for step in keys[1] for k in step})
+
+
+def test_ranks_draw_apart_and_a_resumed_run_goes_on_with_each_rank_s_own_draws(teacher_ckpt, shards, tmp_path):
+    """`seed_everything` gives both processes one random state; rank 1 reseeds from (seed, rank), so the
+    ranks draw different t, noise and dropout for their clips. 3 steps on two processes, then resumed to 5,
+    equals 5 straight: each rank's random state at each step (the checkpoint keeps every rank's) and
+    the weights. (The real DistillModule, drawing from the global generators; one batch a rank a step.)"""
+    def run(name, *args):
+        return two_processes(tmp_path, name, teacher_ckpt, shards, "ddp", "--data.init_args.count=4", *args,
+                             model="fada_lightning.distill.DistillModule")
+
+    straight = run("straight", f"--trainer.max_steps={STEPS + 2}")
+    first = run("first")
+    resumed = run("resumed", f"--trainer.max_steps={STEPS + 2}", f"--ckpt_path={first['dir'] / 'checkpoints' / 'last.ckpt'}")
+    rank0, rank1 = straight["rng"]
+    assert len(rank0) == STEPS + 2 and all(a != b for a, b in zip(rank0, rank1))
+    assert first["rng"] == [states[:STEPS] for states in straight["rng"]]
+    assert resumed["rng"] == [states[STEPS:] for states in straight["rng"]]
+    assert_same_weights(weights(resumed), weights(straight), atol=0)
 
 
 DMD_SPECS = {"ddp": {"class_path": DMD["class_path"], "init_args": {**DMD["init_args"], "gan_gen_weight": 0.0}},
