@@ -78,6 +78,19 @@ def gather_objects(obj) -> list:
     return out
 
 
+def start_next_epoch(loops: dict) -> None:
+    """A checkpoint's Lightning loop state (`checkpoint["loops"]`), saved between two epochs, made to resume at
+    the next epoch's first batch. A fit that stops right after an epoch's last step (max_steps, SIGTERM) saves
+    after the epoch has ended but before the next one zeroes its batch counts, and Lightning 2.6 resumes the
+    next epoch with the finished one's count: it ends that epoch one batch in, or none, and the workers'
+    unread shares are skipped. So the counts are zeroed here, as an epoch's start zeroes them."""
+    fit = loops.get("fit_loop", {})
+    epochs, batches = fit.get("epoch_progress", {}).get("current"), fit.get("epoch_loop.batch_progress")
+    if epochs and batches and epochs["completed"] == epochs["ready"]:  # no epoch begun and not ended
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
+
+
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sharded tensors (FSDP2's DTensors) as this rank's shards: the EMA's shards and the student's are
     laid out alike, so the average is a local lerp, shard onto shard."""
@@ -225,6 +238,7 @@ class AvatarModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict):
         checkpoint["fada_module"] = f"{type(self).__module__}.{type(self).__qualname__}"  # for `fada sample`
         checkpoint["fada_role"] = self.checkpoint_role  # checked wherever a checkpoint is read (checkpoints.py)
+        start_next_epoch(checkpoint.get("loops", {}))
         by_rank = gather_objects(rng_states())  # every rank saves (Trainer.save_checkpoint), so all gather
         checkpoint["rng_states"] = by_rank[0]
         if len(by_rank) > 1:

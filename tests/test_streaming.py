@@ -472,3 +472,57 @@ def test_a_killed_and_resumed_fit_trains_on_the_clips_an_uninterrupted_one_does(
     assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
     validated, validated_weights = fit(6, validate=True)
     assert validated == straight and all(torch.equal(weights[k], validated_weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "sigterm", "sigterm after a validation"])
+def test_a_fit_stopped_at_an_epoch_s_last_step_resumes_at_the_next_epoch_s_first_clips(tmp_path, stop):
+    """Epochs of 4 batches (2 workers, 2 each); the first run stops right after step 4, an epoch's last: at its
+    max_steps, or by SIGTERM, with or without a validation at that step, and FinalCheckpoint writes last.ckpt
+    after the epoch has ended. The resumed run trains on the clips, and to the weights, of a run that went on
+    (Lightning alone resumed the next epoch with the finished one's batch count: it ended it one batch in, or
+    none, and skipped the rest), and validates where that run did."""
+    import os
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from fada_lightning.callbacks import FinalCheckpoint
+    from fada_lightning.checkpoints import AtomicCheckpointIO
+    from fada_lightning.module import TeacherModule
+
+    shards = make_shards(tmp_path, n_clips=8, clips_per_shard=2, frames=12, size=32)
+    validate = stop == "sigterm after a validation"
+
+    class Watch(KeyRecorder):
+        def __init__(self, kill_at=None):
+            super().__init__()
+            self.kill_at, self.validated = kill_at, []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self.kill_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning stops after this step
+
+        def on_validation_end(self, trainer, pl_module):
+            self.validated.append(trainer.global_step)
+
+    def fit(steps, name, ckpt_path=None, kill_at=None):
+        torch.manual_seed(0)
+        model = TeacherModule(preset=small_preset(), clip_frames=4, ema_decay=None)
+        data = AvatarDataModule.for_model(model, train_shards=shards, batch_size=2, num_workers=2, epoch_samples=8,
+                                          seed=3, val_shards=shards[:1], val_samples=2)
+        watch = Watch(kill_at)
+        saving = FinalCheckpoint(dirpath=tmp_path / name, save_last=True, every_n_train_steps=100)
+        validation = dict(limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0) if validate else {}
+        trainer = cpu_trainer(tmp_path, steps, callbacks=[watch, saving], plugins=[AtomicCheckpointIO()], **validation)
+        try:
+            trainer.fit(model, data, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            assert kill_at
+        return watch, model.net.state_dict()
+
+    straight, weights = fit(6, "straight")
+    first, _ = fit(4, "first") if stop == "max_steps" else fit(6, "first", kill_at=4)
+    resumed, resumed_weights = fit(6, "resumed", ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert len(straight.keys) == 6 and first.keys + resumed.keys == straight.keys
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+    assert first.validated + resumed.validated == straight.validated == ([2, 4, 6] if validate else [])
