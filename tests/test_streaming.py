@@ -5,6 +5,7 @@ import glob
 import itertools
 import json
 import os
+import signal
 import warnings
 
 import lightning as L
@@ -481,9 +482,6 @@ def test_a_fit_stopped_at_an_epoch_s_last_step_resumes_at_the_next_epoch_s_first
     after the epoch has ended. The resumed run trains on the clips, and to the weights, of a run that went on
     (Lightning alone resumed the next epoch with the finished one's batch count: it ended it one batch in, or
     none, and skipped the rest), and validates where that run did."""
-    import os
-    import signal
-
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from fada_lightning.callbacks import FinalCheckpoint
