@@ -14,7 +14,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -25,7 +24,7 @@ from datamodules.clips import ClipDecoder, FixedClips
 from datamodules.shards import resolve_shards
 from distillers.base import DistillTargets
 from fada_lightning.distill import DistillModule
-from fada_lightning.module import rng_states
+from fada_lightning.module import gather_objects, rng_states
 
 
 class _Indexed(Dataset):
@@ -75,14 +74,6 @@ class SeededDistill(DistillModule):
             for i, index in enumerate(batch["index"].tolist())])
 
 
-def _gather(obj):
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every rank calls it: sharded tensors are gathered whole."""
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
@@ -92,8 +83,9 @@ def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Record(L.Callback):
     """Writes `out`/record.json ({losses: the student's mean over ranks per step, network_losses: {network:
     its loss per step it updated}, keys: [rank][step] clip keys, rng: [rank][step] a digest of the global
-    random states at the step's start, dtypes: trained weights' dtypes}), `out`/weights.pt (the module's whole state at the end) and
-    `out`/start.pt (at the start of training, after a checkpoint was restored) from rank 0."""
+    random states at the step's start, dtypes: trained weights' dtypes}), `out`/weights.pt (the module's
+    whole state at the end) and `out`/start.pt (at the start of training, after a checkpoint was
+    restored) from rank 0."""
 
     def __init__(self, out: str):
         self.out = Path(out)
@@ -115,7 +107,7 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = full_state(pl_module)
-        keys, rng = _gather(self.keys), _gather(self.rng)
+        keys, rng = gather_objects(self.keys), gather_objects(self.rng)
         dtypes = sorted({str(p.dtype) for p in pl_module.net.parameters()})
         sharded = {name: isinstance(net, FSDPModule) for name, net in pl_module.networks().items()}
         if trainer.global_rank == 0:
