@@ -393,11 +393,36 @@ class Ablation:
 
     def write_record(self, row: dict, seed: int, result: dict) -> None:
         """With `record`: the result with its held-out loss curve, a small file to commit beside the results
-        page, so a table and its claims survive the loss of the run folders (checkpoints are not committed)."""
+        page, so a table and its claims survive the loss of the run folders (checkpoints are not committed);
+        and, but for a sweep point, its first sample clip, for frames.png (`record_clip`)."""
         record = self.record_path(row, seed)
         if record is not None:
             kept = {**result, "held_out_loss": self.held_out_loss(row, seed)}
             write_atomic(record, (json.dumps(kept, indent=1) + "\n").encode())
+            self.record_clip(row, seed)
+
+    def sample_clips(self, row: dict, seed: int) -> dict[str, Path]:
+        """{key: evaluate's PNG of that sample clip} of the row at `seed`, from its run folder, else the one
+        clip its record keeps (<record stem>-<key>.png)."""
+        tag = Path(EVAL_JSON).stem  # evaluate names a sample clip <tag>-<key>.png
+        found = {png.stem.removeprefix(f"{tag}-"): png
+                 for png in (self.run_dir(row, seed) / EVAL_JSON).parent.glob(f"{tag}-*.png")}
+        record = self.record_path(row, seed)
+        if not found and record is not None:
+            found = {png.stem.removeprefix(f"{record.stem}-"): png for png in record.parent.glob(f"{record.stem}-*.png")}
+        return found
+
+    def record_clip(self, row: dict, seed: int) -> None:
+        """Copies the row's first sample clip (sorted key; ~50 KB, lossless) from its run folder beside its
+        record, once: frames.png outlives the run folder. Not for sweep points (frames.png leaves them out)."""
+        record = self.record_path(row, seed)
+        clips = self.sample_clips(row, seed)
+        if record is None or "sweep" in row or not clips:
+            return
+        key = min(clips)
+        kept = record.with_name(f"{record.stem}-{key}.png")
+        if clips[key] != kept and not kept.exists():
+            write_atomic(kept, clips[key].read_bytes())
 
     def held_out_loss(self, row: dict, seed: int) -> list:
         """[(step, val/loss)] of a training row at `seed`: from its TensorBoard events, else from its record."""
@@ -594,10 +619,11 @@ class Ablation:
         finished = [(row, by_seed) for row, by_seed in runs if by_seed]
         if not finished:
             raise FileNotFoundError(f"no finished rows under {self.out} yet")
-        for row, by_seed in finished:  # a result from before `record` was set gets its record
+        for row, by_seed in finished:  # a result from before `record` was set gets its record (and clip)
             for seed, result in by_seed.items():
                 if (record := self.record_path(row, seed)) is not None and not record.exists():
                     self.write_record(row, seed, result)
+                self.record_clip(row, seed)
         summaries = {row["name"]: summarize(by_seed) for row, by_seed in finished}
         missing = [row["name"] for row, by_seed in runs if not by_seed and self.table_seeds(row)]
         partial = [f"{row['name']} ({len(by_seed)} of {len(self.table_seeds(row))} seeds)"
@@ -628,17 +654,24 @@ class Ablation:
         return written
 
     def frame_strips(self, finished: list) -> list[tuple[str, np.ndarray]]:
-        """[("real", frames), (row name, frames), ...] of the first sample clip (sorted key) at seed 0, for
-        the non-sweep rows that saved it; frames (T, H, W, 3) uint8 as evaluate saved them (lossless)."""
-        tag = Path(EVAL_JSON).stem  # evaluate names a sample clip <tag>-<key>.png
-        pngs = {row["name"]: {png.stem.removeprefix(f"{tag}-"): png for png in
-                              (self.run_dir(row, 0) / EVAL_JSON).parent.glob(f"{tag}-*.png")}
-                for row, by_seed in finished if 0 in by_seed and "sweep" not in row}
-        keys = sorted(set().union(*pngs.values()))
+        """[("real", frames), (row name, frames), ...] of the first sample clip (sorted key) for the non-sweep
+        rows, each at its lowest seed that kept it (run folder or record; a seed other than 0 is named);
+        frames (T, H, W, 3) uint8 as evaluate saved them (lossless)."""
+        clips = {row["name"]: [(seed, self.sample_clips(row, seed)) for seed in sorted(by_seed)]
+                 for row, by_seed in finished if "sweep" not in row}
+        keys = sorted({key for by_seed in clips.values() for _, found in by_seed for key in found})
         if not keys:
             return []
-        clips = [(name, read_clip_png(found[keys[0]])) for name, found in pngs.items() if keys[0] in found]
-        return [("real", clips[0][1][0])] + [(name, fake) for name, (_, fake) in clips]
+        strips = []
+        for name, by_seed in clips.items():
+            seed, png = next(((seed, found[keys[0]]) for seed, found in by_seed if keys[0] in found), (None, None))
+            if png is None:
+                continue
+            real, fake = read_clip_png(png)
+            if not strips:
+                strips.append(("real", real))
+            strips.append((name if seed == 0 else f"{name} (seed {seed})", fake))
+        return strips
 
 
 class Job(NamedTuple):

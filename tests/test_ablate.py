@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from fada_lightning import ablate, evaluate
 from fada_lightning.cli import main as fada
@@ -359,12 +361,24 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
         ablation.last_checkpoint(row, seed).touch()
         (ablation.run_dir(row, seed) / "trained").touch()
 
+    def clip(row, seed, key):  # evaluate's sample clip: real frames above generated, 2 frames of 4 px
+        return np.full((8, 8, 3), 10 * [teacher, student].index(row) + seed + key, np.uint8)
+
+    def evaluate(row, seed):  # writes two sample clips, as evaluate does, beside its result
+        for key in (1, 0):
+            png = ablation.run_dir(row, seed) / ablate.EVAL_JSON.replace(".json", f"-strict-{key:06d}.png")
+            png.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(clip(row, seed, key)).save(png)
+        return {**result(seed, 2.0 if row is teacher else 1.0), "depends_on": depends_on, "ground_truth": truth}
+
     monkeypatch.setattr(ablation, "train", train)
-    monkeypatch.setattr(ablation, "evaluate", lambda row, seed: {**result(seed, 2.0 if row is teacher else 1.0),
-                                                                 "depends_on": depends_on, "ground_truth": truth})
+    monkeypatch.setattr(ablation, "evaluate", evaluate)
     for row in (teacher, student):
         for seed in (0, 1):
             ablation.run_row(row, seed)
+    # each record keeps the first sample clip, for frames.png
+    assert sorted(p.name for p in (tmp_path / "records" / "t" / "S").iterdir()) == [
+        "seed0-strict-000000.png", "seed0.json", "seed1-strict-000000.png", "seed1.json"]
     assert (tmp_path / "records" / "teacher" / "seed1.json").exists()  # under the tables' folder: runs/
     record = json.loads((tmp_path / "records" / "t" / "S" / "seed0.json").read_text())
     assert record["metrics"]["FVD"] == 1.0 and record["held_out_loss"] == [[24, 0.25], [49, 0.125]]
@@ -382,6 +396,11 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
     table = (tmp_path / "runs" / "t" / "table.md").read_text()
     assert "| S beats T |  |  |  | holds |  |  | holds |" in table  # both seeds of S beat both of T on FVD
     assert (tmp_path / "runs" / "t" / "losses.png").exists()  # the curves come from the records
+    assert (tmp_path / "runs" / "t" / "frames.png").exists()  # and the frames
+    (tmp_path / "records" / "teacher" / "seed0-strict-000000.png").unlink()  # a row whose seed 0 kept no clip
+    strips = ablation.frame_strips(ablation.results())  # is shown at its next seed, named
+    assert [label for label, _ in strips] == ["real", "T (seed 1)", "S"]
+    assert [frames[0, 0, 0, 0] for _, frames in strips] == [1, 1, 10]
     with pytest.raises(FileNotFoundError, match=r"its result is recorded in .*seed0.json, but its run folder and "
                                                 r"checkpoint are gone: delete that record and run 'S' at seed 0 again"):
         ablation.run_row(ablation.by_name["S at 1 step"], 0)
