@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, c
 
 def test_the_sweep_expands_into_evaluation_rows_of_each_model():
     spec = ablate.load_ablation("tables/cfg_sweep.yaml")
-    models = ["Teacher A (strict)", "CFG time embed", "CFG layer", "FADA-Fast"]
+    models = ["Teacher A", "FADA-Fast", "CFG time embed", "CFG layer"]
     assert spec["sweep"]["models"] == models and spec["sweep"]["best_by"] == "FVD"
     sweep = [row for row in spec["rows"] if "sweep" in row]
     assert [row["checkpoint_of"] for row in sweep] == [m for m in models for _ in range(7 + 5)]
@@ -66,12 +67,13 @@ def test_the_sweep_expands_into_evaluation_rows_of_each_model():
             == {(s, 6.5) for s in (1.0, 1.5, 2.0, 2.5, 3.0)}
         assert f"{model} s_a=6.5" in [r["name"] for r in points] and all(r["seeds"] == 2 for r in points)
     # a teacher's sweep points are references (out of the bold), the students' are not
-    assert {r["checkpoint_of"] for r in sweep if r.get("reference")} == {"Teacher A (strict)"}
-    # the rows train once: the same run folders as tables/cfg.yaml's rows of the same configs
-    table4 = {tuple(r["fit"]): r.get("run") for r in ablate.load_ablation("tables/cfg.yaml")["rows"]}
-    for row in spec["rows"]:
-        if "fit" in row:
-            assert row["run"] == table4[tuple(row["fit"])], row["name"]
+    assert {r["checkpoint_of"] for r in sweep if r.get("reference")} == {"Teacher A"}
+    # its models are its own: trained in its folder, so it needs no other table's checkpoints
+    ablation, others = ablate.Ablation(spec), [ablate.load_ablation(f"tables/{name}.yaml") for name in ("cfg", "distillers")]
+    folders = {ablate.Ablation(other).run_dir(row, 0) for other in others for row in other["rows"]}
+    for model in models:
+        assert ablation.run_dir(ablation.by_name[model], 0) == Path("runs/ablation/cfg_sweep") / ablate.slug(model) / "seed0"
+        assert ablation.run_dir(ablation.by_name[model], 0) not in folders
 
 
 def test_a_one_model_sweep_keeps_its_short_form(tmp_path):
