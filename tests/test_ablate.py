@@ -69,7 +69,7 @@ def test_the_sweep_expands_into_evaluation_rows_of_each_model():
     # a teacher's sweep points are references (out of the bold), the students' are not
     assert {r["checkpoint_of"] for r in sweep if r.get("reference")} == {"Teacher A"}
     # its models are its own: trained in its folder, so it needs no other table's checkpoints
-    ablation, others = ablate.Ablation(spec), [ablate.load_ablation(f"tables/{name}.yaml") for name in ("cfg", "distillers")]
+    ablation, others = ablate.Ablation(spec), [ablate.load_ablation(f"tables/{name}.yaml") for name in ("cfg", "distillers", "mixed")]
     folders = {ablate.Ablation(other).run_dir(row, 0) for other in others for row in other["rows"]}
     for model in models:
         assert ablation.run_dir(ablation.by_name[model], 0) == Path("runs/ablation/cfg_sweep") / ablate.slug(model) / "seed0"
