@@ -81,6 +81,16 @@ def assert_same_weights(a: dict, b: dict, atol: float):
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def assert_same_weights_but_noise(a: dict, b: dict, atol: float, noise_atol: float, noise_share: float):
+    """Every element to `noise_atol`, and all but `noise_share` of all elements to `atol`: where a
+    gradient is float noise, AdamW's normalised step may go either way (up to lr), but a wrong
+    gradient moves many elements."""
+    assert_same_weights(a, b, noise_atol)
+    apart = sum(int(((a[k].float() - b[k].float()).abs() > atol).sum()) for k in a)
+    total = sum(a[k].numel() for k in a)
+    assert apart <= noise_share * total, f"{apart} of {total} elements differ by more than {atol}"
+
+
 def two_processes(tmp_path, name, teacher_ckpt, shards, strategy, *args, **kwargs):
     return fit(tmp_path, name, teacher_ckpt, shards, "--config", str(find_config(f"strategies/{strategy}.yaml")),
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
@@ -162,8 +172,7 @@ def test_dmd_on_two_processes_follows_one_process(strategy, dmd_one_process, tea
     step lives in its job, so P processes with per-clip draws make one process's steps. Each rank may
     draw another generator step k: the ranks run the largest k's passes in step (FSDP2 would hang else).
     G's loss, 0.5 mean grad^2 with grad a difference of two near-equal scores (F starts as R), carries
-    float summation noise ~100x relative: to 1e-3; F's loss, G's and the EMA's weights as for every
-    distiller."""
+    float summation noise ~100x relative: to 1e-3; F's loss as for every distiller."""
     run = two_processes(tmp_path, f"dmd_{strategy}", teacher_ckpt, shards, strategy, distiller=DMD_SPECS[strategy])
     one = dmd_one_process[strategy]["network_losses"]
     assert run["network_losses"].keys() == one.keys() == {"student", "fake_score"}
@@ -174,10 +183,13 @@ def test_dmd_on_two_processes_follows_one_process(strategy, dmd_one_process, tea
                                rtol=1e-5, atol=1e-8)
     mine, theirs = weights(run), weights(dmd_one_process[strategy])
     fake = {k for k in theirs if k.startswith("distiller.networks.fake_score.")}
-    assert_same_weights({k: v for k, v in mine.items() if k not in fake},
-                        {k: v for k, v in theirs.items() if k not in fake}, atol=1e-4)
-    # F's elements whose gradient is near zero in float noise (DMD's difference of near-equal scores
-    # feeds F's samples) may move by up to an AdamW step (lr 1e-3) either way: to one step
+    # G's (and the EMA's) elements whose gradient is near zero in that noise may move by up to an
+    # AdamW step (lr 1e-3) either way (one element by 1.3e-4 on CI's machine): all to one step,
+    # all but 1 in 10^4 to 1e-4, as for every distiller
+    assert_same_weights_but_noise({k: v for k, v in mine.items() if k not in fake},
+                                  {k: v for k, v in theirs.items() if k not in fake}, atol=1e-4, noise_atol=1e-3,
+                                  noise_share=1e-4)
+    # F's samples come from G, so F's elements carry the same noise: to one step
     assert_same_weights({k: mine[k] for k in fake}, {k: theirs[k] for k in fake}, atol=1e-3)
     assert run["sharded"] == {name: strategy == "fsdp2" for name in ("net", "ema", "teacher", "distiller.fake_score")}
 
