@@ -456,8 +456,10 @@ class Ablation:
             print(f"[ablate] {label}: finished earlier ({where}), skipped")
             return done
         twin = self.twin(row, seed)
-        if twin is not None:  # a sweep's fixed point is in both figures: evaluated once (its noise is fixed)
-            result = {**self.result(twin, seed), "row": row["name"], "seconds_eval": 0.0, "same_as": twin["name"]}
+        if twin is not None:  # the same checkpoint, sampler and noise: evaluated once
+            done = self.result(twin, seed)
+            result = {**done, "row": row["name"], "seconds_train": 0.0, "seconds_eval": 0.0, "same_as": twin["name"],
+                      "built_on": {row["checkpoint_of"]: done.get("checkpoint_sha256")}}
             self.keep(row, seed, result)
             print(f"[ablate] {label}: the same evaluation as {twin['name']!r}: {evaluate.format_metrics(result)}")
             return result
@@ -500,15 +502,24 @@ class Ablation:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def twins(self, row: dict) -> list[dict]:
-        """The other evaluate-only rows of the same model and settings (a sweep's fixed point is in both figures)."""
+        """The rows whose evaluation may be this evaluate-only row's: the other evaluate-only rows of the same
+        model and settings (a sweep's fixed point is in both figures), and the model's own row when it is
+        evaluated at its sampler's defaults (a student's are the sweep's fixed point), known once it is."""
         if "checkpoint_of" not in row:
             return []
+        model = self.by_name[row["checkpoint_of"]]
         return [other for other in self.by_name.values() if other is not row
-                and other.get("checkpoint_of") == row["checkpoint_of"] and other.get("evaluate") == row.get("evaluate")]
+                and other.get("checkpoint_of") == row["checkpoint_of"] and other.get("evaluate") == row.get("evaluate")
+                ] + ([model] if "evaluate" not in model else [])
 
     def twin(self, row: dict, seed: int) -> dict | None:
-        """A twin (`twins`) finished at `seed`, whose result is this row's too, or None."""
-        return next((other for other in self.twins(row) if self.result(other, seed) is not None), None)
+        """A twin (`twins`) finished at `seed` whose result is this row's too, or None: the model's own row only
+        when its recorded sampler ran at this row's `evaluate` settings."""
+        for other in self.twins(row):
+            done = self.result(other, seed)
+            if done is not None and ("checkpoint_of" in other or sampled_at(done, row.get("evaluate", {}))):
+                return other
+        return None
 
     def needs(self, row: dict) -> list[dict]:
         """The rows whose trained models `row` needs at its seed: its teacher, the student it starts from, or
@@ -726,7 +737,8 @@ def run_jobs(queue: list[Job], jobs: int, poll: float = 5.0) -> list[str]:
             for job in sorted(waiting, key=lambda job: not job.ablation.needs(job.row)):  # stable: queue order
                 ablation, needs = job.ablation, job.ablation.needs(job.row)
                 if all(ablation.trained(need, job.seed) for need in needs):
-                    # a twin being evaluated: wait and copy its result (run_row) rather than evaluate again
+                    # a twin being evaluated (the model's own row: right after its training): wait and copy
+                    # its result (run_row) rather than evaluate again
                     if len(running) < jobs and not any(job.key(t) in busy for t in ablation.twins(job.row)):
                         slot = min(set(range(jobs)) - set(running))
                         running[slot] = ablation.start_job(job, threads, gpus[slot] if len(gpus) >= jobs else None)
@@ -752,6 +764,13 @@ def run_jobs(queue: list[Job], jobs: int, poll: float = 5.0) -> list[str]:
                 process.wait()
             log.close()
     return failed
+
+
+def sampled_at(result: dict, settings: dict) -> bool:
+    """Did the evaluation behind `result` run its sampler at `settings` ({"ref_scale": 2.0, ...})? A setting
+    its record does not name (an older record, a data setting) counts as different."""
+    sampler = result.get("depends_on", {}).get("sampler", {})
+    return all(key in sampler and sampler[key] == value for key, value in settings.items())
 
 
 def summarize(by_seed: dict[int, dict]) -> dict:

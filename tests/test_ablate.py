@@ -273,6 +273,30 @@ def test_a_sweep_s_fixed_point_is_evaluated_once_for_both_figures(tmp_path, monk
     assert ablation.twin(ablation.by_name["FADA-Fast s_a=4"], 1) is None  # another point: evaluated on its own
 
 
+def test_a_sweep_point_at_its_model_s_own_scales_copies_the_model_s_evaluation(tmp_path, monkeypatch):
+    spec = yaml.safe_load((bundled_config_dir() / "tables" / "cfg_sweep.yaml").read_text())
+    spec["out"], spec["record"] = str(tmp_path / "sweep"), None
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    ablation = ablate.Ablation(ablate.load_ablation(path))
+    teacher = ablation.by_name["Teacher A"]  # evaluated at its own defaults, s_r 2.5 and s_a 6.5
+    done = {**result(0, 3.0), "row": "Teacher A", "seconds_train": 9000.0, "seconds_eval": 800.0, "threads": 1,
+            "checkpoint_sha256": "abc", "ground_truth": {"IQA": 0.9, "Sync-D": 0.08, "Sync-C": 0.47},
+            "depends_on": {"clips": 4, "frames_per_clip": 16, "resolution": 32,
+                           "sampler": {"steps": 25, "ref_scale": 2.5, "audio_scale": 6.5}}}
+    ablation.run_dir(teacher, 0).mkdir(parents=True)
+    (ablation.run_dir(teacher, 0) / "result.json").write_text(json.dumps(done))
+    same, other = ablation.by_name["Teacher A s_r=2.5"], ablation.by_name["Teacher A s_a=6.5"]
+    assert teacher in ablation.twins(same) and teacher in ablation.twins(other)  # either may match: waits for it
+    assert ablation.twin(other, 0) is None and ablation.twin(same, 1) is None  # s_r 2, not 2.5; seed 1 not finished
+    monkeypatch.setattr(ablate.Ablation, "evaluate", lambda *args: pytest.fail("evaluated the model's scales again"))
+    copy = ablation.run_row(same, 0)
+    assert copy["metrics"] == done["metrics"] and copy["same_as"] == "Teacher A"
+    assert copy["built_on"] == {"Teacher A": "abc"}
+    assert copy["seconds_train"] == copy["seconds_eval"] == 0  # the teacher's time is counted once, on its own row
+    assert ablation.twins(teacher) == []  # a trained row is evaluated itself (and its training time counted)
+
+
 def test_a_row_s_model_is_its_best_checkpoint_where_kept_and_a_run_resumes_from_its_last(tmp_path):
     ablation = ablate.Ablation(ablate.load_ablation("tables/distillers.yaml"))
     row = {**ablation.by_name["TCD"], "run": str(tmp_path / "tcd")}
@@ -308,7 +332,7 @@ def test_status_tells_where_each_row_and_seed_is(tmp_path, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
     rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"},
-            {"name": "S at 1 step", "checkpoint_of": "S"}]
+            {"name": "S at 1 step", "checkpoint_of": "S", "evaluate": {"steps": 1}}]
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "seeds": 3, "rows": rows}))
     ablation = ablate.Ablation(ablate.load_ablation(path))
@@ -346,7 +370,7 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
     from torch.utils.tensorboard import SummaryWriter
 
     rows = [{"name": "T", "fit": ["teacher.yaml"], "run": str(tmp_path / "runs" / "teacher")},
-            {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"}, {"name": "S at 1 step", "checkpoint_of": "S"}]
+            {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"}, {"name": "S at 1 step", "checkpoint_of": "S", "evaluate": {"steps": 1}}]
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "runs" / "t"), "record": str(tmp_path / "records"),
                                     "seeds": 2, "rows": rows, "claims": [{"claim": "S beats T", "better": "S", "than": "T", "columns": ["FVD"]}]}))
@@ -412,7 +436,7 @@ def test_a_result_names_its_checkpoint_and_the_ones_it_was_built_on_by_sha256(tm
     import hashlib
 
     rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"},
-            {"name": "S at 1 step", "checkpoint_of": "S"}]
+            {"name": "S at 1 step", "checkpoint_of": "S", "evaluate": {"steps": 1}}]
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "runs" / "t"), "record": str(tmp_path / "records"),
                                     "seeds": 2, "rows": rows}))
@@ -554,8 +578,9 @@ sys.exit(3 if fail else 0)
 
 def test_jobs_run_side_by_side_each_once_the_models_it_needs_are_trained(tmp_path, monkeypatch, capsys):
     rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"},
-            {"name": "R", "fit": ["distill_rflow.yaml"], "teacher": "T"}, {"name": "S at 1 step", "checkpoint_of": "S"},
-            {"name": "S at 1 step, twin", "checkpoint_of": "S"},  # the same evaluation: waits for the first
+            {"name": "R", "fit": ["distill_rflow.yaml"], "teacher": "T"},
+            {"name": "S at 1 step", "checkpoint_of": "S", "evaluate": {"steps": 1}},
+            {"name": "S at 1 step, twin", "checkpoint_of": "S", "evaluate": {"steps": 1}},  # waits for the first
             {"name": "U", "fit": ["teacher.yaml"]}]  # needs nothing: ready from the start
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "seeds": 2, "rows": rows}))
