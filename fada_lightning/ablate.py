@@ -700,6 +700,11 @@ class Job(NamedTuple):
     def folder(self) -> Path:
         return self.key(self.row)
 
+    @property
+    def precedence(self) -> int:
+        """0: evaluates a trained model, 1: trains on one, 2: trains from scratch (`run_jobs`' order)."""
+        return 0 if "fit" not in self.row else 1 if self.ablation.needs(self.row) else 2
+
     def __str__(self) -> str:
         return f"{self.row['name']} (seed {self.seed})"
 
@@ -708,9 +713,11 @@ def run_jobs(queue: list[Job], jobs: int, poll: float = 5.0) -> list[str]:
     """Runs the jobs `jobs` at a time, each as its own process (`Ablation.job_command`) on cores / jobs
     threads (OMP_NUM_THREADS, unless set) and its own GPU where there is one per job; a job starts once
     the models it needs at its seed are trained (by a job of any table: tables share run folders).
-    Of the jobs ready to start, those that build on a trained model go first, then those that train one
-    from scratch, each in queue order: the models in hand are used before new ones are trained, so the
-    comparisons fill in early and fewer checkpoints that other rows need are only on this machine.
+    Of the jobs ready to start, those that only evaluate a trained model go first (minutes, where a
+    training takes hours), then those that train on one (a student of a trained teacher), then those
+    that train from scratch, each in queue order: the models in hand are used before new ones are
+    trained, so the comparisons fill in early and fewer checkpoints that other rows need are only on
+    this machine.
     Each process appends to <run folder>/ablate.log. Returns the jobs that failed or could not run
     (a model they need did not train)."""
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
@@ -734,7 +741,7 @@ def run_jobs(queue: list[Job], jobs: int, poll: float = 5.0) -> list[str]:
                           f"failed (exit {process.returncode}), see {log.name}"), flush=True)
             busy = {job.folder for _, job, _ in running.values()}
             pending = busy | {job.folder for job in waiting}
-            for job in sorted(waiting, key=lambda job: not job.ablation.needs(job.row)):  # stable: queue order
+            for job in sorted(waiting, key=lambda job: job.precedence):  # stable: queue order within each
                 ablation, needs = job.ablation, job.ablation.needs(job.row)
                 if all(ablation.trained(need, job.seed) for need in needs):
                     # a twin being evaluated (the model's own row: right after its training): wait and copy

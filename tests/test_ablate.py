@@ -613,7 +613,8 @@ def test_jobs_run_side_by_side_each_once_the_models_it_needs_are_trained(tmp_pat
 
 def test_a_job_that_builds_on_a_trained_model_starts_before_one_that_trains_from_scratch(tmp_path, monkeypatch):
     rows = [{"name": "T", "fit": ["teacher.yaml"]}, {"name": "U", "fit": ["teacher.yaml"]},
-            {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"}]
+            {"name": "S", "fit": ["distill_tcd.yaml"], "teacher": "T"}, {"name": "R", "fit": ["distill_rflow.yaml"],
+            "teacher": "T"}, {"name": "S1", "checkpoint_of": "S", "evaluate": {"steps": 1}}]
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "t"), "seeds": 2, "rows": rows}))
     ablation = ablate.Ablation(ablate.load_ablation(path))
@@ -623,10 +624,12 @@ def test_a_job_that_builds_on_a_trained_model_starts_before_one_that_trains_from
         return [sys.executable, "-c", FAKE_JOB, str(ablation.run_dir(row, seed)), str(events), row["name"], str(seed), "0"]
 
     monkeypatch.setattr(ablation, "job_command", fake)
-    queue = [ablate.Job(ablation, str(path), row, seed) for row in ablation.rows for seed in (0, 1)]  # T T U U S S
+    queue = [ablate.Job(ablation, str(path), row, seed) for row in ablation.rows for seed in (0, 1)]  # T T U U S S R R ..
     assert ablate.run_jobs(queue, jobs=1, poll=0.05) == []
     starts = [(name, seed) for kind, name, seed, _ in map(json.loads, events.read_text().splitlines()) if kind == "start"]
-    assert starts == [("T", 0), ("S", 0), ("T", 1), ("S", 1), ("U", 0), ("U", 1)]
+    # S1 (an evaluation of S) before R (a training on T), though R comes first in the queue
+    assert starts == [("T", 0), ("S", 0), ("S1", 0), ("R", 0), ("T", 1), ("S", 1), ("S1", 1), ("R", 1),
+                      ("U", 0), ("U", 1)]
 
 
 QUEUE = """
