@@ -702,8 +702,11 @@ class Job(NamedTuple):
 
     @property
     def precedence(self) -> int:
-        """0: evaluates a trained model, 1: trains on one, 2: trains from scratch (`run_jobs`' order)."""
-        return 0 if "fit" not in self.row else 1 if self.ablation.needs(self.row) else 2
+        """0: evaluates a trained model (its own row too, once trained: a resumed queue), 1: trains on one,
+        2: trains from scratch (`run_jobs`' order)."""
+        if "fit" not in self.row or self.ablation.trained(self.row, self.seed):
+            return 0
+        return 1 if self.ablation.needs(self.row) else 2
 
     def __str__(self) -> str:
         return f"{self.row['name']} (seed {self.seed})"
@@ -713,7 +716,8 @@ def run_jobs(queue: list[Job], jobs: int, poll: float = 5.0) -> list[str]:
     """Runs the jobs `jobs` at a time, each as its own process (`Ablation.job_command`) on cores / jobs
     threads (OMP_NUM_THREADS, unless set) and its own GPU where there is one per job; a job starts once
     the models it needs at its seed are trained (by a job of any table: tables share run folders).
-    Of the jobs ready to start, those that only evaluate a trained model go first (minutes, where a
+    Of the jobs ready to start, those that only evaluate a trained model go first (a sweep point, or a
+    row whose training finished before the queue was restarted: minutes, where a
     training takes hours), then those that train on one (a student of a trained teacher), then those
     that train from scratch, each in queue order: the models in hand are used before new ones are
     trained, so the comparisons fill in early and fewer checkpoints that other rows need are only on

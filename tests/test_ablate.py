@@ -624,12 +624,16 @@ def test_a_job_that_builds_on_a_trained_model_starts_before_one_that_trains_from
         return [sys.executable, "-c", FAKE_JOB, str(ablation.run_dir(row, seed)), str(events), row["name"], str(seed), "0"]
 
     monkeypatch.setattr(ablation, "job_command", fake)
+    trained_u = ablation.run_dir(rows[1], 1)  # U at seed 1 trained, not yet evaluated: a queue killed in between
+    trained_u.mkdir(parents=True)
+    (trained_u / "trained").touch()
     queue = [ablate.Job(ablation, str(path), row, seed) for row in ablation.rows for seed in (0, 1)]  # T T U U S S R R ..
     assert ablate.run_jobs(queue, jobs=1, poll=0.05) == []
     starts = [(name, seed) for kind, name, seed, _ in map(json.loads, events.read_text().splitlines()) if kind == "start"]
-    # S1 (an evaluation of S) before R (a training on T), though R comes first in the queue
-    assert starts == [("T", 0), ("S", 0), ("S1", 0), ("R", 0), ("T", 1), ("S", 1), ("S1", 1), ("R", 1),
-                      ("U", 0), ("U", 1)]
+    # U's evaluation at seed 1 first; S1 (an evaluation of S) before R (a training on T), though R comes
+    # first in the queue
+    assert starts == [("U", 1), ("T", 0), ("S", 0), ("S1", 0), ("R", 0), ("T", 1), ("S", 1), ("S1", 1), ("R", 1),
+                      ("U", 0)]
 
 
 QUEUE = """
