@@ -41,13 +41,7 @@ class CFGTokens(nn.Module):
 
     def __init__(self, num_tokens: int, dim: int):
         super().__init__()
-        # T_0 and the differences the scales multiply, T_r - T_0 and T_ar - T_r, drawn independently:
-        # s_r and s_a start moving e_cfg along uncorrelated directions. Three independent T's would make
-        # the two differences -0.5 correlated through the shared T_r, and a student whose tokens barely
-        # leave their init (the CFG layers learn first) answers s_r with the mirror image of its s_a response.
-        uncond, to_ref, to_full = (torch.randn(num_tokens, dim) * dim**-0.5 for _ in range(3))
-        self.uncond, self.ref = nn.Parameter(uncond), nn.Parameter(uncond + to_ref)
-        self.full = nn.Parameter(uncond + to_ref + to_full)
+        self.uncond, self.ref, self.full = (nn.Parameter(torch.randn(num_tokens, dim) * dim**-0.5) for _ in range(3))
 
     def forward(self, guidance: torch.Tensor) -> torch.Tensor:
         s_r, s_a = guidance[:, 0, None, None], guidance[:, 1, None, None]
