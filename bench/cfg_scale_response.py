@@ -80,7 +80,7 @@ def sample_move(module, batch: dict, low, high) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="a student that takes the scales (cfg_conditioning other than none)")
-    p.add_argument("--teacher", help="the teacher's checkpoint, for its samples (default: the student's teacher_ckpt)")
+    p.add_argument("--teacher", help="the teacher's checkpoint, for the targets and its samples (default: the student's teacher_ckpt)")
     p.add_argument("--clips", type=int, default=10)
     p.add_argument("--frames", type=int, default=24, help="frames sampled per clip (the targets use one window)")
     p.add_argument("--data", default="data/synthetic", help="the synthetic world's root (its test split)")
@@ -106,10 +106,11 @@ def main(argv=None):
         guidance = target[MEAN_SCALES] - target[1.0, 1.0]  # G
         line = []
         for name, (low, high) in CHANGES.items():
-            # the student on one input (the lower scale's), told each scale: what the scale alone does
-            d_target = target[high] - target[low]
-            d_student = student_eps(student, jobs[low], high) - student_eps(student, jobs[low], low)
-            error = (student_eps(student, jobs[low], low) - target[low]).abs().mean()
+            # the student on one input (the lower scale's window), told each scale: what the scale alone
+            # does (each scale's own input would add the input's change, read as eps, to the move)
+            at_low = student_eps(student, jobs[low], low)
+            d_target, d_student = target[high] - target[low], student_eps(student, jobs[low], high) - at_low
+            error = (at_low - target[low]).abs().mean()
             print(f"{name:22s} {t:5.2f} {d_target.abs().mean():8.4f} {d_student.abs().mean():8.4f} "
                   f"{cos(d_target, d_student):7.2f} {error:8.4f}", flush=True)
             line.append(f"{name.split()[0]}: target {cos(d_target, guidance):.2f}, student {cos(d_student, guidance):.2f}")
