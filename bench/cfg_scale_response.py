@@ -70,6 +70,15 @@ def student_eps(student, job, scales) -> torch.Tensor:
     return student.distiller.to_eps(pred.float(), job.z, job.abar).flatten()
 
 
+def moves(student, jobs: dict, low, high):
+    """(the target's move, the student's move, the student's error at `low`), flattened: the student on one
+    input (the lower scale's window) told each scale, so its move is what the scale alone does (each
+    scale's own input would add the input's change, read as eps, to the move)."""
+    at_low = student_eps(student, jobs[low], low)
+    d_target = (jobs[high].eps_target - jobs[low].eps_target).flatten()
+    return d_target, student_eps(student, jobs[low], high) - at_low, (at_low - jobs[low].eps_target.flatten()).abs().mean()
+
+
 @torch.no_grad()
 def sample_move(module, batch: dict, low, high) -> float:
     videos = [module.generate(batch["ref"], batch["audio"], None, *scales, generator=torch.Generator().manual_seed(0))[0]
@@ -106,11 +115,7 @@ def main(argv=None):
         guidance = target[MEAN_SCALES] - target[1.0, 1.0]  # G
         line = []
         for name, (low, high) in CHANGES.items():
-            # the student on one input (the lower scale's window), told each scale: what the scale alone
-            # does (each scale's own input would add the input's change, read as eps, to the move)
-            at_low = student_eps(student, jobs[low], low)
-            d_target, d_student = target[high] - target[low], student_eps(student, jobs[low], high) - at_low
-            error = (at_low - target[low]).abs().mean()
+            d_target, d_student, error = moves(student, jobs, low, high)
             print(f"{name:22s} {t:5.2f} {d_target.abs().mean():8.4f} {d_student.abs().mean():8.4f} "
                   f"{cos(d_target, d_student):7.2f} {error:8.4f}", flush=True)
             line.append(f"{name.split()[0]}: target {cos(d_target, guidance):.2f}, student {cos(d_student, guidance):.2f}")
