@@ -11,20 +11,26 @@ On the same held-out clips and noise, for s_r 1 -> 3 (s_a 6.5) and s_a 1 -> 6.5 
   to G, the target's mean guidance effect
   (target at s_r 2, s_a 5, the middle of the training ranges, minus at 1, 1: the conditional output);
 - the sampled frames: mean |d pixel| between the two scales' videos, the student's and the teacher's;
-- for FADA's tokens, their norms and cos(T_r - T_0, T_ar - T_r), the directions s_r and s_a move e_cfg.
+- for FADA's tokens, their norms and cos(T_r - T_0, T_ar - T_r), the directions s_r and s_a move e_cfg,
+  and how far training moved them from their random draw (rebuilt from the run's config.yaml and seed).
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+import yaml
+from lightning import LightningDataModule, LightningModule
 from torch.nn.functional import cosine_similarity
 from torch.utils.data import DataLoader
 
+from fada_lightning.cli import FadaCLI, FadaParser
 from fada_lightning.diffusion.guidance import Conditions
-from fada_lightning.evaluate import eval_clips
+from fada_lightning.evaluate import eval_clips, run_dir
 from fada_lightning.sample import load_module
 
 CHANGES = {"s_r 1 -> 3 (s_a 6.5)": ((1.0, 6.5), (3.0, 6.5)), "s_a 1 -> 6.5 (s_r 2)": ((2.0, 1.0), (2.0, 6.5))}
@@ -43,6 +49,32 @@ def token_directions(net) -> str:
     to_ref, to_full = (tokens.ref - tokens.uncond).flatten(), (tokens.full - tokens.ref).flatten()
     return (f"|T_0| {tokens.uncond.norm():.3f}, |T_r - T_0| {to_ref.norm():.3f}, |T_ar - T_r| {to_full.norm():.3f}, "
             f"cos(T_r - T_0, T_ar - T_r) {cos(to_ref, to_full):.3f}")
+
+
+def initial_tokens(ckpt: str):
+    """The tokens `fada fit` drew before training `ckpt`: the student rebuilt from its run's config.yaml
+    under the same seed (None without that file)."""
+    config = run_dir(Path(ckpt)) / "config.yaml"
+    if not config.is_file():
+        return None
+    fit_config = yaml.safe_load(config.read_text())
+    for key in ("ckpt_path", "weights_only"):  # fit's own options, not the classes'
+        fit_config.pop(key, None)
+    fit_config["trainer"].update(logger=False, callbacks=None)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(fit_config, f)
+        cli = FadaCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      run=False, args=["--config", f.name], parser_class=FadaParser, auto_configure_optimizers=False)
+    return cli.model.sampling_net.cfg_embedding
+
+
+def token_moves(init, trained) -> str:
+    """How far training moved each of Eq 10's directions from its draw, against its size."""
+    moves = []
+    for name, (a, b) in {"T_r - T_0": ("ref", "uncond"), "T_ar - T_r": ("full", "ref")}.items():
+        drawn, now = (getattr(t, a).detach() - getattr(t, b).detach() for t in (init, trained))
+        moves.append(f"{name} by {(now - drawn).norm():.3f} of {drawn.norm():.3f} (cosine {cos(drawn.flatten(), now.flatten()):.3f})")
+    return "moved from the draw: " + ", ".join(moves)
 
 
 @torch.no_grad()
@@ -106,6 +138,9 @@ def main(argv=None):
     dataset, _ = eval_clips(student, args.clips, args.frames, None, {"root": args.data})
     batch = next(iter(DataLoader(dataset, batch_size=args.clips)))
     print(f"{args.ckpt}: {student.hparams.cfg_conditioning}; {token_directions(student.sampling_net)}")
+    tokens = getattr(student.sampling_net, "cfg_embedding", None)
+    if hasattr(tokens, "uncond") and (drawn := initial_tokens(args.ckpt)) is not None:
+        print(f"tokens {token_moves(drawn, tokens)}", flush=True)
     print(f"{args.clips} held-out clips; target and student moves: mean |d eps| of one clip window")
     print(f"{'change':22s} {'t':>5s} {'target':>8s} {'student':>8s} {'cosine':>7s} {'error':>8s}")
     for t in TIMES:

@@ -35,5 +35,8 @@ def test_a_student_that_ignores_the_scales_does_not_move(teacher_ckpt, shards):
     assert not d_student.any()
     own_inputs = bench.student_eps(student, jobs[high], high) - bench.student_eps(student, jobs[low], low)
     assert own_inputs.abs().mean() > 0  # what it would move fed each scale's own input
+    tokens = student.sampling_net.cfg_embedding
+    assert bench.token_moves(tokens, tokens).count("by 0.000 of") == 2
+    assert bench.initial_tokens(teacher_ckpt) is None  # no run folder's config.yaml beside it
     directions = bench.token_directions(student.sampling_net)
     assert "cos(T_r - T_0, T_ar - T_r)" in directions and bench.token_directions(teacher.sampling_net).startswith("no tokens")
