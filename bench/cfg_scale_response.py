@@ -11,6 +11,8 @@ On the same held-out clips and noise, for s_r 1 -> 3 (s_a 6.5) and s_a 1 -> 6.5 
   to G, the target's mean guidance effect
   (target at s_r 2, s_a 5, the middle of the training ranges, minus at 1, 1: the conditional output);
 - the sampled frames: mean |d pixel| between the two scales' videos, the student's and the teacher's;
+- with --neighbours instead: how far the student's sampled videos move between nearby scales, beside
+  how alike the scale codes of LCM's embedding (time embedding, CFG layer) are for them;
 - for FADA's tokens, their norms and cos(T_r - T_0, T_ar - T_r), the directions s_r and s_a move e_cfg,
   and how far training moved them from their random draw (rebuilt from the run's config.yaml and seed).
 """
@@ -31,11 +33,14 @@ from torch.utils.data import DataLoader
 from fada_lightning.cli import FadaCLI, FadaParser
 from fada_lightning.diffusion.guidance import Conditions
 from fada_lightning.evaluate import eval_clips, run_dir
+from fada_lightning.models.cfg import scale_embedding
 from fada_lightning.sample import load_module
 
 CHANGES = {"s_r 1 -> 3 (s_a 6.5)": ((1.0, 6.5), (3.0, 6.5)), "s_a 1 -> 6.5 (s_r 2)": ((2.0, 1.0), (2.0, 6.5))}
 MEAN_SCALES = (2.0, 5.0)  # the middle of distill_fada_fast.yaml's ranges
 TIMES = (0.95, 0.7, 0.45, 0.2)
+NEIGHBOURS = {"s_a 4 -> 4.5 (s_r 2)": ((2.0, 4.0), (2.0, 4.5)), "s_a 4 -> 8 (s_r 2)": ((2.0, 4.0), (2.0, 8.0)),
+              "s_r 2 -> 2.5 (s_a 6.5)": ((2.0, 6.5), (2.5, 6.5))}
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,6 +123,12 @@ def sample_move(module, batch: dict, low, high) -> float:
     return (videos[1] - videos[0]).abs().mean().item()
 
 
+def code_cosine(low, high) -> float:
+    """Cosine between the codes (`scale_embedding`) of two scale pairs, over the changed scales' halves."""
+    changed = [i for i in range(2) if low[i] != high[i]] or [0, 1]
+    return cos(*(scale_embedding(torch.tensor([scales]))[0].view(2, -1)[changed].flatten() for scales in (low, high)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="a student that takes the scales (cfg_conditioning other than none)")
@@ -127,6 +138,8 @@ def main(argv=None):
     p.add_argument("--data", default="data/synthetic", help="the synthetic world's root (its test split)")
     p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True,
                    help="also sample both scales' videos, the student's and the teacher's (minutes: 75 NFE)")
+    p.add_argument("--neighbours", action="store_true",
+                   help="only the student's sampled move between nearby scales, beside their codes' cosine")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     student = load_module(args.ckpt).eval()
@@ -141,6 +154,13 @@ def main(argv=None):
     tokens = getattr(student.sampling_net, "cfg_embedding", None)
     if hasattr(tokens, "uncond") and (drawn := initial_tokens(args.ckpt)) is not None:
         print(f"tokens {token_moves(drawn, tokens)}", flush=True)
+    if args.neighbours:
+        print(f"sampled frames ({args.frames} a clip): mean |d pixel| in [-1, 1] between nearby scales' videos; "
+              "cosine of the changed scale's codes (LCM's embedding of 1000 s)")
+        for name, (low, high) in NEIGHBOURS.items():
+            print(f"{name:24s} student {sample_move(student, batch, low, high):.4f}, "
+                  f"code cosine {code_cosine(low, high):.2f}", flush=True)
+        return
     print(f"{args.clips} held-out clips; target and student moves: mean |d eps| of one clip window")
     print(f"{'change':22s} {'t':>5s} {'target':>8s} {'student':>8s} {'cosine':>7s} {'error':>8s}")
     for t in TIMES:

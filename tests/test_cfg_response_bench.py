@@ -40,3 +40,10 @@ def test_a_student_that_ignores_the_scales_does_not_move(teacher_ckpt, shards):
     assert bench.initial_tokens(teacher_ckpt) is None  # no run folder's config.yaml beside it
     directions = bench.token_directions(student.sampling_net)
     assert "cos(T_r - T_0, T_ar - T_r)" in directions and bench.token_directions(teacher.sampling_net).startswith("no tokens")
+
+
+def test_the_scale_codes_of_nearby_scales_part_quickly():
+    """LCM's embedding of 1000 s: the same scales give the same code, half a unit apart an unlike one."""
+    bench = _bench()
+    assert abs(bench.code_cosine((2.0, 4.0), (2.0, 4.0)) - 1) < 1e-6
+    assert bench.code_cosine((2.0, 4.0), (2.0, 4.01)) > bench.code_cosine((2.0, 4.0), (2.0, 4.5))
