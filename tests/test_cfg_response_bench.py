@@ -29,7 +29,7 @@ def test_a_student_that_ignores_the_scales_does_not_move(teacher_ckpt, shards):
     jobs = {scales: bench.window_job(student, teacher.sampling_net, batch, scales, 0.7) for scales in (low, high)}
     # the scales move the PeRFlow window's input as well as the target: the student must see one input
     assert not torch.equal(jobs[high].z, jobs[low].z)
-    # fresh tokens are zero-initialised: the student ignores the scales, so on one input it does not move
+    # a fresh CFG layer starts at zero output: the student ignores the scales, so on one input it does not move
     d_target, d_student, error = bench.moves(student, jobs, low, high)
     assert d_target.abs().mean() > 1e-4 and error > 0
     assert not d_student.any()
