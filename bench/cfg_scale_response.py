@@ -145,9 +145,6 @@ def main(argv=None):
     student = load_module(args.ckpt).eval()
     if not student.sampling_net.takes_guidance:
         raise SystemExit(f"{args.ckpt}: cfg_conditioning 'none', the student is not told the scales")
-    # the teacher's sampling network, which `load_teacher` distils from (not load_teacher itself: it
-    # starts the student over as the teacher's copy)
-    teacher = load_module(args.teacher or student.hparams.teacher_ckpt).eval()
     dataset, _ = eval_clips(student, args.clips, args.frames, None, {"root": args.data})
     batch = next(iter(DataLoader(dataset, batch_size=args.clips)))
     print(f"{args.ckpt}: {student.hparams.cfg_conditioning}; {token_directions(student.sampling_net)}")
@@ -161,6 +158,9 @@ def main(argv=None):
             print(f"{name:24s} student {sample_move(student, batch, low, high):.4f}, "
                   f"code cosine {code_cosine(low, high):.2f}", flush=True)
         return
+    # the teacher's sampling network, which `load_teacher` distils from (not load_teacher itself: it
+    # starts the student over as the teacher's copy)
+    teacher = load_module(args.teacher or student.hparams.teacher_ckpt).eval()
     print(f"{args.clips} held-out clips; target and student moves: mean |d eps| of one clip window")
     print(f"{'change':22s} {'t':>5s} {'target':>8s} {'student':>8s} {'cosine':>7s} {'error':>8s}")
     for t in TIMES:
