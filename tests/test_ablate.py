@@ -57,15 +57,17 @@ def test_every_ablation_yaml_loads_and_each_row_resolves_as_a_fit_config(name, c
 
 def test_the_sweep_expands_into_evaluation_rows_of_each_model():
     spec = ablate.load_ablation("tables/cfg_sweep.yaml")
-    models = ["Teacher A", "FADA-Fast", "CFG time embed", "CFG layer"]
+    models = ["Teacher A", "FADA-Fast", "CFG time embed", "CFG layer", "FADA-Fast wide s_r"]
     assert spec["sweep"]["models"] == models and spec["sweep"]["best_by"] == "FVD"
+    seeds = {row["name"]: row["seeds"] for row in spec["rows"] if row["name"] in models}
+    assert seeds == {**dict.fromkeys(models, 2), "FADA-Fast wide s_r": 1}  # the diagnostic row: one seed
     sweep = [row for row in spec["rows"] if "sweep" in row]
     assert [row["checkpoint_of"] for row in sweep] == [m for m in models for _ in range(7 + 5)]
     for model in models:
         points = [r for r in sweep if r["checkpoint_of"] == model]
         assert {(r["evaluate"]["ref_scale"], r["evaluate"]["audio_scale"]) for r in points if r["sweep"] == "ref_scale"} \
             == {(s, 6.5) for s in (1.0, 1.5, 2.0, 2.5, 3.0)}
-        assert f"{model} s_a=6.5" in [r["name"] for r in points] and all(r["seeds"] == 2 for r in points)
+        assert f"{model} s_a=6.5" in [r["name"] for r in points] and all(r["seeds"] == seeds[model] for r in points)
     # a teacher's sweep points are references (out of the bold), the students' are not
     assert {r["checkpoint_of"] for r in sweep if r.get("reference")} == {"Teacher A"}
     # its models are its own: trained in its folder, so it needs no other table's checkpoints
