@@ -7,7 +7,8 @@ On the same held-out clips and noise, for s_r 1 -> 3 (s_a 6.5) and s_a 1 -> 6.5 
 - the distillation target of one clip window (the student's distiller on its teacher, real motion
   frames) at t = 0.95 .. 0.2: how far the target moves (mean |d eps|), how far the student's output
   moves on the same input told the other scale, the cosine between the two moves (1: the student
-  moves the teacher's way), and the student's error at the lower scale; and the cosine of each move
+  moves the teacher's way), and the student's error (mean |eps - target|) at each scale on its own
+  window; and the cosine of each move
   to G, the target's mean guidance effect
   (target at s_r 2, s_a 5, the middle of the training ranges, minus at 1, 1: the conditional output);
 - the sampled frames: mean |d pixel| between the two scales' videos, the student's and the teacher's;
@@ -113,7 +114,12 @@ def moves(student, jobs: dict, low, high):
     scale's own input would add the input's change, read as eps, to the move)."""
     at_low = student_eps(student, jobs[low], low)
     d_target = (jobs[high].eps_target - jobs[low].eps_target).flatten()
-    return d_target, student_eps(student, jobs[low], high) - at_low, (at_low - jobs[low].eps_target.flatten()).abs().mean()
+    return d_target, student_eps(student, jobs[low], high) - at_low, eps_error(student, jobs[low], low)
+
+
+def eps_error(student, job, scales) -> torch.Tensor:
+    """Mean |student eps - target eps| on `job`'s window, the student told `scales` (the job's own)."""
+    return (student_eps(student, job, scales) - job.eps_target.flatten()).abs().mean()
 
 
 @torch.no_grad()
@@ -162,7 +168,7 @@ def main(argv=None):
     # starts the student over as the teacher's copy)
     teacher = load_module(args.teacher or student.hparams.teacher_ckpt).eval()
     print(f"{args.clips} held-out clips; target and student moves: mean |d eps| of one clip window")
-    print(f"{'change':22s} {'t':>5s} {'target':>8s} {'student':>8s} {'cosine':>7s} {'error':>8s}")
+    print(f"{'change':22s} {'t':>5s} {'target':>8s} {'student':>8s} {'cosine':>7s} {'error':>8s} {'at high':>8s}")
     for t in TIMES:
         jobs = {scales: window_job(student, teacher.sampling_net, batch, scales, t)
                 for scales in {*sum(CHANGES.values(), ()), (1.0, 1.0), MEAN_SCALES}}
@@ -172,7 +178,7 @@ def main(argv=None):
         for name, (low, high) in CHANGES.items():
             d_target, d_student, error = moves(student, jobs, low, high)
             print(f"{name:22s} {t:5.2f} {d_target.abs().mean():8.4f} {d_student.abs().mean():8.4f} "
-                  f"{cos(d_target, d_student):7.2f} {error:8.4f}", flush=True)
+                  f"{cos(d_target, d_student):7.2f} {error:8.4f} {eps_error(student, jobs[high], high):8.4f}", flush=True)
             line.append(f"{name.split()[0]}: target {cos(d_target, guidance):.2f}, student {cos(d_student, guidance):.2f}")
         print(f"{'':22s} {t:5.2f} cosine of the moves to G: {'; '.join(line)}", flush=True)
     if not args.samples:
