@@ -8,8 +8,7 @@ On the same held-out clips and noise, for s_r 1 -> 3 (s_a 6.5) and s_a 1 -> 6.5 
   frames) at t = 0.95 .. 0.2: how far the target moves (mean |d eps|), how far the student's output
   moves on the same input told the other scale, the cosine between the two moves (1: the student
   moves the teacher's way), and the student's error (mean |eps - target|) at each scale on its own
-  window; and the cosine of each move
-  to G, the target's mean guidance effect
+  window; and the cosine of each move to G, the target's mean guidance effect
   (target at s_r 2, s_a 5, the middle of the training ranges, minus at 1, 1: the conditional output);
 - the sampled frames: mean |d pixel| between the two scales' videos, the student's and the teacher's;
 - with --neighbours instead: how far the student's sampled videos move between nearby scales, beside
