@@ -113,12 +113,12 @@ def moves(student, jobs: dict, low, high):
     scale's own input would add the input's change, read as eps, to the move)."""
     at_low = student_eps(student, jobs[low], low)
     d_target = (jobs[high].eps_target - jobs[low].eps_target).flatten()
-    return d_target, student_eps(student, jobs[low], high) - at_low, eps_error(student, jobs[low], low)
+    return d_target, student_eps(student, jobs[low], high) - at_low, eps_error(at_low, jobs[low])
 
 
-def eps_error(student, job, scales) -> torch.Tensor:
-    """Mean |student eps - target eps| on `job`'s window, the student told `scales` (the job's own)."""
-    return (student_eps(student, job, scales) - job.eps_target.flatten()).abs().mean()
+def eps_error(eps: torch.Tensor, job) -> torch.Tensor:
+    """Mean |eps - target eps| on `job`'s window (`eps`: the student's, flattened, told the job's scales)."""
+    return (eps - job.eps_target.flatten()).abs().mean()
 
 
 @torch.no_grad()
@@ -177,7 +177,7 @@ def main(argv=None):
         for name, (low, high) in CHANGES.items():
             d_target, d_student, error = moves(student, jobs, low, high)
             print(f"{name:22s} {t:5.2f} {d_target.abs().mean():8.4f} {d_student.abs().mean():8.4f} "
-                  f"{cos(d_target, d_student):7.2f} {error:8.4f} {eps_error(student, jobs[high], high):8.4f}", flush=True)
+                  f"{cos(d_target, d_student):7.2f} {error:8.4f} {eps_error(student_eps(student, jobs[high], high), jobs[high]):8.4f}", flush=True)
             line.append(f"{name.split()[0]}: target {cos(d_target, guidance):.2f}, student {cos(d_student, guidance):.2f}")
         print(f"{'':22s} {t:5.2f} cosine of the moves to G: {'; '.join(line)}", flush=True)
     if not args.samples:
