@@ -583,13 +583,15 @@ class Ablation:
                 if self.only_recorded(row, seed) else "finished"
         pid = lock_holder(self.run_dir(row, seed))
         running = f"running (pid {pid}): " if pid else ""
-        waiting = [need["name"] for need in self.needs(row) if not self.trained(need, seed)]
+        untrained = [need for need in self.needs(row) if not self.trained(need, seed)]
+        # a need whose run folder is gone though its result is recorded never trains by itself: say so
+        waiting = ", ".join(need["name"] for need in untrained) + "".join(self.gone(need, seed) for need in untrained)
         if "fit" not in row or self.trained(row, seed):
-            return running + ("evaluating" if running else f"waiting for {', '.join(waiting)}" if waiting else
+            return running + ("evaluating" if running else f"waiting for {waiting}" if waiting else
                               "trained, not evaluated" if "fit" in row else "ready to evaluate")
         last = self.last_checkpoint(row, seed)
         if not last.exists():
-            return running + ("training, no checkpoint yet" if running else f"waiting for {', '.join(waiting)}" if waiting else
+            return running + ("training, no checkpoint yet" if running else f"waiting for {waiting}" if waiting else
                               "not started")
         minutes = ((now or time.time()) - last.stat().st_mtime) / 60
         losses = curve.held_out_loss(self.tensorboard(row, seed))
