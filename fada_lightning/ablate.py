@@ -425,10 +425,11 @@ class Ablation:
             write_atomic(kept, clips[key].read_bytes())
 
     def held_out_loss(self, row: dict, seed: int) -> list:
-        """[(step, val/loss)] of a training row at `seed`: from its TensorBoard events, else from its record."""
+        """[(step, val/loss)] of a training row at `seed`: from its TensorBoard events, else from its record; the
+        record's when the result is the record's alone (a retraining of a lost run folder has begun anew)."""
         if "fit" not in row:
             return []
-        if self.tensorboard(row, seed).exists():
+        if self.tensorboard(row, seed).exists() and not self.only_recorded(row, seed):
             return [list(point) for point in curve.held_out_loss(self.tensorboard(row, seed))]
         record = self.record_path(row, seed)
         return json.loads(record.read_text()).get("held_out_loss", []) if record and record.exists() else []
