@@ -434,7 +434,7 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
     with pytest.raises(FileNotFoundError, match=r"its result is recorded in .*seed0.json, but its run folder and "
                                                 r"checkpoint are gone: delete that record and run 'S' at seed 0 again"):
         ablation.run_row(ablation.by_name["S at 1 step"], 0)
-    assert ablation.status(ablation.by_name["S at 1 step"], 0) == (  # not "waiting" as for a run in progress
+    assert ablation.status(ablation.by_name["S at 1 step"], 0) == (  # not a bare "waiting for S": S never trains
         f"waiting for S (its result is recorded in {tmp_path / 'records' / 't' / 'S' / 'seed0.json'}, but its run "
         "folder and checkpoint are gone: delete that record and run 'S' at seed 0 again to retrain it)")
 
