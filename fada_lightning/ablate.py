@@ -74,6 +74,7 @@ QUALITY = tuple(c for c in evaluate.COLUMNS if c != "NFE-D")  # a claim's column
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "cannot tell"
 LOCK = "running.lock"  # in a row's seed folder: held (flock) by the process running it, with its pid inside
 EVAL_JSON = "eval/result.json"  # in a row's seed folder; evaluate writes the sample clips beside it
+TRAIN_THREADS = "train_threads.json"  # in a row's seed folder: [intra-op threads of each start of its training]
 FRAME_STRIDE = 2      # frames.png shows every 2nd frame of the clip
 FRAME_MIN_PX = 128    # ... each upscaled (nearest neighbour, an integer factor) to at least this many px
 LABEL_PX, LABEL_CHARS, STRIP_GAP_PX, DPI = 240, 24, 8, 100  # frames.png: name column (px, wrap), gap, px per inch
@@ -474,9 +475,11 @@ class Ablation:
         began = time.perf_counter()
         result = self.evaluate(row, seed)
         trained = curve.training_seconds(self.tensorboard(row, seed)) if "fit" in row else 0.0
-        # threads: the intra-op threads this process ran on (CPU time ~ wall x threads)
+        # threads: the intra-op threads this process ran on (CPU time ~ wall x threads); train_threads: each
+        # start's of the training (a run resumed on another count is not the uninterrupted run's model)
         result.update(row=row["name"], seed=seed, seconds_train=round(trained, 1),
                       seconds_eval=round(time.perf_counter() - began, 1), threads=torch.get_num_threads(),
+                      **({"train_threads": self.train_threads(row, seed)} if "fit" in row else {}),
                       checkpoint_sha256=self.checkpoint_identity(row, seed),
                       built_on={need["name"]: self.checkpoint_identity(need, seed) for need in self.needs(row)})
         self.keep(row, seed, result)
@@ -538,15 +541,27 @@ class Ablation:
                                         f"({self.run_dir(need, seed)}) has not finished yet: run that row (that "
                                         f"seed) first" + self.gone(need, seed))
         args = self.fit_args(row, seed)
+        began_on, threads = self.train_threads(row, seed), torch.get_num_threads()
         if ckpt.exists():
             print(f"[ablate] {row['name']} (seed {seed}): resuming from {ckpt}")
             args.append(f"--ckpt_path={ckpt}")
+            if began_on and threads != began_on[0]:  # CPU sums split over another number of threads round apart
+                print(f"[ablate] {row['name']} (seed {seed}): warning: resuming on {threads} threads where it began "
+                      f"on {began_on[0]}: the model will differ from an uninterrupted run's (set OMP_NUM_THREADS="
+                      f"{began_on[0]} to match)")
+        root.mkdir(parents=True, exist_ok=True)
+        write_atomic(root / TRAIN_THREADS, json.dumps(began_on + [threads]).encode())
         print(f"[ablate] {row['name']} (seed {seed}): fada {' '.join(args)}")
         cli.main(args)
         if not ckpt.exists():
             raise RuntimeError(f"row {row['name']!r}: training ended without {ckpt} (does its config keep a "
                                f"last checkpoint? the row needs FinalCheckpoint with save_last)")
         (root / "trained").touch()
+
+    def train_threads(self, row: dict, seed: int) -> list[int]:
+        """The intra-op threads of each start of the row's training at `seed`, in order ([] before the first)."""
+        path = self.run_dir(row, seed) / TRAIN_THREADS
+        return json.loads(path.read_text()) if path.exists() else []
 
     def fit_args(self, row: dict, seed: int) -> list[str]:
         """The `fada fit` command line of a training row at `seed`: its configs, overrides, the seed (of

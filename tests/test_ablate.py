@@ -312,6 +312,27 @@ def test_a_row_s_model_is_its_best_checkpoint_where_kept_and_a_run_resumes_from_
     assert ablation.checkpoint({"name": "TCD at 1 step", "checkpoint_of": "TCD"}, 1) == checkpoints / "best.ckpt"
 
 
+def test_a_run_resumed_on_another_thread_count_is_warned_of_and_each_start_s_threads_are_kept(tmp_path, monkeypatch,
+                                                                                             capsys):
+    ablation = ablate.Ablation(ablate.load_ablation("tables/distillers.yaml"))
+    row = ablation.by_name["Teacher A (strict)"] = {**ablation.by_name["Teacher A (strict)"], "run": str(tmp_path / "t")}
+
+    def fit(args):  # a training killed once it has written last.ckpt
+        ablation.last_checkpoint(row, 0).parent.mkdir(parents=True, exist_ok=True)
+        ablation.last_checkpoint(row, 0).touch()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(ablate.cli, "main", fit)
+    for threads in (2, 2, 1):
+        monkeypatch.setattr(ablate.torch, "get_num_threads", lambda count=threads: count)
+        with pytest.raises(SystemExit):
+            ablation.train(row, 0)
+    assert ablation.train_threads(row, 0) == [2, 2, 1]
+    out = capsys.readouterr().out
+    assert out.count("warning: resuming on") == 1  # the second start's count is the first's
+    assert "resuming on 1 threads where it began on 2: the model will differ" in out and "OMP_NUM_THREADS=2" in out
+
+
 def test_a_row_waits_for_its_dependency_s_training_to_finish_not_for_its_first_checkpoint(tmp_path):
     spec = ablate.load_ablation("tables/distillers.yaml")
     spec["out"] = str(tmp_path)
@@ -779,6 +800,7 @@ def test_ablate_quick_runs_two_seeds_end_to_end_and_resumes_after_its_first_row_
                for s in (0, 1)]
     assert all(r["seconds_train"] > 0 for r in results[:2]) and all(r["seconds_train"] == 0 for r in results[2:])
     assert all(r["seconds_eval"] > 0 and r["threads"] >= 1 for r in results)
+    assert all(len(r["train_threads"]) == 1 for r in results[:2]) and "train_threads" not in results[2]
     assert "Wall time of these runs on this machine: training " in table
     claim = next(line for line in table.splitlines() if line.startswith("| s_a 6.5 beats s_a 1 |"))
     assert claim.count(" | ") == len(ablate.QUALITY) + 1 and claim.split(" | ")[-1].removesuffix(" |") in (
