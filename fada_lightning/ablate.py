@@ -541,7 +541,8 @@ class Ablation:
                                         f"({self.run_dir(need, seed)}) has not finished yet: run that row (that "
                                         f"seed) first" + self.gone(need, seed))
         args = self.fit_args(row, seed)
-        began_on, threads = self.train_threads(row, seed), torch.get_num_threads()
+        began_on = self.train_threads(row, seed) if ckpt.exists() else []  # a start from scratch: a new list
+        threads = torch.get_num_threads()
         if ckpt.exists():
             print(f"[ablate] {row['name']} (seed {seed}): resuming from {ckpt}")
             args.append(f"--ckpt_path={ckpt}")

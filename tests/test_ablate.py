@@ -331,6 +331,10 @@ def test_a_run_resumed_on_another_thread_count_is_warned_of_and_each_start_s_thr
     out = capsys.readouterr().out
     assert out.count("warning: resuming on") == 1  # the second start's count is the first's
     assert "resuming on 1 threads where it began on 2: the model will differ" in out and "OMP_NUM_THREADS=2" in out
+    shutil.rmtree(ablation.last_checkpoint(row, 0).parent)  # killed before its first checkpoint: starts anew
+    with pytest.raises(SystemExit):
+        ablation.train(row, 0)
+    assert ablation.train_threads(row, 0) == [1]
 
 
 def test_a_row_waits_for_its_dependency_s_training_to_finish_not_for_its_first_checkpoint(tmp_path):
