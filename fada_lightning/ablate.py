@@ -541,11 +541,11 @@ class Ablation:
                                         f"({self.run_dir(need, seed)}) has not finished yet: run that row (that "
                                         f"seed) first" + self.gone(need, seed))
         args = self.fit_args(row, seed)
-        began_on = self.train_threads(row, seed) if ckpt.exists() else []  # a start from scratch: a new list
-        threads = torch.get_num_threads()
+        threads, began_on = torch.get_num_threads(), []  # a start from scratch begins the list anew
         if ckpt.exists():
             print(f"[ablate] {row['name']} (seed {seed}): resuming from {ckpt}")
             args.append(f"--ckpt_path={ckpt}")
+            began_on = self.train_threads(row, seed)
             if began_on and threads != began_on[0]:  # CPU sums split over another number of threads round apart
                 print(f"[ablate] {row['name']} (seed {seed}): warning: resuming on {threads} threads where it began "
                       f"on {began_on[0]}: the model will differ from an uninterrupted run's (set OMP_NUM_THREADS="
