@@ -596,8 +596,12 @@ class Ablation:
         """Where `row` is at `seed`, for --status: finished, trained (not evaluated), in progress or stopped
         (its last validation and the age of last.ckpt, from which it resumes), waiting, or not started."""
         if self.result(row, seed) is not None:
-            return f"finished (recorded in {self.record_path(row, seed)}; its run folder is gone)" \
-                if self.only_recorded(row, seed) else "finished"
+            if not self.only_recorded(row, seed):
+                return "finished"
+            # the record counts (the row is skipped) until it is deleted: then a retraining begun there resumes
+            folder = ("holds a retraining, which resumes once that record is deleted"
+                      if self.run_dir(row, seed).exists() else "is gone")
+            return f"finished (recorded in {self.record_path(row, seed)}; its run folder {folder})"
         pid = lock_holder(self.run_dir(row, seed))
         running = f"running (pid {pid}): " if pid else ""
         untrained = [need for need in self.needs(row) if not self.trained(need, seed)]

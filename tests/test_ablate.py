@@ -451,6 +451,8 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
     assert (tmp_path / "runs" / "t" / "losses.png").exists()  # the curves come from the records
     ablation.tensorboard(teacher, 0).mkdir(parents=True)  # its retraining begun: no validation yet
     assert ablation.held_out_loss(teacher, 0) == [[24, 0.25], [49, 0.125]]  # the recorded result's curve
+    assert ablation.status(teacher, 0).endswith("; its run folder holds a retraining, which resumes once that "
+                                                "record is deleted)")
     assert (tmp_path / "runs" / "t" / "frames.png").exists()  # and the frames
     (tmp_path / "records" / "teacher" / "seed0-strict-000000.png").unlink()  # a row whose seed 0 kept no clip
     strips = ablation.frame_strips(ablation.results())  # is shown at its next seed, named
