@@ -415,14 +415,15 @@ class Ablation:
 
     def record_clip(self, row: dict, seed: int) -> None:
         """Copies the row's first sample clip (sorted key; ~50 KB, lossless) from its run folder beside its
-        record, once: frames.png outlives the run folder. Not for sweep points (frames.png leaves them out)."""
+        record, replacing one kept of an earlier training (a retraining's record replaces its record): frames.png
+        outlives the run folder. Not for sweep points (frames.png leaves them out)."""
         record = self.record_path(row, seed)
         clips = self.sample_clips(row, seed)
         if record is None or "sweep" in row or not clips:
             return
         key = min(clips)
         kept = record.with_name(f"{record.stem}-{key}.png")
-        if clips[key] != kept and not kept.exists():
+        if clips[key] != kept and (not kept.exists() or kept.read_bytes() != clips[key].read_bytes()):
             write_atomic(kept, clips[key].read_bytes())
 
     def held_out_loss(self, row: dict, seed: int) -> list:

@@ -414,8 +414,10 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
         ablation.last_checkpoint(row, seed).touch()
         (ablation.run_dir(row, seed) / "trained").touch()
 
+    retrainings = []  # a retraining draws other frames
+
     def clip(row, seed, key):  # evaluate's sample clip: real frames above generated, 2 frames of 4 px
-        return np.full((8, 8, 3), 10 * [teacher, student].index(row) + seed + key, np.uint8)
+        return np.full((8, 8, 3), 10 * [teacher, student].index(row) + seed + key + 100 * len(retrainings), np.uint8)
 
     def evaluate(row, seed):  # writes two sample clips, as evaluate does, beside its result
         for key in (1, 0):
@@ -464,6 +466,12 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
     assert ablation.status(ablation.by_name["S at 1 step"], 0) == (  # not a bare "waiting for S": S never trains
         f"waiting for S (its result is recorded in {tmp_path / 'records' / 't' / 'S' / 'seed0.json'}, but its run "
         "folder and checkpoint are gone: delete that record and run 'S' at seed 0 again to retrain it)")
+    (tmp_path / "records" / "t" / "S" / "seed0.json").unlink()  # as told: S trains again
+    monkeypatch.setattr(ablation, "train", train)
+    retrainings.append(student)
+    ablation.run_row(student, 0)
+    kept = np.asarray(Image.open(tmp_path / "records" / "t" / "S" / "seed0-strict-000000.png"))
+    assert kept[0, 0, 0] == 110  # its record's clip is the retraining's, not the lost run's
 
 
 def test_a_result_names_its_checkpoint_and_the_ones_it_was_built_on_by_sha256(tmp_path, monkeypatch):
