@@ -601,7 +601,8 @@ class Ablation:
                 return "finished"
             # the record counts (the row is skipped) until it is deleted: then a retraining begun there resumes
             folder = ("holds a retraining, which resumes once that record is deleted"
-                      if self.tensorboard(row, seed).exists() else "is gone")
+                      if self.tensorboard(row, seed).exists() else
+                      "holds no training" if self.run_dir(row, seed).exists() else "is gone")
             return f"finished (recorded in {self.record_path(row, seed)}; its run folder {folder})"
         pid = lock_holder(self.run_dir(row, seed))
         running = f"running (pid {pid}): " if pid else ""

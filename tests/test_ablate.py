@@ -452,7 +452,7 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
     assert "| S beats T |  |  |  | holds |  |  | holds |" in table  # both seeds of S beat both of T on FVD
     assert (tmp_path / "runs" / "t" / "losses.png").exists()  # the curves come from the records
     ablation.run_dir(teacher, 0).mkdir(parents=True)  # a queue's job folder, its training not begun
-    assert ablation.status(teacher, 0).endswith("; its run folder is gone)")
+    assert ablation.status(teacher, 0).endswith("; its run folder holds no training)")
     ablation.tensorboard(teacher, 0).mkdir(parents=True)  # its retraining begun: no validation yet
     assert ablation.held_out_loss(teacher, 0) == [[24, 0.25], [49, 0.125]]  # the recorded result's curve
     assert ablation.status(teacher, 0).endswith("; its run folder holds a retraining, which resumes once that "
