@@ -691,19 +691,22 @@ class Ablation:
 
     def frame_strips(self, finished: list) -> list[tuple[str, np.ndarray]]:
         """[("real", frames), (row name, frames), ...] of the first sample clip (sorted key) for the non-sweep
-        rows, each at its lowest seed that kept it (run folder or record; a seed other than 0 is named);
-        frames (T, H, W, 3) uint8 as evaluate saved them (lossless)."""
+        rows that kept it (run folder or record), at the lowest seed every one of them kept, so that a student
+        stands beside the teacher it distilled; failing that, each at its own lowest (a seed other than 0 is
+        named). frames (T, H, W, 3) uint8 as evaluate saved them (lossless)."""
         clips = {row["name"]: [(seed, self.sample_clips(row, seed)) for seed in sorted(by_seed)]
                  for row, by_seed in finished if "sweep" not in row}
         keys = sorted({key for by_seed in clips.values() for _, found in by_seed for key in found})
         if not keys:
             return []
+        kept = {name: {seed: found[keys[0]] for seed, found in by_seed if keys[0] in found}
+                for name, by_seed in clips.items()}
+        kept = {name: pngs for name, pngs in kept.items() if pngs}
+        shared = set.intersection(*map(set, kept.values()))
         strips = []
-        for name, by_seed in clips.items():
-            seed, png = next(((seed, found[keys[0]]) for seed, found in by_seed if keys[0] in found), (None, None))
-            if png is None:
-                continue
-            real, fake = read_clip_png(png)
+        for name, pngs in kept.items():
+            seed = min(shared or pngs)
+            real, fake = read_clip_png(pngs[seed])
             if not strips:
                 strips.append(("real", real))
             strips.append((name if seed == 0 else f"{name} (seed {seed})", fake))

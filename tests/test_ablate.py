@@ -459,9 +459,12 @@ def test_a_recorded_result_outlives_its_run_folder_and_a_lost_checkpoint_is_name
                                                 "record is deleted)")
     assert (tmp_path / "runs" / "t" / "frames.png").exists()  # and the frames
     (tmp_path / "records" / "teacher" / "seed0-strict-000000.png").unlink()  # a row whose seed 0 kept no clip
-    strips = ablation.frame_strips(ablation.results())  # is shown at its next seed, named
-    assert [label for label, _ in strips] == ["real", "T (seed 1)", "S"]
-    assert [frames[0, 0, 0, 0] for _, frames in strips] == [1, 1, 10]
+    strips = ablation.frame_strips(ablation.results())  # is shown at its next seed, named, and so is S:
+    assert [label for label, _ in strips] == ["real", "T (seed 1)", "S (seed 1)"]  # beside the teacher it distils
+    assert [frames[0, 0, 0, 0] for _, frames in strips] == [1, 1, 11]
+    (tmp_path / "records" / "t" / "S" / "seed1-strict-000000.png").unlink()  # no seed kept by both: each its own
+    assert [(label, frames[0, 0, 0, 0]) for label, frames in ablation.frame_strips(ablation.results())] == [
+        ("real", 1), ("T (seed 1)", 1), ("S", 10)]
     with pytest.raises(FileNotFoundError, match=r"its result is recorded in .*seed0.json, but its run folder and "
                                                 r"checkpoint are gone: delete that record and run 'S' at seed 0 again"):
         ablation.run_row(ablation.by_name["S at 1 step"], 0)
